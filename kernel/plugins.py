@@ -1,0 +1,286 @@
+"""Loading plugins from the ``llmos`` entry-point group and collecting what they register.
+
+Every load builds a fresh plugin manager (:func:`load_plugins`); nothing happens at import time.
+A plugin that fails to import, names an unknown hook, or registers something invalid is marked
+``broken`` with the cause, and the rest load as if it were not there.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as metadata
+import os
+import traceback
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pluggy
+import structlog
+
+from llmos.errors import JobRejected, ValidationError
+from llmos.kernel import hookspecs
+from llmos.params import describe_schema, validate_params
+from llmos.plugin import JobKind, Resources, ServiceKind
+from llmos.protocol import message_types, register_message_type
+
+log = structlog.get_logger(__name__)
+
+GROUP = "llmos"
+BUILTIN_PREFIX = "llmos.plugins."
+
+
+@dataclass
+class PluginRecord:
+    """One plugin as ``llmos plugins`` shows it."""
+
+    name: str
+    module: str
+    dist: str | None = None
+    version: str | None = None
+    builtin: bool = False
+    status: str = "ok"
+    error: str | None = None
+    hooks: list[str] = field(default_factory=list)
+    kinds: list[str] = field(default_factory=list)
+    services: list[str] = field(default_factory=list)
+    commands: list[str] = field(default_factory=list)
+    message_types: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class KindEntry:
+    """A registered job kind (or service) and the plugin it came from."""
+
+    spec: JobKind | ServiceKind
+    plugin: str
+
+    @property
+    def service(self) -> bool:
+        return isinstance(self.spec, ServiceKind)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.spec.name,
+            "plugin": self.plugin,
+            "service": self.service,
+            "help": self.spec.help,
+            "params": describe_schema(self.spec.params),
+            "resources": self.spec.resources.to_dict(),
+        }
+
+
+@dataclass
+class Registry:
+    """Everything the loaded plugins registered."""
+
+    pm: pluggy.PluginManager
+    plugins: dict[str, PluginRecord] = field(default_factory=dict)
+    kinds: dict[str, KindEntry] = field(default_factory=dict)
+    commands: list[tuple[str, Any]] = field(default_factory=list)
+
+    def kind(self, name: str) -> KindEntry:
+        """The entry for a job kind; JobRejected listing the known kinds if there is none."""
+        try:
+            return self.kinds[name]
+        except KeyError:
+            pass
+        for record in self.plugins.values():
+            if record.status != "ok" and name.split(".")[0] == record.name:
+                raise JobRejected(f"job kind {name!r} belongs to plugin {record.name!r}, which is {record.status}: {record.error}", kind=name)
+        known = ", ".join(sorted(self.kinds)) or "(none)"
+        raise JobRejected(f"unknown job kind {name!r}; known kinds: {known}", kind=name)
+
+    def validate(self, kind: str, params: dict[str, Any] | None, resources: dict[str, Any] | None, *, coerce: bool = False) -> tuple[KindEntry, dict[str, Any], Resources]:
+        """Check a submit against the kind's schema; returns the entry, full params and resources."""
+        entry = self.kind(kind)
+        try:
+            full = validate_params(entry.spec.params, params, kind=kind, coerce=coerce)
+            res = Resources.parse(resources, base=entry.spec.resources)
+        except ValidationError as exc:
+            raise JobRejected(str(exc), kind=kind, field=exc.context.get("field")) from None
+        return entry, full, res
+
+    def describe_plugins(self) -> list[dict[str, Any]]:
+        return [r.to_dict() for r in sorted(self.plugins.values(), key=lambda r: r.name)]
+
+    def describe_kinds(self) -> list[dict[str, Any]]:
+        return [e.describe() for _, e in sorted(self.kinds.items())]
+
+
+def make_plugin_manager() -> pluggy.PluginManager:
+    """A plugin manager that knows llmos's hook specs, with tracing when LLMOS_TRACE_HOOKS=1."""
+    pm = pluggy.PluginManager("llmos")
+    pm.add_hookspecs(hookspecs)
+    if os.environ.get("LLMOS_TRACE_HOOKS") == "1":
+        trace_log = structlog.get_logger("llmos.hooks")
+        pm.trace.root.setwriter(lambda text: trace_log.debug("hook_trace", text=text.rstrip()))
+        pm.enable_tracing()
+    return pm
+
+
+def _wanted(ep_name: str, module: str) -> bool:
+    if module.startswith(BUILTIN_PREFIX):
+        return True
+    env = os.environ.get("LLMOS_LOAD_PLUGINS")
+    if env is None:
+        return True
+    return ep_name in {n.strip() for n in env.split(",") if n.strip()}
+
+
+def _entry_points() -> list[tuple[str, str, str | None, str | None, Callable[[], Any]]]:
+    out = []
+    seen = set()
+    for ep in metadata.entry_points(group=GROUP):
+        if ep.name in seen:
+            continue
+        seen.add(ep.name)
+        dist = getattr(ep, "dist", None)
+        out.append((ep.name, ep.value, dist.name if dist else None, dist.version if dist else None, ep.load))
+    return out
+
+
+def load_plugins(
+    *,
+    extra: Sequence[tuple[str, Any]] = (),
+    disabled: Iterable[str] = (),
+    entry_points: bool = True,
+) -> Registry:
+    """Load every ``llmos`` entry point (and ``extra`` (name, module) pairs) and collect their
+    registrations. Failures are recorded on the plugin, never raised."""
+    pm = make_plugin_manager()
+    reg = Registry(pm)
+    disabled = set(disabled)
+    sources: list[tuple[str, str, str | None, str | None, Callable[[], Any]]] = []
+    if entry_points:
+        sources.extend(_entry_points())
+    for name, module in extra:
+        sources.append((name, getattr(module, "__name__", name), None, None, lambda m=module: m))
+    for name, value, dist, version, load in sources:
+        record = PluginRecord(name=name, module=value, dist=dist, version=version, builtin=value.startswith(BUILTIN_PREFIX))
+        reg.plugins[name] = record
+        if name in disabled:
+            record.status = "disabled"
+            continue
+        if not _wanted(name, value):
+            record.status = "disabled"
+            record.error = "not in LLMOS_LOAD_PLUGINS"
+            continue
+        try:
+            module = load()
+        except BaseException as exc:  # a plugin's import may raise anything, SystemExit included
+            _broken(record, f"import failed: {type(exc).__name__}: {exc}", traceback.format_exc())
+            continue
+        try:
+            pm.register(module, name=name)
+            pm.check_pending()
+        except Exception as exc:
+            if pm.is_registered(module):
+                pm.unregister(module)
+            _broken(record, f"{type(exc).__name__}: {exc}", None)
+            continue
+        record.hooks = sorted(impl.name for impl in pm.get_hookcallers(module) or [])
+    _collect(reg)
+    return reg
+
+
+def _broken(record: PluginRecord, error: str, tb: str | None) -> None:
+    record.status = "broken"
+    record.error = error
+    log.warning("plugin_broken", plugin=record.name, error=error, traceback=tb)
+
+
+def _impls(pm: pluggy.PluginManager, hook_name: str) -> list[Any]:
+    caller = getattr(pm.hook, hook_name)
+    # pluggy calls later-registered implementations first; keep load order instead.
+    return list(reversed(caller.get_hookimpls()))
+
+
+def _collect(reg: Registry) -> None:
+    """Run each registration hook once per plugin, so a failure stays with its plugin."""
+    pm = reg.pm
+    for hook_name, what in (
+        ("llmos_register_message_types", "message type"),
+        ("llmos_register_job_kinds", "job kind"),
+        ("llmos_register_services", "service"),
+    ):
+        for impl in _impls(pm, hook_name):
+            record = reg.plugins.get(impl.plugin_name)
+            if record is None or record.status != "ok":
+                continue
+            staged: list[Any] = []
+            try:
+                impl.function(register=staged.append)
+                for item in staged:
+                    _register_one(reg, record, what, item)
+            except Exception as exc:
+                _broken(record, f"{hook_name} failed: {type(exc).__name__}: {exc}", traceback.format_exc())
+                _forget(reg, record)
+
+
+def _register_one(reg: Registry, record: PluginRecord, what: str, item: Any) -> None:
+    if what == "message type":
+        if not isinstance(item, type):
+            raise TypeError(f"register() takes a message class, got {item!r}")
+        names = {cls: n for n, cls in message_types().items()}
+        name = names.get(item)
+        if name is None:
+            raise ValueError(f"{item.__qualname__} is not decorated with @llmos.message(name)")
+        register_message_type(item, name)
+        record.message_types.append(name)
+        return
+    expected = ServiceKind if what == "service" else JobKind
+    if not isinstance(item, expected):
+        raise TypeError(f"register() takes llmos.{expected.__name__}, got {type(item).__name__}")
+    if item.name in reg.kinds:
+        other = reg.kinds[item.name].plugin
+        raise ValueError(f"{what} {item.name!r} is already registered by plugin {other!r}")
+    reg.kinds[item.name] = KindEntry(item, record.name)
+    (record.services if what == "service" else record.kinds).append(item.name)
+
+
+def _forget(reg: Registry, record: PluginRecord) -> None:
+    for name in [n for n, e in reg.kinds.items() if e.plugin == record.name]:
+        del reg.kinds[name]
+    record.kinds.clear()
+    record.services.clear()
+
+
+def collect_commands(reg: Registry, taken: set[str]) -> list[tuple[str, Any]]:
+    """Run ``llmos_register_commands`` per plugin; returns (plugin, command) pairs."""
+    import click
+
+    out: list[tuple[str, Any]] = []
+    for impl in _impls(reg.pm, "llmos_register_commands"):
+        record = reg.plugins.get(impl.plugin_name)
+        if record is None or record.status != "ok":
+            continue
+        staged: list[Any] = []
+        try:
+            impl.function(register=staged.append)
+            for cmd in staged:
+                if not isinstance(cmd, click.Command):
+                    raise TypeError(f"register() takes a click.Command, got {type(cmd).__name__}")
+                if cmd.name in taken:
+                    raise ValueError(f"command {cmd.name!r} already exists")
+                taken.add(cmd.name)
+                out.append((record.name, cmd))
+                record.commands.append(cmd.name)
+        except Exception as exc:
+            log.warning("plugin_command_failed", plugin=record.name, error=f"{type(exc).__name__}: {exc}")
+            record.error = f"llmos_register_commands failed: {type(exc).__name__}: {exc}"
+    return out
+
+
+def call_broadcast(reg: Registry, hook_name: str, **kwargs: Any) -> None:
+    """Call every implementation of a broadcast hook on its own; one failure never stops the rest."""
+    for impl in _impls(reg.pm, hook_name):
+        try:
+            impl.function(**{k: v for k, v in kwargs.items() if k in impl.argnames})
+        except Exception as exc:
+            log.warning("hook_failed", hook=hook_name, plugin=impl.plugin_name, error=f"{type(exc).__name__}: {exc}")
+
+
+__all__ = ["KindEntry", "PluginRecord", "Registry", "call_broadcast", "collect_commands", "load_plugins", "make_plugin_manager"]

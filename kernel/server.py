@@ -1,0 +1,1046 @@
+"""The kernel process: one thread, one poll loop over the bus sockets, signals and timers.
+
+Each loop turn: read what arrived (signals, the zygote, reaped children, ingest events, control
+requests), act on timers (cancel stages, timeouts, heartbeats), schedule, then commit the turn's
+writes in one SQLite transaction, and only then publish its events and send its replies — so
+nothing is announced before it is durable.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import structlog
+import zmq
+
+from llmos import __version__
+from llmos.config import Settings
+from llmos.errors import (
+    ConfigError,
+    JobNotFound,
+    JobRejected,
+    KernelError,
+    LlmosError,
+    ProtocolError,
+    ValidationError,
+)
+from llmos.kernel.devices import DeviceTable, parse_fake_gpus
+from llmos.kernel.plugins import Registry, load_plugins
+from llmos.kernel.store import JobRecord, Store
+from llmos.kernel.supervisor import Launcher, WorkerProc, become_subreaper, describe_status
+from llmos.paths import KERNEL_FILE, pid_alive
+from llmos.plugin import Resources
+from llmos.protocol import (
+    END_STATES,
+    JOB_STATES,
+    MAX_FRAME_BYTES,
+    CancelRequest,
+    DevicesReply,
+    DevicesRequest,
+    ErrorReply,
+    JobDone,
+    JobReply,
+    JobRequest,
+    JobsReply,
+    JobsRequest,
+    JobStateChanged,
+    KernelStarted,
+    KernelStopping,
+    OkReply,
+    PluginsReply,
+    PluginsRequest,
+    ReplayRequest,
+    ShutdownRequest,
+    StatusReply,
+    StatusRequest,
+    SubmitRequest,
+    WorkerAssign,
+    WorkerCancel,
+    WorkerExit,
+    WorkerHeartbeat,
+    WorkerReady,
+    check_header,
+    decode_body,
+    decode_control,
+    encode_body,
+    encode_control,
+    make_header,
+    pack_array,
+    packb,
+    stream_of,
+    type_name_of,
+    unpackb,
+    validate_body,
+)
+from llmos.units import parse_size
+
+log = structlog.get_logger("llmos.kernel")
+
+_SOCKET_NAME_MAX = 100  # ipc:// paths longer than ~107 bytes cannot be bound
+_HARD_FRAME_LIMIT = 4 * MAX_FRAME_BYTES  # beyond this libzmq drops the peer; below it we answer MessageTooLarge
+
+
+class KernelLocked(LlmosError):
+    """Another kernel holds the state directory."""
+
+    code = 220
+
+
+def runtime_dir_for(state_dir: Path, configured: str) -> Path:
+    """Where the ipc sockets live: configured, else <state>/run if short enough, else per-user."""
+    if configured:
+        return Path(configured).expanduser().absolute()
+    candidate = state_dir / "run"
+    if len(str(candidate / "control")) <= _SOCKET_NAME_MAX:
+        return candidate
+    base = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/llmos-{os.getuid()}"
+    digest = hashlib.sha256(str(state_dir).encode()).hexdigest()[:12]
+    return Path(base) / f"llmos-{digest}"
+
+
+def _make_private_dir(path: Path) -> None:
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(path, 0o700)
+
+
+class Kernel:
+    """The llmos kernel: bus, journal, device table, scheduler and supervisor in one loop."""
+
+    def __init__(self, settings: Settings, state_dir: Path) -> None:
+        self.settings = settings
+        self.state_dir = state_dir
+        self.started_at = time.time()
+        self.stopping: str | None = None
+        self.stats = {"events_journaled": 0, "bad_frames": 0, "requests": 0, "bad_requests": 0, "jobs_started": 0}
+        self.jobs: dict[int, JobRecord] = {}  # pending and running, in memory
+        self.workers: dict[str, WorkerProc] = {}
+        self.worker_by_pid: dict[int, WorkerProc] = {}
+        self._out_control: list[tuple[bytes, list[bytes]]] = []
+        self._out_events: list[tuple[str, bytes]] = []
+        self._stream_seq: dict[str, int] = {}
+        self._schedule_needed = True
+        self._signals: list[int] = []
+        self._lock_fd: int | None = None
+        self._probe: subprocess.Popen[bytes] | None = None
+        self._spawn_failures: dict[int, int] = {}
+
+    # ------------------------------------------------------------------ boot
+
+    def boot(self) -> None:
+        _make_private_dir(self.state_dir)
+        self._take_lock()
+        (self.state_dir / "workers").mkdir(exist_ok=True)
+        (self.state_dir / "jobs").mkdir(exist_ok=True)
+        ks = self.settings["kernel"]
+        self.runtime_dir = runtime_dir_for(self.state_dir, ks["runtime_dir"])
+        _make_private_dir(self.runtime_dir)
+        self.endpoints = {
+            "control": ks["control_endpoint"] or f"ipc://{self.runtime_dir}/control",
+            "events": ks["events_endpoint"] or f"ipc://{self.runtime_dir}/events",
+            "ingest": ks["ingest_endpoint"] or f"ipc://{self.runtime_dir}/ingest",
+        }
+        for url in self.endpoints.values():
+            _check_endpoint(url)
+        self.store = Store(self.state_dir / "llmos.db")
+        self.seq = self.store.last_seq()
+        self.registry: Registry = load_plugins(disabled=self._disabled_plugins())
+        ds = self.settings["devices"]
+        cores = float(ds["cpus"]) or float(psutil.cpu_count() or 1)
+        ram = parse_size(ds["memory"]) if ds["memory"] else psutil.virtual_memory().total
+        self.devices = DeviceTable(cores, ram, parse_fake_gpus(ds["fake_gpus"]))
+        if ds["probe_gpus"]:
+            self._start_probe()
+        self._open_sockets()
+        self._install_signals()
+        ws = self.settings["workers"]
+        method = ws["start_method"]
+        if method not in ("zygote", "spawn"):
+            raise ConfigError(f"workers.start_method must be 'zygote' or 'spawn', got {method!r}")
+        if method == "zygote" and not become_subreaper():
+            method = "spawn"
+        self.launcher = Launcher(
+            method=method,
+            control=self.endpoints["control"],
+            ingest=self.endpoints["ingest"],
+            heartbeat=float(ws["heartbeat_interval"]),
+            log_level=ks["log_level"],
+            worker_dir=self.state_dir / "workers",
+        )
+        if self.launcher.zygote_fd is not None:
+            self.poller.register(self.launcher.zygote_fd, zmq.POLLIN)
+        self._recover()
+        self.emit("kernel.started", KernelStarted(version=__version__, pid=os.getpid()))
+        self.store.commit()
+        self._flush_out()
+        self._write_kernel_file()
+        log.info("kernel_ready", pid=os.getpid(), state_dir=str(self.state_dir), **self.endpoints, workers=method)
+
+    def _disabled_plugins(self) -> list[str]:
+        path = self.state_dir / "plugins.json"
+        try:
+            return list(json.loads(path.read_text()).get("disabled", []))
+        except (OSError, ValueError, AttributeError):
+            return []
+
+    def _take_lock(self) -> None:
+        path = self.state_dir / "kernel.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise KernelLocked(
+                f"another kernel (pid {holder}) is running on state dir {self.state_dir}; stop it with: llmos shutdown --state-dir {self.state_dir}",
+                pid=holder,
+                state_dir=str(self.state_dir),
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._lock_fd = fd
+
+    def _open_sockets(self) -> None:
+        self.zctx = zmq.Context()
+        self.control = self.zctx.socket(zmq.ROUTER)
+        self.control.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.control.setsockopt(zmq.MAXMSGSIZE, _HARD_FRAME_LIMIT)
+        self.control.setsockopt(zmq.LINGER, 0)
+        self.control.setsockopt(zmq.SNDHWM, 100_000)
+        self.control.setsockopt(zmq.RCVHWM, 100_000)
+        self.ingest = self.zctx.socket(zmq.PULL)
+        self.ingest.setsockopt(zmq.MAXMSGSIZE, _HARD_FRAME_LIMIT)
+        self.ingest.setsockopt(zmq.RCVHWM, 100_000)
+        self.ingest.setsockopt(zmq.LINGER, 0)
+        self.pub = self.zctx.socket(zmq.PUB)
+        self.pub.setsockopt(zmq.SNDHWM, int(self.settings["kernel"]["pub_hwm"]))
+        self.pub.setsockopt(zmq.LINGER, 0)
+        for sock, name in ((self.control, "control"), (self.ingest, "ingest"), (self.pub, "events")):
+            url = self.endpoints[name]
+            if url.startswith("ipc://"):
+                path = Path(url[len("ipc://"):])
+                if path.exists():
+                    path.unlink()  # a stale socket from a kernel that died; we hold the lock
+            try:
+                sock.bind(url)
+            except zmq.ZMQError as exc:
+                raise ConfigError(f"cannot bind the {name} endpoint {url}: {exc}", endpoint=url) from None
+            if url.startswith("ipc://"):
+                os.chmod(url[len("ipc://"):], 0o600)
+        self.poller = zmq.Poller()
+        self.poller.register(self.control, zmq.POLLIN)
+        self.poller.register(self.ingest, zmq.POLLIN)
+
+    def _install_signals(self) -> None:
+        self._sig_r, self._sig_w = os.pipe()
+        os.set_blocking(self._sig_r, False)
+        os.set_blocking(self._sig_w, False)
+        signal.set_wakeup_fd(self._sig_w, warn_on_full_buffer=False)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP):
+            signal.signal(sig, self._on_signal)
+        self.poller.register(self._sig_r, zmq.POLLIN)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self._signals.append(signum)
+
+    def _start_probe(self) -> None:
+        self.devices.probing = True
+        self._probe = subprocess.Popen(
+            [sys.executable, "-m", "llmos.kernel.probe"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+        self._probe_deadline = time.monotonic() + 60
+
+    def _check_probe(self) -> None:
+        proc = self._probe
+        if proc is None or (proc.poll() is None and time.monotonic() < self._probe_deadline):
+            return
+        self._probe = None
+        if proc.returncode is None:
+            proc.kill()
+        try:
+            out = proc.stdout.read() if proc.stdout else b""
+            result = json.loads(out or b"{}")
+            gpus = result.get("gpus", [])
+            source = result.get("source", "none")
+        except (OSError, ValueError):
+            gpus, source = [], "none"
+        self.devices.add_probed(gpus, source)
+        log.info("devices_probed", source=source, gpus=len(gpus))
+        self._schedule_needed = True
+        # Jobs that were waiting on the probe but can never fit now fail rather than wait forever.
+        for job in list(self.jobs.values()):
+            if job.state == "pending":
+                why = self.devices.never_fits(Resources(**job.resources))
+                if why:
+                    self._end_job(job, "failed", f"the request can never fit: {why}", None)
+
+    def _write_kernel_file(self) -> None:
+        info = {
+            "pid": os.getpid(),
+            "version": __version__,
+            "state_dir": str(self.state_dir),
+            "started_at": self.started_at,
+            **self.endpoints,
+        }
+        tmp = self.state_dir / (KERNEL_FILE + ".tmp")
+        tmp.write_text(json.dumps(info, indent=2))
+        os.replace(tmp, self.state_dir / KERNEL_FILE)
+
+    def _recover(self) -> None:
+        """Jobs the previous kernel left unfinished: pending ones wait again; running ones died with it."""
+        for job in self.store.unfinished_jobs():
+            if job.state == "running":
+                self._kill_orphan(job)
+                job.placement = None
+                if job.attempts <= job.max_retries:
+                    job.state, job.reason, job.queued_at = "pending", "kernel restarted; retrying", time.time()
+                    self.jobs[job.id] = job
+                    self.store.update_job(job)
+                    self.emit_state(job)
+                else:
+                    self.jobs[job.id] = job
+                    self._end_job(job, "failed", "kernel restarted", None)
+            else:
+                self.jobs[job.id] = job
+        self.store.commit()
+
+    def _kill_orphan(self, job: JobRecord) -> None:
+        if not job.worker_pid:
+            return
+        try:
+            proc = psutil.Process(job.worker_pid)
+            if job.worker_create_time and abs(proc.create_time() - job.worker_create_time) > 1:
+                return  # the pid was reused by an unrelated process
+            os.killpg(job.worker_pid, signal.SIGKILL)
+            log.info("orphan_killed", job_id=job.id, pid=job.worker_pid)
+        except (psutil.Error, ProcessLookupError, PermissionError):
+            pass
+
+    # ------------------------------------------------------------------ events
+
+    def emit(self, topic_name: str, msg: Any, sender: str = "kernel") -> None:
+        """Journal and (after the commit) publish an event made by the kernel."""
+        self._journal(topic_name, make_header(type_name_of(msg), sender), encode_body(msg))
+
+    def _journal(self, topic_name: str, header: dict[str, Any], body: dict[str, Any]) -> None:
+        stream = stream_of(topic_name)
+        last = self._stream_seq.get(stream)
+        if last is None:
+            last = self.store.last_stream_seq(stream)
+        self.seq += 1
+        header["seq"] = self.seq
+        header["stream_seq"] = last + 1
+        self._stream_seq[stream] = last + 1
+        item = packb([topic_name, header, body])
+        self._rows.append((self.seq, stream, last + 1, topic_name, header["type"], float(header.get("ts") or 0.0), item))
+        self._out_events.append((topic_name, item))
+        self.stats["events_journaled"] += 1
+
+    def emit_state(self, job: JobRecord) -> None:
+        self.emit(
+            f"job.{job.id}.state",
+            JobStateChanged(state=job.state, reason=job.reason, exit_code=job.exit_code, attempts=job.attempts, placement=job.placement),
+        )
+
+    _rows: list[tuple[int, str, int, str, str, float, bytes]]
+
+    def _flush_out(self) -> None:
+        """Commit, then publish the turn's events and send its replies."""
+        if self._rows:
+            self.store.append_events(self._rows)
+            self._rows = []
+        self.store.commit()
+        if self._out_events:
+            events, self._out_events = self._out_events, []
+            i = 0
+            while i < len(events):
+                topic_name = events[i][0]
+                j = i
+                while j < len(events) and events[j][0] == topic_name and j - i < 1000:
+                    j += 1
+                payload = pack_array((item for _, item in events[i:j]), j - i)
+                try:
+                    self.pub.send_multipart([topic_name.encode(), payload], zmq.NOBLOCK)
+                except zmq.Again:
+                    pass  # subscribers refill from the journal
+                i = j
+        if self._out_control:
+            out, self._out_control = self._out_control, []
+            for identity, frames in out:
+                try:
+                    self.control.send_multipart([identity, *frames], zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    pass  # the peer is gone or not keeping up: a reply is never worth blocking the kernel
+
+    def reply(self, identity: bytes, msg: Any, parent_id: str | None) -> None:
+        self._out_control.append((identity, encode_control(msg, "kernel", parent_id=parent_id)))
+
+    def reply_error(self, identity: bytes, exc: BaseException, parent_id: str | None) -> None:
+        if isinstance(exc, LlmosError):
+            context = {k: v for k, v in exc.context.items() if isinstance(v, str | int | float | bool | type(None))}
+            msg = ErrorReply(ename=type(exc).__name__, evalue=str(exc), code=exc.code, context=context)
+        else:
+            msg = ErrorReply(ename="KernelError", evalue=f"internal error: {type(exc).__name__}: {exc}", code=KernelError.code)
+        self.reply(identity, msg, parent_id)
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self) -> None:
+        self._rows = []
+        self.boot()
+        try:
+            while self.stopping is None:
+                self._turn()
+        finally:
+            self._shutdown()
+
+    def _turn(self) -> None:
+        timeout = self._next_timer_ms()
+        ready = dict(self.poller.poll(timeout))
+        if self._sig_r in ready:
+            self._drain_signals()
+        if self.launcher.zygote_fd is not None and self.launcher.zygote_fd in ready:
+            self._read_zygote()
+        self._reap()
+        if self.ingest in ready:
+            self._drain_ingest()
+        if self.control in ready:
+            self._drain_control()
+        self._timers()
+        if self._probe is not None:
+            self._check_probe()
+        if self._schedule_needed:
+            self._schedule_needed = False
+            self._schedule()
+            self._keep_pool()
+        self._flush_out()
+
+    def _next_timer_ms(self) -> int:
+        if self._out_events or self._out_control or self._schedule_needed:
+            return 0
+        return 100  # timers (cancel stages, timeouts, heartbeats) are checked at least every 100 ms
+
+    def _drain_signals(self) -> None:
+        try:
+            while os.read(self._sig_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        signals, self._signals = self._signals, []
+        for sig in signals:
+            if sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                self.stopping = f"signal {signal.Signals(sig).name}"
+
+    def _read_zygote(self) -> None:
+        was = self.launcher.zygote_fd
+        for worker_id, pid in self.launcher.read_zygote():
+            proc = self.workers.get(worker_id)
+            if proc is not None:
+                proc.pid = pid
+                self.worker_by_pid[pid] = proc
+        if self.launcher.zygote_fd is None and was is not None:
+            self.poller.unregister(was)
+
+    # ------------------------------------------------------------------ ingest (worker events)
+
+    def _drain_ingest(self) -> None:
+        for _ in range(1000):
+            try:
+                frame = self.ingest.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                items = unpackb(frame)
+                if not isinstance(items, list):
+                    raise ProtocolError("an ingest frame is an array of [topic, header, body] items")
+                for item in items:
+                    self._ingest_item(item)
+            except ProtocolError as exc:
+                self._bad_frame("ingest", exc)
+            except Exception as exc:  # never let one frame take the kernel down
+                self._bad_frame("ingest", exc)
+
+    def _bad_frame(self, where: str, exc: BaseException) -> None:
+        self.stats["bad_frames"] += 1
+        if self.stats["bad_frames"] <= 100 or self.stats["bad_frames"] % 1000 == 0:
+            log.warning("bad_frame", socket=where, error=f"{type(exc).__name__}: {exc}", count=self.stats["bad_frames"])
+
+    def _ingest_item(self, item: Any) -> None:
+        if not (isinstance(item, list) and len(item) == 3):
+            raise ProtocolError("an ingest item is [topic, header, body]")
+        topic_name, header, body = item
+        if type(topic_name) is not str:
+            raise ProtocolError("topic must be a string")
+        header = check_header(header)
+        sender = header.get("sender")
+        worker = self.workers.get(sender) if isinstance(sender, str) else None
+        if worker is None or worker.job_id is None or not worker.assigned:
+            raise ProtocolError(f"event from {sender!r}, which is not a worker running a job")
+        job = self.jobs.get(worker.job_id)
+        prefix = f"job.{worker.job_id}."
+        suffix = topic_name[len(prefix):] if topic_name.startswith(prefix) else ""
+        if not suffix or "." in suffix or job is None:
+            raise ProtocolError(f"worker {sender} may only send events on {prefix}<name>, not {topic_name!r}")
+        type_name = header["type"]
+        if type_name == "worker.job_done":
+            self._on_job_done(worker, job, decode_body(type_name, body))
+            return
+        validate_body(type_name, body)
+        clean = {k: header[k] for k in ("v", "type", "id", "ts", "sender", "parent_id") if k in header}
+        if type(clean.get("ts")) not in (float, int):
+            clean["ts"] = time.time()
+        self._journal(topic_name, clean, body)
+
+    # ------------------------------------------------------------------ control requests
+
+    def _drain_control(self) -> None:
+        for _ in range(1000):
+            try:
+                frames = self.control.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._on_control(frames)
+
+    def _on_control(self, frames: list[bytes]) -> None:
+        identity = frames[0]
+        parent_id = None
+        self.stats["requests"] += 1
+        try:
+            try:
+                header = unpackb(frames[1]) if len(frames) > 1 else None
+                if isinstance(header, dict) and isinstance(header.get("id"), str):
+                    parent_id = header["id"]
+            except ProtocolError:
+                pass
+            header, msg = decode_control(frames[1:])
+            handler = self._handlers.get(type(msg))
+            self._current_parent = parent_id
+            if handler is None:
+                raise ProtocolError(f"{header['type']} is not a request the kernel answers")
+            answer = handler(self, identity, msg)
+            if answer is not None:
+                self.reply(identity, answer, parent_id)
+        except LlmosError as exc:
+            if isinstance(exc, ProtocolError):
+                self.stats["bad_requests"] += 1
+                self._bad_frame("control", exc)
+            self.reply_error(identity, exc, parent_id)
+        except Exception as exc:
+            log.exception("request_failed", error=str(exc))
+            self.reply_error(identity, exc, parent_id)
+
+    # -- worker messages --
+
+    def _on_worker_ready(self, identity: bytes, msg: WorkerReady) -> None:
+        proc = self.workers.get(msg.worker_id)
+        if proc is None or identity != msg.worker_id.encode():
+            # Unknown (from a previous kernel, or a stranger): tell it to leave.
+            self._out_control.append((identity, encode_control(WorkerExit(), "kernel")))
+            return None
+        proc.ready = True
+        proc.last_seen = time.monotonic()
+        if proc.pid is None:
+            proc.pid = msg.pid
+            self.worker_by_pid[msg.pid] = proc
+        if proc.job_id is not None:
+            self._assign(proc)
+        else:
+            self._schedule_needed = True
+        return None
+
+    def _on_heartbeat(self, identity: bytes, msg: WorkerHeartbeat) -> None:
+        proc = self.workers.get(msg.worker_id)
+        if proc is not None:
+            proc.last_seen = time.monotonic()
+        return None
+
+    # -- client requests --
+
+    def _on_submit(self, identity: bytes, msg: SubmitRequest) -> JobReply:
+        if self.stopping:
+            raise KernelError("the kernel is shutting down")
+        entry, params, res = self.registry.validate(msg.kind, msg.params, msg.resources, coerce=msg.coerce)
+        if msg.timeout is not None and not (msg.timeout > 0):
+            raise JobRejected(f"timeout must be a number of seconds above 0, got {msg.timeout}", field="timeout")
+        if not 0 <= msg.max_retries <= 1000:
+            raise JobRejected(f"max_retries must be between 0 and 1000, got {msg.max_retries}", field="max_retries")
+        if not -1_000_000 <= msg.priority <= 1_000_000:
+            raise JobRejected(f"priority must be between -1000000 and 1000000, got {msg.priority}", field="priority")
+        self.devices.check(res)
+        now = time.time()
+        job = JobRecord(
+            id=0,
+            kind=msg.kind,
+            params=params,
+            resources=res.to_dict(),
+            priority=msg.priority,
+            max_retries=msg.max_retries,
+            timeout=msg.timeout,
+            state="pending",
+            submitted_at=now,
+            queued_at=now,
+        )
+        job.id = self.store.insert_job(job)
+        self.jobs[job.id] = job
+        self.emit_state(job)
+        self._schedule_needed = True
+        log.info("job_submitted", job_id=job.id, kind=job.kind)
+        return JobReply(job=job.to_dict())
+
+    def _get_job(self, job_id: int) -> JobRecord:
+        job = self.jobs.get(job_id) or self.store.get_job(job_id)
+        if job is None:
+            raise JobNotFound(f"no job with id {job_id}", job_id=job_id)
+        return job
+
+    def _on_job(self, identity: bytes, msg: JobRequest) -> JobReply:
+        return JobReply(job=self._get_job(msg.id).to_dict())
+
+    def _on_jobs(self, identity: bytes, msg: JobsRequest) -> JobsReply:
+        if msg.state is not None and msg.state not in JOB_STATES:
+            raise ValidationError(f"unknown job state {msg.state!r}; expected one of {', '.join(JOB_STATES)}", field="state")
+        limit = max(1, min(msg.limit, 100_000))
+        return JobsReply(jobs=[j.to_dict() for j in self.store.list_jobs(msg.state, limit)])
+
+    def _on_cancel(self, identity: bytes, msg: CancelRequest) -> JobReply:
+        job = self._get_job(msg.id)
+        if job.state in END_STATES:
+            return JobReply(job=job.to_dict())
+        self._stop_job(job, msg.reason or "cancelled by user", "cancelled")
+        return JobReply(job=job.to_dict())
+
+    def _on_devices(self, identity: bytes, msg: DevicesRequest) -> DevicesReply:
+        return DevicesReply(devices=self.devices.to_list())
+
+    def _on_plugins(self, identity: bytes, msg: PluginsRequest) -> PluginsReply:
+        return PluginsReply(plugins=self.registry.describe_plugins(), kinds=self.registry.describe_kinds())
+
+    def _on_status(self, identity: bytes, msg: StatusRequest) -> StatusReply:
+        counts = {state: 0 for state in JOB_STATES}
+        counts.update(self.store.count_jobs())
+        alive = [w for w in self.workers.values() if w.alive]
+        return StatusReply(
+            version=__version__,
+            pid=os.getpid(),
+            started_at=self.started_at,
+            state_dir=str(self.state_dir),
+            endpoints=dict(self.endpoints),
+            jobs=counts,
+            workers={
+                "alive": len(alive),
+                "idle": sum(1 for w in alive if w.ready and w.job_id is None),
+                "busy": sum(1 for w in alive if w.job_id is not None),
+            },
+            last_seq=self.seq,
+            stats=dict(self.stats, gpus_probing=int(self.devices.probing), zygote=int(self.launcher.zygote is not None)),
+        )
+
+    def _on_replay(self, identity: bytes, msg: ReplayRequest) -> None:
+        limit = max(1, min(msg.limit, 10_000))
+        if self._rows:  # events of this turn are not in the database yet
+            self.store.append_events(self._rows)
+            self._rows = []
+        rows = self.store.replay(msg.prefix, max(0, msg.since), msg.until, limit)
+        more = len(rows) == limit
+        # Build the reply around the stored, already-packed items: no unpack, no repack.
+        body = (
+            b"\x84"
+            + packb("status") + packb("ok")
+            + packb("last_seq") + packb(self.seq)
+            + packb("more") + packb(more)
+            + packb("events") + pack_array((item for _, item in rows), len(rows))
+        )
+        header = make_header("kernel.replay_reply", "kernel", parent_id=self._current_parent)
+        self._out_control.append((identity, [packb(header), body]))
+        return None
+
+    def _on_shutdown(self, identity: bytes, msg: ShutdownRequest) -> OkReply:
+        self.stopping = "shutdown requested"
+        return OkReply()
+
+    _handlers: dict[type, Any] = {
+        WorkerReady: _on_worker_ready,
+        WorkerHeartbeat: _on_heartbeat,
+        SubmitRequest: _on_submit,
+        JobRequest: _on_job,
+        JobsRequest: _on_jobs,
+        CancelRequest: _on_cancel,
+        DevicesRequest: _on_devices,
+        PluginsRequest: _on_plugins,
+        StatusRequest: _on_status,
+        ReplayRequest: _on_replay,
+        ShutdownRequest: _on_shutdown,
+    }
+    _current_parent: str | None = None
+
+    # ------------------------------------------------------------------ scheduling
+
+    def _effective_priority(self, job: JobRecord, now: float) -> float:
+        aging = float(self.settings["scheduler"]["aging_seconds"])
+        return job.priority + ((now - job.queued_at) / aging if aging > 0 else 0.0)
+
+    def _schedule(self) -> None:
+        now = time.time()
+        pending = [j for j in self.jobs.values() if j.state == "pending"]
+        if not pending:
+            return
+        pending.sort(key=lambda j: (-self._effective_priority(j, now), j.id))
+        starvation = float(self.settings["scheduler"]["starvation_seconds"])
+        for job in pending:
+            res = Resources(**job.resources)
+            placement = self.devices.place(res)
+            worker = self._worker_for_job() if placement is not None else None
+            if placement is None or worker is None:
+                if now - job.queued_at >= starvation or worker is None and placement is not None:
+                    break  # the job at the head has waited too long: nothing behind it jumps ahead
+                continue
+            self._start(job, placement, worker)
+
+    def _worker_for_job(self) -> WorkerProc | None:
+        idle = [w for w in self.workers.values() if w.alive and w.job_id is None]
+        ready = [w for w in idle if w.ready]
+        if ready:
+            return ready[0]
+        if idle:
+            return idle[0]
+        if self._alive_workers() >= int(self.settings["workers"]["max_workers"]) or not self.launcher.can_start():
+            return None
+        return self._spawn()
+
+    def _alive_workers(self) -> int:
+        return sum(1 for w in self.workers.values() if w.alive)
+
+    def _spawn(self) -> WorkerProc:
+        proc = self.launcher.start()
+        self.workers[proc.id] = proc
+        if proc.pid is not None:
+            self.worker_by_pid[proc.pid] = proc
+        return proc
+
+    def _keep_pool(self) -> None:
+        want = int(self.settings["workers"]["pool_size"])
+        spare = sum(1 for w in self.workers.values() if w.alive and w.job_id is None)
+        while spare < want and self._alive_workers() < int(self.settings["workers"]["max_workers"]) and self.launcher.can_start():
+            self._spawn()
+            spare += 1
+
+    def _start(self, job: JobRecord, placement: dict[str, Any], worker: WorkerProc) -> None:
+        self.devices.reserve(job.id, placement)
+        job.state = "running"
+        job.placement = placement
+        job.reason = None
+        job.exit_code = None
+        job.started_at = time.time()
+        job.stop_stage, job.stop_at, job.cancel_reason, job.end_state_on_stop = 0, None, None, None
+        job.deadline = time.monotonic() + job.timeout if job.timeout else None
+        worker.job_id = job.id
+        job.worker_id = worker.id
+        self.stats["jobs_started"] += 1
+        if worker.ready:
+            self._assign(worker)
+        else:
+            self.store.update_job(job)
+
+    def _assign(self, worker: WorkerProc) -> None:
+        job = self.jobs.get(worker.job_id) if worker.job_id is not None else None
+        if job is None or job.state != "running" or worker.assigned:
+            return
+        job.attempts += 1
+        job.worker_pid = worker.pid
+        try:
+            job.worker_create_time = psutil.Process(worker.pid).create_time() if worker.pid else None
+        except psutil.Error:
+            job.worker_create_time = None
+        worker.assigned = True
+        self.store.update_job(job)
+        self.emit_state(job)
+        gpus = job.placement.get("gpus", []) if job.placement else []
+        cpus = float(job.resources.get("cpus", 0))
+        env = {
+            "CUDA_VISIBLE_DEVICES": ",".join(str(g["index"]) for g in gpus if not g.get("fake")),
+            "LLMOS_JOB_ID": str(job.id),
+            "LLMOS_ATTEMPT": str(job.attempts),
+            "LLMOS_GPUS": ",".join(g["id"] for g in gpus),
+            "LLMOS_STATE_DIR": str(self.state_dir),
+        }
+        if gpus:
+            env["LLMOS_GPU_MEMORY"] = str(min(int(g["memory"]) for g in gpus))
+        if cpus >= 1:
+            env["OMP_NUM_THREADS"] = str(int(cpus))
+        assign = WorkerAssign(
+            job_id=job.id,
+            kind=job.kind,
+            params=job.params,
+            attempt=job.attempts,
+            resources=job.resources,
+            placement=job.placement or {},
+            workdir=str(self.state_dir / "jobs" / str(job.id)),
+            env=env,
+        )
+        self._out_control.append((worker.id.encode(), encode_control(assign, "kernel")))
+        log.info("job_started", job_id=job.id, worker=worker.id, pid=worker.pid, attempt=job.attempts)
+
+    # ------------------------------------------------------------------ job ends
+
+    def _stop_job(self, job: JobRecord, reason: str, end_state: str) -> None:
+        """Cancel or time out a job: at once if it is not running yet, else ask, then signal."""
+        worker = self.workers.get(job.worker_id) if job.worker_id else None
+        if job.state == "pending" or worker is None or not worker.assigned:
+            if worker is not None:
+                worker.job_id = None  # the worker is still starting: keep it for the pool
+                job.worker_id = None
+            job.end_state_on_stop = end_state
+            self._end_job(job, end_state, reason, None, retry=False)
+            return
+        if job.stop_stage:
+            return
+        job.cancel_reason = reason
+        job.end_state_on_stop = end_state
+        job.stop_stage = 1
+        job.stop_at = time.monotonic() + float(self.settings["workers"]["cancel_grace"])
+        self._out_control.append((worker.id.encode(), encode_control(WorkerCancel(job_id=job.id, reason=reason), "kernel")))
+        log.info("job_stopping", job_id=job.id, reason=reason)
+
+    def _on_job_done(self, worker: WorkerProc, job: JobRecord, done: JobDone) -> None:
+        worker.done_at = time.monotonic()
+        if done.outcome == "succeeded" and job.end_state_on_stop is None:
+            job.result = done.result
+            self._end_job(job, "succeeded", "succeeded", 0)
+        elif job.end_state_on_stop is not None:
+            self._end_job(job, job.end_state_on_stop, job.cancel_reason or "cancelled", 0, retry=job.end_state_on_stop == "failed")
+        elif done.outcome == "cancelled":
+            self._end_job(job, "cancelled", "cancelled by the runner", 0, retry=False)
+        else:
+            self._end_job(job, "failed", done.error or "the runner failed", 1)
+        self._release_worker(worker)
+
+    def _release_worker(self, worker: WorkerProc) -> None:
+        worker.job_id = None
+        if worker.exited is None:
+            # Its job is over; the process exits by itself. Make sure it does.
+            worker.done_at = worker.done_at or time.monotonic()
+
+    def _end_job(self, job: JobRecord, state: str, reason: str, exit_code: int | None, *, retry: bool = True) -> None:
+        self.devices.release(job.id)
+        worker = self.workers.get(job.worker_id) if job.worker_id else None
+        if worker is not None and worker.job_id == job.id:
+            worker.job_id = None
+        job.worker_id = None
+        job.stop_stage, job.stop_at, job.deadline = 0, None, None
+        if state == "failed" and retry and job.attempts <= job.max_retries and job.attempts > 0:
+            job.state = "pending"
+            job.reason = f"retrying after: {reason}"
+            job.exit_code = exit_code
+            job.placement = None
+            job.queued_at = time.time()
+            job.end_state_on_stop = None
+            self.store.update_job(job)
+            self.emit_state(job)
+            log.info("job_retrying", job_id=job.id, attempts=job.attempts, reason=reason)
+        else:
+            job.state = state
+            job.reason = reason
+            job.exit_code = exit_code
+            job.ended_at = time.time()
+            self.store.update_job(job)
+            self.emit_state(job)
+            self.jobs.pop(job.id, None)
+            log.info("job_ended", job_id=job.id, state=state, reason=reason, exit_code=exit_code, attempts=job.attempts)
+        self._schedule_needed = True
+
+    # ------------------------------------------------------------------ reaping and timers
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            self._on_exit(pid, status)
+
+    def _on_exit(self, pid: int, status: int) -> None:
+        if self._probe is not None and pid == self._probe.pid:
+            self._probe.returncode = os.waitstatus_to_exitcode(status)
+            return
+        zygote = self.launcher.zygote
+        if zygote is not None and pid == zygote.pid:
+            zygote.returncode = os.waitstatus_to_exitcode(status)
+            return
+        worker = self.worker_by_pid.pop(pid, None)
+        if worker is None:
+            return  # an adopted grandchild of some worker
+        worker.exited = status
+        worker.exited_at = time.monotonic()
+        if worker.job_id is not None and not worker.assigned:
+            # Died before it got its job: the job goes back to the queue, not counted as a try.
+            job = self.jobs.get(worker.job_id)
+            worker.job_id = None
+            if job is not None and job.state == "running":
+                failures = self._spawn_failures.get(job.id, 0) + 1
+                self._spawn_failures[job.id] = failures
+                self.devices.release(job.id)
+                job.worker_id = None
+                if failures >= 3:
+                    reason, code = describe_status(status)
+                    self._end_job(job, "failed", f"worker failed to start 3 times ({reason}); see {worker.log_path}", code, retry=False)
+                else:
+                    job.state, job.placement = "pending", None
+                    self.store.update_job(job)
+            self._schedule_needed = True
+        self._schedule_needed = True
+
+    def _timers(self) -> None:
+        now = time.monotonic()
+        ws = self.settings["workers"]
+        hb_timeout = float(ws["heartbeat_timeout"])
+        for worker in list(self.workers.values()):
+            if worker.exited is not None:
+                if worker.job_id is not None:
+                    # Reaped while running its job: give its last ingest frames a moment, then end it.
+                    if now - (worker.exited_at or now) >= 0.2:
+                        self._worker_died(worker)
+                elif worker.exited_at is not None and now - worker.exited_at > 1.0:
+                    del self.workers[worker.id]
+                continue
+            if worker.done_at is not None and worker.job_id is None and now - worker.done_at > float(ws["kill_grace"]):
+                worker.signal_group(signal.SIGKILL)
+                worker.done_at = now
+            if worker.pid is not None and now - worker.last_seen > hb_timeout and worker.done_at is None:
+                log.warning("worker_heartbeat_lost", worker=worker.id, pid=worker.pid, job_id=worker.job_id)
+                worker.signal_group(signal.SIGKILL)
+                worker.last_seen = now  # signal once; the reap finishes the story
+                worker.lost = True
+            if worker.pid is None and now - worker.spawned_at > 30:
+                log.warning("worker_never_started", worker=worker.id)
+                worker.exited = -1
+                worker.exited_at = now
+        for job in list(self.jobs.values()):
+            if job.state != "running":
+                continue
+            if job.deadline is not None and now >= job.deadline and not job.stop_stage:
+                self._stop_job(job, f"timeout after {job.timeout:g}s", "failed")
+            if job.stop_stage and job.stop_at is not None and now >= job.stop_at:
+                worker = self.workers.get(job.worker_id) if job.worker_id else None
+                if worker is None:
+                    continue
+                if job.stop_stage == 1:
+                    worker.signal_group(signal.SIGTERM)
+                    job.stop_stage, job.stop_at = 2, now + float(ws["kill_grace"])
+                elif job.stop_stage == 2:
+                    worker.signal_group(signal.SIGKILL)
+                    job.stop_stage, job.stop_at = 3, None
+
+    def _worker_died(self, worker: WorkerProc) -> None:
+        job = self.jobs.get(worker.job_id) if worker.job_id is not None else None
+        worker.job_id = None
+        if job is None:
+            return
+        status = worker.exited if worker.exited is not None and worker.exited >= 0 else 9
+        reason, code = describe_status(status)
+        if worker.lost:
+            reason = f"worker lost its heartbeat and was killed ({reason})"
+        if job.end_state_on_stop is not None:
+            how = f" (stopped with {signal.Signals(-code).name})" if code < 0 else ""
+            self._end_job(job, job.end_state_on_stop, f"{job.cancel_reason}{how}", code, retry=job.end_state_on_stop == "failed")
+        else:
+            self._end_job(job, "failed", reason, code)
+
+    # ------------------------------------------------------------------ shutdown
+
+    def _shutdown(self) -> None:
+        reason = self.stopping or "kernel loop ended"
+        log.info("kernel_stopping", reason=reason)
+        try:
+            self.emit("kernel.stopping", KernelStopping(reason=reason))
+            self._flush_out()
+        except Exception:
+            log.exception("shutdown_flush_failed")
+        for worker in self.workers.values():
+            if worker.alive and worker.pid is not None:
+                worker.signal_group(signal.SIGTERM)
+        self.launcher.close()
+        deadline = time.monotonic() + 3
+        while any(w.alive and w.pid for w in self.workers.values()) and time.monotonic() < deadline:
+            self._reap_quiet()
+            time.sleep(0.01)
+        for worker in self.workers.values():
+            if worker.alive and worker.pid is not None:
+                worker.signal_group(signal.SIGKILL)
+        self._reap_quiet()
+        if self._probe is not None and self._probe.poll() is None:
+            self._probe.kill()
+        try:
+            self.store.close()
+        except Exception:
+            log.exception("store_close_failed")
+        try:
+            (self.state_dir / KERNEL_FILE).unlink()
+        except FileNotFoundError:
+            pass
+        for sock in (self.control, self.ingest, self.pub):
+            sock.close(0)
+        self.zctx.term()
+        for url in self.endpoints.values():
+            if url.startswith("ipc://"):
+                try:
+                    os.unlink(url[len("ipc://"):])
+                except OSError:
+                    pass
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+        log.info("kernel_stopped")
+
+    def _reap_quiet(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            worker = self.worker_by_pid.pop(pid, None)
+            if worker is not None:
+                worker.exited = status
+
+
+def _check_endpoint(url: str) -> None:
+    if url.startswith("ipc://") or url.startswith("inproc://"):
+        path = url.split("://", 1)[1]
+        if url.startswith("ipc://") and len(path) > 107:
+            raise ConfigError(f"ipc socket path is too long ({len(path)} bytes, the limit is 107): {path}", endpoint=url)
+        return
+    if url.startswith("tcp://"):
+        host = url[len("tcp://"):].rsplit(":", 1)[0].strip("[]")
+        if host not in ("127.0.0.1", "localhost", "::1"):
+            raise ConfigError(
+                f"refusing to bind {url}: TCP endpoints on a non-loopback address need CurveZMQ authentication, which this kernel does not enable yet",
+                endpoint=url,
+            )
+        return
+    raise ConfigError(f"endpoint {url!r} must start with ipc://, tcp:// or inproc://", endpoint=url)
+
+
+def holder_pid(state_dir: Path) -> int | None:
+    """The pid of a live kernel on ``state_dir``, from its kernel.json, or None."""
+    try:
+        pid = int(json.loads((state_dir / KERNEL_FILE).read_text())["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return pid if pid_alive(pid) else None
+
+
+__all__ = ["Kernel", "KernelLocked", "holder_pid", "runtime_dir_for"]

@@ -1,0 +1,386 @@
+"""The worker process: runs one job for the kernel, then exits.
+
+``python -m llmos.kernel.worker --worker-id W ...`` starts one worker directly (``spawn``).
+``python -m llmos.kernel.worker --zygote ...`` starts the zygote: a fresh interpreter that imports
+llmos and the plugins once, holds no ZeroMQ context and no threads, and forks a worker for each
+line ``spawn <worker-id> <log-path>`` on its stdin. It forks twice so that the worker is
+re-parented to the kernel (a child subreaper), which then reaps it with ``waitpid``.
+
+A worker's bus thread owns both sockets (one socket, one thread): a DEALER for ready, heartbeats,
+assignments and cancels; a PUSH to the kernel's ingest socket for the job's events and, last,
+its ``worker.job_done`` — on the same socket, so the kernel sees every event before the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import logging
+import os
+import queue
+import random
+import signal
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import structlog
+import zmq
+
+from llmos.context import JobContext
+from llmos.errors import JobCancelled
+from llmos.kernel.logs import configure_logging
+from llmos.kernel.plugins import Registry, call_broadcast, load_plugins
+from llmos.plugin import resolve_runner
+from llmos.protocol import (
+    JobDone,
+    WorkerAssign,
+    WorkerCancel,
+    WorkerExit,
+    WorkerHeartbeat,
+    WorkerReady,
+    decode_control,
+    encode_body,
+    encode_control,
+    make_header,
+    pack_array,
+    packb,
+)
+
+log = structlog.get_logger(__name__)
+
+_MAX_BATCH = 256
+
+
+class _Terminated(BaseException):
+    """Raised in the runner's thread by SIGTERM: the kernel is stopping this job."""
+
+
+class Bus:
+    """The worker's bus thread: owns the sockets; other threads hand it events through a deque."""
+
+    def __init__(self, worker_id: str, control: str, ingest: str, kernel_pid: int, heartbeat: float) -> None:
+        self.worker_id = worker_id
+        self.kernel_pid = kernel_pid
+        self.heartbeat = heartbeat
+        self.job_id: int | None = None
+        self.assignments: queue.Queue[WorkerAssign | None] = queue.Queue()
+        self.cancel_event = threading.Event()
+        self.cancel_reason: str | None = None
+        self._outbox: collections.deque[tuple[str, str, dict[str, Any], float]] = collections.deque()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        self._wake_pending = False
+        self._closing = False
+        self._ctx = zmq.Context()
+        self._dealer = self._ctx.socket(zmq.DEALER)
+        self._dealer.setsockopt(zmq.IDENTITY, worker_id.encode())
+        self._dealer.setsockopt(zmq.LINGER, 2000)
+        self._dealer.connect(control)
+        self._push = self._ctx.socket(zmq.PUSH)
+        self._push.setsockopt(zmq.SNDHWM, 0)
+        self._push.setsockopt(zmq.LINGER, 10_000)
+        self._push.connect(ingest)
+        self._thread = threading.Thread(target=self._loop, name="llmos-bus", daemon=True)
+
+    def start(self) -> None:
+        self._send_control(WorkerReady(worker_id=self.worker_id, pid=os.getpid()))
+        self._thread.start()
+
+    # -- called from any thread --
+
+    def emit(self, suffix: str, type_name: str, body: dict[str, Any]) -> None:
+        """Queue an event on ``job.<id>.<suffix>``."""
+        self._outbox.append((suffix, type_name, body, time.time()))
+        if not self._wake_pending:
+            self._wake_pending = True
+            try:
+                os.write(self._wake_w, b"x")
+            except OSError:
+                pass
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Send everything queued, then stop the thread and close the sockets (waiting for delivery)."""
+        self._closing = True
+        self.emit_wake()
+        self._thread.join(timeout)
+
+    def emit_wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass
+
+    # -- the thread --
+
+    def _send_control(self, msg: Any) -> None:
+        self._dealer.send_multipart(encode_control(msg, self.worker_id))
+
+    def _flush(self) -> None:
+        outbox = self._outbox
+        while outbox:
+            items = []
+            while outbox and len(items) < _MAX_BATCH:
+                suffix, type_name, body, ts = outbox.popleft()
+                header = make_header(type_name, self.worker_id)
+                header["ts"] = ts
+                items.append(packb([f"job.{self.job_id}.{suffix}", header, body]))
+            self._push.send(pack_array(items, len(items)))
+
+    def _loop(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._dealer, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        next_beat = 0.0
+        while True:
+            now = time.monotonic()
+            if now >= next_beat:
+                self._send_control(WorkerHeartbeat(worker_id=self.worker_id, job_id=self.job_id))
+                next_beat = now + self.heartbeat
+                if os.getppid() != self.kernel_pid:
+                    # The kernel is gone: nobody will collect this job. Leave with the process group.
+                    os.killpg(os.getpgrp(), signal.SIGKILL)
+            events = dict(poller.poll(max(1, int((next_beat - now) * 1000))))
+            if self._wake_r in events:
+                try:
+                    while os.read(self._wake_r, 4096):
+                        pass
+                except BlockingIOError:
+                    pass
+                self._wake_pending = False
+                self._flush()
+            if self._dealer in events:
+                while True:
+                    try:
+                        frames = self._dealer.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    self._on_control(frames)
+            if self._closing:
+                self._flush()
+                self._push.close()  # LINGER waits for delivery
+                self._dealer.close()
+                self._ctx.term()
+                return
+
+    def _on_control(self, frames: list[bytes]) -> None:
+        try:
+            _, msg = decode_control(frames)
+        except Exception as exc:
+            log.warning("bad_control_message", error=str(exc))
+            return
+        if isinstance(msg, WorkerAssign):
+            self.job_id = msg.job_id
+            self.assignments.put(msg)
+        elif isinstance(msg, WorkerCancel):
+            if msg.job_id == self.job_id:
+                self.cancel_reason = msg.reason
+                self.cancel_event.set()
+        elif isinstance(msg, WorkerExit):
+            self.assignments.put(None)
+
+
+class _BusLogHandler(logging.Handler):
+    """Standard-library log records of the job's libraries, forwarded as job.log events."""
+
+    def __init__(self, bus: Bus) -> None:
+        super().__init__(logging.WARNING)
+        self.bus = bus
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.bus.job_id is None:
+            return
+        try:
+            self.bus.emit("log", "job.log", {"level": record.levelname.lower(), "event": record.getMessage(), "logger": record.name, "fields": {}})
+        except Exception:
+            pass
+
+
+def _jsonable(result: Any) -> str | None:
+    """None if ``result`` can be stored and sent, else why not."""
+    try:
+        json.dumps(result, allow_nan=False)
+        packb(result)
+    except (TypeError, ValueError) as exc:
+        return f"the runner's result cannot be stored (it must be JSON-like: maps, lists, numbers, strings): {exc}"
+    return None
+
+
+def run_job(bus: Bus, registry: Registry, assign: WorkerAssign) -> JobDone:
+    """Run one assignment to its end and say how it ended (never raises)."""
+    os.environ.update(assign.env)
+    workdir = Path(assign.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    entry = registry.kinds.get(assign.kind)
+    if entry is None:
+        return JobDone(job_id=assign.job_id, attempt=assign.attempt, outcome="failed", error=f"job kind {assign.kind!r} is not registered in this worker")
+    try:
+        params = entry.spec.params(**assign.params)
+    except Exception as exc:
+        return JobDone(job_id=assign.job_id, attempt=assign.attempt, outcome="failed", error=f"bad parameters: {exc}")
+    ctx = JobContext(
+        job_id=assign.job_id,
+        kind=assign.kind,
+        params=params,
+        attempt=assign.attempt,
+        resources=assign.resources,
+        placement=assign.placement,
+        workdir=workdir,
+        emit=bus.emit,
+        cancel_event=bus.cancel_event,
+    )
+    outcome, error, tb, result = "succeeded", None, None, None
+    runner = None
+    call_broadcast(registry, "llmos_job_starting", ctx=ctx)
+    try:
+        runner = resolve_runner(entry.spec.runner)()
+        if hasattr(runner, "setup"):
+            runner.setup(ctx)
+        result = runner.run(ctx)
+    except (_Terminated, JobCancelled, KeyboardInterrupt):
+        outcome = "cancelled"
+    except BaseException as exc:
+        if bus.cancel_event.is_set():
+            outcome = "cancelled"
+        else:
+            outcome, error, tb = "failed", f"{type(exc).__name__}: {exc}", traceback.format_exc()
+    finally:
+        if runner is not None and hasattr(runner, "teardown"):
+            try:
+                runner.teardown(ctx)
+            except BaseException as exc:
+                if outcome == "succeeded":
+                    outcome, error, tb = "failed", f"teardown raised {type(exc).__name__}: {exc}", traceback.format_exc()
+    if outcome == "succeeded" and bus.cancel_event.is_set():
+        outcome = "cancelled"
+    if outcome == "succeeded":
+        problem = _jsonable(result)
+        if problem:
+            outcome, error, result = "failed", problem, None
+    else:
+        result = None
+    if error:
+        ctx.log.error("runner_failed", error=error, traceback=tb)
+    call_broadcast(registry, "llmos_job_finished", ctx=ctx, outcome=outcome, error=error)
+    return JobDone(job_id=assign.job_id, attempt=assign.attempt, outcome=outcome, result=result, error=error, traceback=tb)
+
+
+def worker_main(args: argparse.Namespace, registry: Registry | None = None) -> int:
+    random.seed()
+    configure_logging(json_lines=True, level=args.log_level)
+    if registry is None:
+        registry = load_plugins()
+    bus = Bus(args.worker_id, args.control, args.ingest, args.kernel_pid, args.heartbeat)
+
+    def on_term(signum: int, frame: Any) -> None:
+        bus.cancel_event.set()
+        if bus.job_id is None:
+            os._exit(0)
+        raise _Terminated()
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.getLogger().addHandler(_BusLogHandler(bus))
+    bus.start()
+    assign = bus.assignments.get()
+    if assign is None:
+        bus.close()
+        return 0
+    log.info("job_assigned", job_id=assign.job_id, kind=assign.kind, attempt=assign.attempt)
+    try:
+        done = run_job(bus, registry, assign)
+    except _Terminated:
+        done = JobDone(job_id=assign.job_id, attempt=assign.attempt, outcome="cancelled")
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    bus.emit("done", "worker.job_done", encode_body(done))
+    bus.close()
+    log.info("job_done", job_id=assign.job_id, outcome=done.outcome)
+    return 0
+
+
+def zygote_main(args: argparse.Namespace) -> int:
+    """Fork workers on request; never touches ZeroMQ, never starts a thread."""
+    registry = load_plugins()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    stdin = sys.stdin.buffer
+    os.write(1, b"ready\n")
+    while True:
+        line = stdin.readline()
+        if not line:
+            return 0
+        parts = line.decode().split()
+        if len(parts) != 3 or parts[0] != "spawn":
+            continue
+        _, worker_id, log_path = parts
+        pid = os.fork()
+        if pid == 0:
+            try:
+                grandchild = os.fork()
+                if grandchild == 0:
+                    _become_worker(args, worker_id, log_path, registry)
+                os.write(1, f"{worker_id} {grandchild}\n".encode())
+            finally:
+                os._exit(0)
+        os.waitpid(pid, 0)
+
+
+def _become_worker(args: argparse.Namespace, worker_id: str, log_path: str, registry: Registry) -> None:
+    code = 1
+    try:
+        # Wait until the short-lived middle process has exited and we belong to the kernel.
+        middle = os.getppid()
+        deadline = time.monotonic() + 5
+        while os.getppid() == middle and time.monotonic() < deadline:
+            time.sleep(0.0005)
+        os.setsid()
+        fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.close(null)
+        sys.stdin = open(os.devnull)  # noqa: SIM115 - the zygote's buffered stdin must not be read here
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        args.worker_id = worker_id
+        code = worker_main(args, registry)
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m llmos.kernel.worker", description="An llmos worker (started by the kernel).")
+    parser.add_argument("--zygote", action="store_true", help="fork workers on request instead of running one")
+    parser.add_argument("--worker-id", default="")
+    parser.add_argument("--control", required=True)
+    parser.add_argument("--ingest", required=True)
+    parser.add_argument("--kernel-pid", type=int, required=True)
+    parser.add_argument("--heartbeat", type=float, default=0.25)
+    parser.add_argument("--log-level", default="info")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.zygote:
+        return zygote_main(args)
+    if not args.worker_id:
+        print("--worker-id is required", file=sys.stderr)
+        return 2
+    if os.getpgrp() != os.getpid():
+        os.setsid()
+    return worker_main(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""diag: job kinds for tests, benchmarks and checking an install.
+
+``diag.sleep`` sleeps, ``diag.echo`` returns its parameters, ``diag.fail`` raises,
+``diag.crash`` kills its own worker with SIGKILL, ``diag.emit`` sends progress events and log
+records in order.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from dataclasses import dataclass
+from typing import Any
+
+import llmos
+from llmos import JobContext, JobKind, Resources, Runner, param
+
+LLMOS_API = ">=1,<2"
+
+# diag jobs barely use a CPU: let many run at once.
+_LIGHT = Resources(cpus=0.0)
+
+
+@dataclass(frozen=True)
+class SleepParams:
+    seconds: float = param(1.0, ge=0, le=7 * 86400, help="How long to sleep; a cancel wakes it early.")
+
+
+@dataclass(frozen=True)
+class EchoParams:
+    data: Any = param(None, help="Any JSON value; the result is the parameters themselves.")
+    message: str = param("", help="A string to echo.")
+
+
+@dataclass(frozen=True)
+class FailParams:
+    message: str = param("diag.fail was asked to fail", help="The error message the runner raises.")
+
+
+@dataclass(frozen=True)
+class CrashParams:
+    delay: float = param(0.0, ge=0, le=3600, help="Seconds to wait before the worker kills itself.")
+
+
+@dataclass(frozen=True)
+class EmitParams:
+    count: int = param(10, ge=0, le=10_000_000, help="How many progress events and log records to send.")
+    payload: int = param(0, ge=0, le=1_000_000, help="Extra bytes of text in each log record.")
+    only: str = param("both", choices=("both", "progress", "log"), help="Send both kinds, or only one.")
+
+
+class SleepRunner(Runner):
+    def run(self, ctx: JobContext) -> dict[str, Any]:
+        seconds = ctx.params.seconds
+        ctx.log.info("sleeping", seconds=seconds)
+        woke = ctx.sleep(seconds)
+        return {"slept": seconds, "cancelled": woke}
+
+
+class EchoRunner(Runner):
+    def run(self, ctx: JobContext) -> dict[str, Any]:
+        return {"data": ctx.params.data, "message": ctx.params.message}
+
+
+class FailRunner(Runner):
+    def run(self, ctx: JobContext) -> None:
+        raise RuntimeError(ctx.params.message)
+
+
+class CrashRunner(Runner):
+    def run(self, ctx: JobContext) -> None:
+        if ctx.params.delay:
+            ctx.sleep(ctx.params.delay)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class EmitRunner(Runner):
+    def run(self, ctx: JobContext) -> dict[str, int]:
+        count, pad = ctx.params.count, "x" * ctx.params.payload
+        send_progress = ctx.params.only in ("both", "progress")
+        send_log = ctx.params.only in ("both", "log")
+        for i in range(1, count + 1):
+            if send_progress:
+                ctx.progress(i, count)
+            if send_log:
+                if pad:
+                    ctx.log.info("emit", i=i, pad=pad)
+                else:
+                    ctx.log.info("emit", i=i)
+        return {"count": count}
+
+
+KINDS = [
+    JobKind("diag.sleep", runner=SleepRunner, params=SleepParams, resources=_LIGHT, help="Sleep for `seconds` (wakes on cancel)."),
+    JobKind("diag.echo", runner=EchoRunner, params=EchoParams, resources=_LIGHT, help="Return the parameters as the result."),
+    JobKind("diag.fail", runner=FailRunner, params=FailParams, resources=_LIGHT, help="Raise RuntimeError(message)."),
+    JobKind("diag.crash", runner=CrashRunner, params=CrashParams, resources=_LIGHT, help="Kill the worker with SIGKILL."),
+    JobKind("diag.emit", runner=EmitRunner, params=EmitParams, resources=_LIGHT, help="Send `count` progress events and `count` log records, in order."),
+]
+
+
+@llmos.hookimpl
+def llmos_register_job_kinds(register) -> None:  # type: ignore[no-untyped-def]
+    for kind in KINDS:
+        register(kind)
+
+
+__all__ = ["KINDS", "llmos_register_job_kinds"]

@@ -1,0 +1,61 @@
+"""llmos: an operating system for language-model work.
+
+The SDK is the front door: :func:`connect` to a running kernel, submit and follow jobs, read the
+bus; and the plugin-author API: :data:`hookimpl`, :class:`JobKind`, :class:`Runner`,
+:class:`JobContext`, :func:`param`, :func:`message`. Importing it loads neither torch nor the
+kernel.
+"""
+
+from llmos._version import PLUGIN_API, __version__
+from llmos.client import Client, Job, JobInfo, connect
+from llmos.context import JobContext
+from llmos.errors import (
+    ConfigError,
+    JobCancelled,
+    JobError,
+    JobFailed,
+    JobNotFound,
+    JobRejected,
+    KernelError,
+    KernelUnavailable,
+    LlmosError,
+    PluginError,
+    ProtocolError,
+    ResourceError,
+    ValidationError,
+)
+from llmos.params import param
+from llmos.plugin import JobKind, Resources, Runner, ServiceKind, hookimpl
+from llmos.protocol import Event, message, topic
+
+__all__ = [
+    "PLUGIN_API",
+    "Client",
+    "ConfigError",
+    "Event",
+    "Job",
+    "JobCancelled",
+    "JobContext",
+    "JobError",
+    "JobFailed",
+    "JobInfo",
+    "JobKind",
+    "JobNotFound",
+    "JobRejected",
+    "KernelError",
+    "KernelUnavailable",
+    "LlmosError",
+    "PluginError",
+    "ProtocolError",
+    "ResourceError",
+    "Resources",
+    "Runner",
+    "ServiceKind",
+    "ValidationError",
+    "__version__",
+    "connect",
+    "hookimpl",
+    "message",
+    "param",
+    "topic",
+]

@@ -1,0 +1,445 @@
+"""The Python SDK: connect to a kernel, submit and follow jobs, read the bus.
+
+::
+
+    import llmos
+
+    client = llmos.connect()                  # the kernel of $LLMOS_STATE_DIR or the default
+    job = client.submit("diag.echo", params={"data": {"x": 1}})
+    print(job.result())                       # waits; raises JobFailed / JobCancelled
+    for event in job.events():                # history, then live until the job ends
+        print(event.seq, event.topic, event.body)
+
+A :class:`Client` owns ZeroMQ sockets, so use it from one thread (make one per thread).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from llmos.errors import (
+    JobCancelled,
+    JobFailed,
+    KernelError,
+    KernelUnavailable,
+    LlmosError,
+    ProtocolError,
+    error_from_reply,
+)
+from llmos.paths import pid_alive, read_kernel_info, resolve_state_dir
+from llmos.protocol import (
+    END_STATES,
+    CancelRequest,
+    DevicesRequest,
+    ErrorReply,
+    Event,
+    JobRequest,
+    JobsRequest,
+    PluginsRequest,
+    ReplayRequest,
+    ShutdownRequest,
+    StatusRequest,
+    SubmitRequest,
+    decode_control,
+    encode_body,
+    encode_control,
+    event_from_item,
+    stream_of,
+    unpackb,
+)
+
+
+@dataclass(frozen=True)
+class JobInfo:
+    """A job's record as the kernel keeps it."""
+
+    id: int
+    kind: str
+    state: str
+    params: dict[str, Any] = field(default_factory=dict)
+    resources: dict[str, Any] = field(default_factory=dict)
+    priority: int = 0
+    max_retries: int = 0
+    timeout: float | None = None
+    reason: str | None = None
+    exit_code: int | None = None
+    attempts: int = 0
+    result: Any = None
+    placement: dict[str, Any] | None = None
+    submitted_at: float | None = None
+    started_at: float | None = None
+    ended_at: float | None = None
+
+    @property
+    def ended(self) -> bool:
+        """True once the job is succeeded, failed or cancelled."""
+        return self.state in END_STATES
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> JobInfo:
+        """Build from the kernel's map, ignoring keys a newer kernel may add."""
+        known = cls.__dataclass_fields__.keys()
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain map, as ``llmos job --json`` prints it."""
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+class Job:
+    """A handle on one job of a kernel."""
+
+    def __init__(self, client: Client, job_id: int, info: JobInfo | None = None) -> None:
+        self.client = client
+        self.id = int(job_id)
+        self._info = info
+
+    def __repr__(self) -> str:
+        return f"<Job {self.id} {self._info.kind + ' ' + self._info.state if self._info else ''}>".replace(" >", ">")
+
+    def info(self) -> JobInfo:
+        """The job's current record."""
+        self._info = self.client._job_info(self.id)
+        return self._info
+
+    def wait(self, timeout: float | None = None) -> JobInfo:
+        """Block until the job ends (or ``timeout`` seconds pass: TimeoutError); return its record."""
+        info = self.info()
+        if info.ended:
+            return info
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for _ in self.events(since=0, follow=True, timeout=timeout, _states_only=True):
+            if deadline is not None and time.monotonic() > deadline:
+                break
+        info = self.info()
+        if not info.ended:
+            raise TimeoutError(f"job {self.id} is still {info.state} after {timeout}s")
+        return info
+
+    def result(self, timeout: float | None = None) -> Any:
+        """Wait for the job and return its result; JobFailed or JobCancelled if it did not succeed."""
+        info = self.wait(timeout)
+        if info.state == "failed":
+            raise JobFailed(f"job {self.id} ({info.kind}) failed: {info.reason}", job_id=self.id, reason=info.reason, exit_code=info.exit_code)
+        if info.state == "cancelled":
+            raise JobCancelled(f"job {self.id} ({info.kind}) was cancelled: {info.reason}", job_id=self.id, reason=info.reason)
+        return info.result
+
+    def cancel(self, reason: str = "cancelled by user") -> JobInfo:
+        """Ask the kernel to cancel the job; returns the record right after the request."""
+        reply = self.client.request(CancelRequest(id=self.id, reason=reason))
+        self._info = JobInfo.from_dict(reply.job)
+        return self._info
+
+    def events(self, since: int = 0, follow: bool = True, timeout: float | None = None, *, _states_only: bool = False) -> Iterator[Event]:
+        """The job's events from the journal (seq above ``since``); with ``follow``, then live
+        until the job has ended and its last event was delivered."""
+        prefix = f"job.{self.id}.state" if _states_only else f"job.{self.id}."
+        stream = f"job.{self.id}"
+        for event in self.client.events(prefix, since=since, follow=follow, timeout=timeout, _stream=stream):
+            yield event
+            if event.type == "job.state" and event.body.get("state") in END_STATES:
+                return
+
+    def logs(self, follow: bool = True, since: int = 0) -> Iterator[Event]:
+        """The job's ``job.log`` events (see :meth:`events`)."""
+        for event in self.events(since=since, follow=follow):
+            if event.type == "job.log":
+                yield event
+
+
+class Client:
+    """A connection to one kernel, found through its state directory's ``kernel.json``."""
+
+    def __init__(self, state_dir: str | os.PathLike[str] | None = None, *, timeout: float = 30.0) -> None:
+        self.state_dir: Path = resolve_state_dir(state_dir)
+        self.timeout = timeout
+        self.kernel = read_kernel_info(self.state_dir)
+        self.endpoints = {"control": self.kernel["control"], "events": self.kernel["events"]}
+        self._ctx = zmq.Context()
+        self._sock = self._dealer()
+        self._sender = f"client-{os.getpid()}-{os.urandom(3).hex()}"
+
+    def _dealer(self) -> zmq.Socket:
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(self.kernel["control"])
+        return sock
+
+    # -- plumbing --
+
+    def close(self) -> None:
+        """Close the sockets (idempotent)."""
+        if not self._ctx.closed:
+            self._sock.close(0)
+            self._ctx.destroy(0)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
+
+    def request(self, msg: Any, timeout: float | None = None) -> Any:
+        """Send one control request and return the decoded reply; error replies are raised."""
+        timeout = self.timeout if timeout is None else timeout
+        frames = encode_control(msg, self._sender)
+        msg_id = unpackb(frames[0])["id"]
+        self._sock.send_multipart(frames)
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self._sock.poll(int(min(left, 0.5) * 1000) + 1):
+                if left <= 0:
+                    self._check_alive()
+                    # A late reply would confuse the next request: start over on a fresh socket.
+                    self._sock.close(0)
+                    self._sock = self._dealer()
+                    raise KernelError(f"the kernel did not answer within {timeout}s", endpoint=self.kernel["control"])
+                if not self._sock.poll(0):
+                    self._check_alive()
+                    continue
+            reply_frames = self._sock.recv_multipart()
+            try:
+                header, reply = decode_control(reply_frames)
+            except ProtocolError as exc:
+                raise KernelError(f"undecodable reply from the kernel: {exc}") from exc
+            if header.get("parent_id") != msg_id:
+                continue  # a reply to an earlier request that timed out
+            if isinstance(reply, ErrorReply):
+                raise error_from_reply(reply.ename, reply.evalue, reply.code, reply.context)
+            return reply
+
+    def _check_alive(self) -> None:
+        if not pid_alive(int(self.kernel["pid"])):
+            raise KernelUnavailable(
+                f"the kernel for state dir {self.state_dir} (pid {self.kernel['pid']}) is gone; "
+                f"start one with: llmos boot --state-dir {self.state_dir}",
+                state_dir=str(self.state_dir),
+                endpoint=self.kernel["control"],
+            )
+
+    # -- jobs --
+
+    def submit(
+        self,
+        kind: str,
+        params: dict[str, Any] | None = None,
+        resources: dict[str, Any] | None = None,
+        priority: int = 0,
+        max_retries: int = 0,
+        timeout: float | None = None,
+        *,
+        coerce: bool = False,
+    ) -> Job:
+        """Queue a job; JobRejected (unknown kind, bad parameters) or ResourceError (never fits)."""
+        reply = self.request(
+            SubmitRequest(
+                kind=kind,
+                params=dict(params or {}),
+                resources=dict(resources or {}),
+                priority=int(priority),
+                max_retries=int(max_retries),
+                timeout=None if timeout is None else float(timeout),
+                coerce=coerce,
+            )
+        )
+        info = JobInfo.from_dict(reply.job)
+        return Job(self, info.id, info)
+
+    def job(self, job_id: int) -> Job:
+        """A handle on an existing job (JobNotFound if there is none)."""
+        info = self._job_info(int(job_id))
+        return Job(self, info.id, info)
+
+    def _job_info(self, job_id: int) -> JobInfo:
+        return JobInfo.from_dict(self.request(JobRequest(id=int(job_id))).job)
+
+    def jobs(self, state: str | None = None, limit: int = 1000) -> list[JobInfo]:
+        """Job records, oldest first, optionally only those in ``state``."""
+        reply = self.request(JobsRequest(state=state, limit=limit))
+        return [JobInfo.from_dict(j) for j in reply.jobs]
+
+    # -- the machine --
+
+    def devices(self) -> list[dict[str, Any]]:
+        """The device table: CPU and GPUs with capacity, what is reserved and by whom."""
+        return self.request(DevicesRequest()).devices
+
+    def plugins(self) -> list[dict[str, Any]]:
+        """Loaded plugins, their status and what each registered."""
+        return self.request(PluginsRequest()).plugins
+
+    def kinds(self) -> list[dict[str, Any]]:
+        """Every job kind with its plugin, schema and default resources."""
+        return self.request(PluginsRequest()).kinds
+
+    def status(self) -> dict[str, Any]:
+        """The kernel's version, pid, endpoints and counters."""
+        return encode_body(self.request(StatusRequest()))
+
+    def shutdown(self) -> None:
+        """Stop the kernel and wait until its process is gone."""
+        self.request(ShutdownRequest())
+        pid = int(self.kernel["pid"])
+        deadline = time.monotonic() + 30
+        while pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    # -- the bus --
+
+    def replay(self, prefix: str = "", since: int = 0, until: int | None = None, limit: int = 1000) -> tuple[list[Event], int, bool]:
+        """One page of the journal: (events, the journal's last seq, whether more follow)."""
+        reply = self.request(ReplayRequest(prefix=prefix, since=since, until=until, limit=limit))
+        return [event_from_item(item) for item in reply.events], reply.last_seq, reply.more
+
+    def events(
+        self,
+        prefix: str = "",
+        since: int = 0,
+        follow: bool = False,
+        timeout: float | None = None,
+        *,
+        _stream: str | None = None,
+    ) -> Iterator[Event]:
+        """Events whose topic starts with ``prefix`` and whose seq is above ``since``: the journal
+        first, then (with ``follow``) live ones, each exactly once and in order per stream.
+        ``timeout`` ends a follow after that many seconds with no end in sight."""
+        stream = _EventStream(self, prefix, since, timeout)
+        try:
+            yield from stream.history()
+            if follow:
+                yield from stream.live()
+        finally:
+            stream.close()
+
+
+def _sub_prefix(prefix: str) -> str:
+    """What to subscribe to so that every event of each stream the prefix touches arrives:
+    ``job.5.log`` -> ``job.5.`` (gap detection needs the whole stream)."""
+    parts = prefix.split(".")
+    if len(parts) >= 3 and parts[0] in ("job", "device", "service", "worker"):
+        return ".".join(parts[:2]) + "."
+    if len(parts) >= 2 and parts[0] not in ("job", "device", "service", "worker"):
+        return parts[0] + "."
+    return prefix
+
+
+class _EventStream:
+    """Replay, then live, with no loss and no repeats.
+
+    It subscribes before replaying, so nothing falls between the two. Each stream's
+    ``stream_seq`` must grow by one: a repeat is dropped, a gap (PUB drops at its high-water mark)
+    is filled from the journal. When the bus is quiet it asks the journal for anything newer, so
+    a dropped last event is found too.
+    """
+
+    IDLE_CHECK = 0.5
+
+    def __init__(self, client: Client, prefix: str, since: int, timeout: float | None) -> None:
+        self.client = client
+        self.prefix = prefix
+        self.sub_prefix = _sub_prefix(prefix)
+        self.since = since
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.known: dict[str, tuple[int, int]] = {}  # stream -> (stream_seq, seq) last delivered
+        self.high = since
+        self.sub = client._ctx.socket(zmq.SUB)
+        self.sub.setsockopt(zmq.LINGER, 0)
+        self.sub.setsockopt(zmq.RCVHWM, 100_000)
+        self.sub.connect(client.endpoints["events"])
+        self.sub.setsockopt(zmq.SUBSCRIBE, self.sub_prefix.encode())
+
+    def close(self) -> None:
+        self.sub.close(0)
+
+    def _accept(self, event: Event) -> Event | None:
+        """Record ``event`` as delivered; return it if the caller's prefix wants it."""
+        self.known[event.stream] = (event.stream_seq, event.seq)
+        if event.seq > self.high:
+            self.high = event.seq
+        return event if event.topic.startswith(self.prefix) else None
+
+    def _replay_all(self, prefix: str, since: int, until: int | None = None) -> Iterator[Event]:
+        while True:
+            events, _, more = self.client.replay(prefix, since=since, until=until, limit=1000)
+            yield from events
+            if not events or not more:
+                return
+            since = events[-1].seq
+
+    def history(self) -> Iterator[Event]:
+        for event in self._replay_all(self.sub_prefix, self.since):
+            if self._accept(event) is not None:
+                yield event
+
+    def _fill(self, stream: str, after_seq: int, before: Event) -> Iterator[Event]:
+        for event in self._replay_all(stream + ".", after_seq, before.seq - 1):
+            if event.stream == stream and event.stream_seq > self.known.get(stream, (0, 0))[0]:
+                if self._accept(event) is not None:
+                    yield event
+
+    def _live_one(self, event: Event) -> Iterator[Event]:
+        stream = event.stream
+        last = self.known.get(stream)
+        if last is not None and event.stream_seq <= last[0]:
+            return  # already delivered (seen in the replay)
+        if (last is None and event.stream_seq > 1) or (last is not None and event.stream_seq > last[0] + 1):
+            yield from self._fill(stream, last[1] if last else self.since, event)
+        if self._accept(event) is not None:
+            yield event
+
+    def live(self) -> Iterator[Event]:
+        while True:
+            wait = self.IDLE_CHECK
+            if self.deadline is not None:
+                left = self.deadline - time.monotonic()
+                if left <= 0:
+                    return
+                wait = min(wait, left)
+            if self.sub.poll(int(wait * 1000) + 1):
+                while True:
+                    try:
+                        frames = self.sub.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    for item in _decode_pub(frames):
+                        yield from self._live_one(item)
+            else:
+                # Quiet: make sure no trailing event was dropped on the way.
+                for event in self._replay_all(self.sub_prefix, self.high):
+                    yield from self._live_one(event)
+
+
+def _decode_pub(frames: list[bytes]) -> list[Event]:
+    if len(frames) != 2:
+        return []
+    try:
+        items = unpackb(frames[1])
+        return [event_from_item(item) for item in items]
+    except LlmosError:
+        return []
+
+
+def connect(state_dir: str | os.PathLike[str] | None = None, *, timeout: float = 30.0) -> Client:
+    """Connect to the kernel of ``state_dir`` (default: ``$LLMOS_STATE_DIR`` or the XDG state dir).
+
+    Raises :class:`~llmos.errors.KernelUnavailable` naming the state dir and the command to start
+    a kernel when none is running there.
+    """
+    return Client(state_dir, timeout=timeout)
+
+
+__all__ = ["Client", "Job", "JobInfo", "connect", "stream_of"]

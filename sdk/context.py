@@ -1,0 +1,150 @@
+"""JobContext: the whole world of a runner.
+
+The worker builds one per job and hands it to the runner's ``setup``, ``run`` and ``teardown``.
+Everything a runner says goes onto the bus through it, as events on the job's stream
+(``job.<id>.progress``, ``job.<id>.log``, ...), in the order it was said.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from llmos.protocol import JobArtifact, JobMetric, JobProgress, encode_body, type_name_of
+
+Emit = Callable[[str, str, dict[str, Any]], None]  # (topic suffix, type name, body)
+
+_LEVELS = {"debug": 10, "info": 20, "warning": 30, "warn": 30, "error": 40, "critical": 50, "exception": 40}
+
+
+class _BusSink:
+    """The structlog "logger" at the end of a runner's chain: every record becomes a job.log event."""
+
+    def __init__(self, emit: Emit, name: str | None) -> None:
+        self._emit = emit
+        self._name = name
+
+    def _record(self, event_dict: dict[str, Any]) -> None:
+        level = str(event_dict.pop("level", "info"))
+        event = str(event_dict.pop("event", ""))
+        fields = {k: _plain(v) for k, v in event_dict.items()}
+        self._emit("log", "job.log", {"level": level, "event": event, "logger": self._name, "fields": fields})
+
+    def __getattr__(self, name: str) -> Callable[[dict[str, Any]], None]:
+        return self._record
+
+
+def _to_record(_logger: Any, method: str, event_dict: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    event_dict.setdefault("level", "error" if method == "exception" else method)
+    return (event_dict,), {}
+
+
+def _plain(value: Any) -> Any:
+    """Values that msgpack and JSON both carry; anything else becomes its repr."""
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return repr(value)
+
+
+def make_bus_logger(emit: Emit, name: str | None = None, level: str = "debug") -> Any:
+    """A structlog logger whose records travel as ``job.log`` events."""
+    return structlog.wrap_logger(
+        _BusSink(emit, name),
+        processors=[structlog.processors.format_exc_info, _to_record],
+        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS.get(level, 10)),
+        cache_logger_on_first_use=False,
+    )
+
+
+class JobContext:
+    """What a runner sees of the world: its parameters, devices, directory and the bus.
+
+    Attributes: ``job_id``, ``kind``, ``params`` (the schema dataclass), ``attempt`` (1 on the
+    first try), ``resources`` (what was reserved), ``placement`` (which devices), ``gpus`` (the
+    GPU indices, also in ``CUDA_VISIBLE_DEVICES``), ``workdir`` (a directory of its own in the
+    state dir), ``log`` (a structlog logger whose records become ``job.<id>.log`` events).
+    """
+
+    def __init__(
+        self,
+        *,
+        job_id: int,
+        kind: str,
+        params: Any,
+        attempt: int,
+        resources: dict[str, Any],
+        placement: dict[str, Any],
+        workdir: Path,
+        emit: Emit,
+        cancel_event: threading.Event | None = None,
+    ) -> None:
+        self.job_id = job_id
+        self.kind = kind
+        self.params = params
+        self.attempt = attempt
+        self.resources = dict(resources)
+        self.placement = dict(placement)
+        self.gpus: list[int] = [int(g["index"]) for g in placement.get("gpus", [])]
+        self.workdir = Path(workdir)
+        self._emit = emit
+        self._cancel = cancel_event or threading.Event()
+        self.cancel_reason: str | None = None
+        self.log = make_bus_logger(emit, name=kind)
+
+    # -- what the runner reports --
+
+    def progress(self, step: float, total: float | None = None, message: str | None = None, **fields: Any) -> None:
+        """Report progress: ``step`` of ``total`` with an optional message and numbers (loss, tokens/s)."""
+        body = JobProgress(step=step, total=total, message=message, fields={k: _plain(v) for k, v in fields.items()})
+        self._emit("progress", "job.progress", _body(body))
+
+    def metric(self, name: str, value: float, step: int | None = None) -> None:
+        """Record one named number, optionally at a step."""
+        self._emit("metric", "job.metric", _body(JobMetric(name=name, value=float(value), step=step)))
+
+    def artifact(self, path: str | Path, kind: str = "file", **meta: Any) -> None:
+        """Announce a file or directory the job produced."""
+        body = JobArtifact(path=str(Path(path).resolve()), kind=kind, meta={k: _plain(v) for k, v in meta.items()})
+        self._emit("artifact", "job.artifact", _body(body))
+
+    def emit(self, suffix: str, msg: Any) -> None:
+        """Send any registered message type as an event on ``job.<id>.<suffix>``."""
+        if not suffix or "." in suffix:
+            raise ValueError(f"topic suffix {suffix!r} must be one non-empty part without '.'")
+        self._emit(suffix, type_name_of(msg), _body(msg))
+
+    # -- cancellation --
+
+    @property
+    def cancelled(self) -> bool:
+        """True once the kernel asked this job to stop; long loops should check it and return."""
+        return self._cancel.is_set()
+
+    def wait_cancelled(self, timeout: float | None = None) -> bool:
+        """Sleep up to ``timeout`` seconds, waking early if the job is cancelled; returns ``cancelled``."""
+        return self._cancel.wait(timeout)
+
+    def sleep(self, seconds: float) -> bool:
+        """Like :func:`time.sleep` but returns early (True) when cancelled."""
+        deadline = time.monotonic() + max(0.0, seconds)
+        while not self._cancel.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            self._cancel.wait(min(left, 0.5))
+        return True
+
+
+_body = encode_body
+
+
+__all__ = ["JobContext", "make_bus_logger"]

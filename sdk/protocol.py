@@ -1,0 +1,760 @@
+"""The llmos wire protocol: typed messages, their registry, and the frames that carry them.
+
+Every message body is a frozen dataclass registered under a type name with :func:`message`.
+Decoding checks the header, looks the type up, and validates each field's name and type; every
+failure is a :class:`~llmos.errors.ProtocolError` subclass, so a receiver answers an error and
+keeps serving.
+
+Frames (all msgpack; no pickle anywhere):
+
+* **control** (DEALER -> kernel ROUTER and back): ``[header, body]``, two maps.
+* **ingest** (worker PUSH -> kernel PULL): one frame holding an array of ``[topic, header, body]``
+  items, so a worker coalesces the events of its stream (one-frame messages are about twice as
+  fast as multipart ones).
+* **events** (kernel PUB -> SUB): ``[topic, payload]`` where ``payload`` is an array of
+  ``[topic, header, body]`` items that share ``topic``; SUB filters on the topic prefix.
+
+The header carries ``v`` (protocol version), ``type``, ``id``, ``ts``, ``sender``,
+``parent_id`` and, on journaled events, ``seq`` (global) and ``stream_seq`` (per stream).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+import types
+import typing
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+
+import msgpack
+
+from llmos.errors import MessageTooLarge, ProtocolError, UnknownMessageType, ValidationError
+
+PROTOCOL_VERSION = 1
+#: Largest frame a kernel or client accepts (bytes); bigger ones are answered with MessageTooLarge.
+MAX_FRAME_BYTES = 16 * 1024 * 1024
+#: Largest string, bytes, array or map inside a frame.
+_LIMITS = dict(
+    max_str_len=MAX_FRAME_BYTES,
+    max_bin_len=MAX_FRAME_BYTES,
+    max_array_len=1_000_000,
+    max_map_len=100_000,
+    max_ext_len=0,
+)
+
+T = TypeVar("T")
+Checker = Callable[[Any], bool]
+
+
+# ---------------------------------------------------------------------------------------------
+# msgpack helpers
+
+
+def packb(obj: Any) -> bytes:
+    """Pack ``obj`` with msgpack (bytes stay bytes, tuples become arrays)."""
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def unpackb(data: bytes) -> Any:
+    """Unpack one msgpack value with the bus's size limits; errors become ProtocolError."""
+    if len(data) > MAX_FRAME_BYTES:
+        raise MessageTooLarge(f"frame of {len(data)} bytes is larger than the limit of {MAX_FRAME_BYTES}")
+    try:
+        return msgpack.unpackb(data, raw=False, strict_map_key=True, **_LIMITS)
+    except msgpack.ExtraData as exc:
+        raise ProtocolError("frame holds trailing bytes after one msgpack value") from exc
+    except (ValueError, msgpack.UnpackException) as exc:
+        raise ProtocolError(f"frame is not valid msgpack: {exc}") from exc
+    except Exception as exc:  # msgpack raises a few odd types on hostile input
+        raise ProtocolError(f"frame is not valid msgpack: {type(exc).__name__}: {exc}") from exc
+
+
+def pack_array(packed_items: Iterable[bytes], count: int) -> bytes:
+    """Wrap already-packed msgpack values into one array without unpacking them again."""
+    if count < 16:
+        head = bytes([0x90 | count])
+    elif count < 0x10000:
+        head = b"\xdc" + count.to_bytes(2, "big")
+    else:
+        head = b"\xdd" + count.to_bytes(4, "big")
+    return head + b"".join(packed_items)
+
+
+# ---------------------------------------------------------------------------------------------
+# topics
+
+
+def topic(*parts: object) -> str:
+    """Build a dot-separated topic, most general part first: ``topic("job", 7, "log")``."""
+    out = []
+    for part in parts:
+        text = str(part)
+        if not text or "." in text:
+            raise ValueError(f"topic part {text!r} must be non-empty and hold no '.'")
+        out.append(text)
+    return ".".join(out)
+
+
+def stream_of(topic_name: str) -> str:
+    """The stream a topic belongs to: ``job.<id>``, ``device.<id>``, ``service.<name>`` or the first part."""
+    head, _, rest = topic_name.partition(".")
+    if head in ("job", "device", "service", "worker") and rest:
+        return head + "." + rest.partition(".")[0]
+    return head
+
+
+# ---------------------------------------------------------------------------------------------
+# the registry
+
+
+@dataclass(frozen=True, slots=True)
+class FieldSpec:
+    """How one field of a message is checked."""
+
+    name: str
+    check: Checker
+    expected: str
+    required: bool
+
+
+@dataclass(frozen=True, slots=True)
+class MessageSpec:
+    """A registered message type: its name, class and field checks."""
+
+    name: str
+    cls: type
+    fields: tuple[FieldSpec, ...]
+    names: frozenset[str]
+
+
+_REGISTRY: dict[str, MessageSpec] = {}
+_BY_CLASS: dict[type, str] = {}
+
+
+def _describe(tp: Any) -> str:
+    if tp is Any:
+        return "any value"
+    if isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def make_checker(tp: Any) -> Checker:
+    """A function that says whether a decoded msgpack value fits the annotation ``tp``."""
+    if tp is Any or tp is object:
+        return lambda v: True
+    if tp is type(None) or tp is None:
+        return lambda v: v is None
+    if tp is bool:
+        return lambda v: v is True or v is False
+    if tp is int:
+        return lambda v: type(v) is int
+    if tp is float:
+        return lambda v: type(v) is float or type(v) is int
+    if tp is str:
+        return lambda v: type(v) is str
+    if tp is bytes:
+        return lambda v: type(v) is bytes
+    origin = get_origin(tp)
+    args = get_args(tp)
+    if origin in (Union, types.UnionType):
+        checks = [make_checker(a) for a in args]
+        return lambda v: any(c(v) for c in checks)
+    if origin is Literal:
+        allowed = set(args)
+        return lambda v: v in allowed and type(v) in {type(a) for a in args}
+    if tp is list or origin in (list, tuple, typing.Sequence):
+        if args and origin is list:
+            item = make_checker(args[0])
+            return lambda v: isinstance(v, list | tuple) and all(item(x) for x in v)
+        return lambda v: isinstance(v, list | tuple)
+    if tp is dict or origin is dict:
+        if args:
+            key, val = make_checker(args[0]), make_checker(args[1])
+            return lambda v: isinstance(v, dict) and all(key(k) and val(x) for k, x in v.items())
+        return lambda v: isinstance(v, dict)
+    raise TypeError(f"message fields cannot have type {tp!r}")
+
+
+def message(name: str) -> Callable[[type[T]], type[T]]:
+    """Register a frozen dataclass as the message type ``name``.
+
+    Field names and annotations become the validation rules. Registering the same name twice
+    raises :class:`ValueError`, unless it is the very same class (a module imported twice).
+    """
+
+    def decorate(cls: type[T]) -> type[T]:
+        if not dataclasses.is_dataclass(cls):
+            raise TypeError(f"@message({name!r}) needs a dataclass, got {cls!r}")
+        register_message_type(cls, name)
+        return cls
+
+    return decorate
+
+
+def register_message_type(cls: type, name: str | None = None) -> MessageSpec:
+    """Add ``cls`` to the registry under ``name`` (default: the name it was registered with)."""
+    if name is None:
+        if cls in _BY_CLASS:
+            return _REGISTRY[_BY_CLASS[cls]]
+        raise ValueError(f"{cls.__qualname__} has no message name; decorate it with @message(name)")
+    old = _REGISTRY.get(name)
+    if old is not None:
+        if old.cls is cls or (old.cls.__qualname__ == cls.__qualname__ and old.cls.__module__ == cls.__module__):
+            return old
+        raise ValueError(f"message type {name!r} is already registered by {old.cls.__module__}.{old.cls.__qualname__}")
+    hints = typing.get_type_hints(cls)
+    specs = []
+    for f in dataclasses.fields(cls):
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        tp = hints.get(f.name, Any)
+        specs.append(FieldSpec(f.name, make_checker(tp), _describe(tp), required))
+    spec = MessageSpec(name, cls, tuple(specs), frozenset(s.name for s in specs))
+    _REGISTRY[name] = spec
+    _BY_CLASS[cls] = name
+    return spec
+
+
+def message_types() -> dict[str, type]:
+    """Every registered message type by name."""
+    return {name: spec.cls for name, spec in sorted(_REGISTRY.items())}
+
+
+def spec_for(type_name: str) -> MessageSpec:
+    """The registry entry for ``type_name``; :class:`UnknownMessageType` if there is none."""
+    try:
+        return _REGISTRY[type_name]
+    except (KeyError, TypeError):
+        raise UnknownMessageType(f"unknown message type {type_name!r}", type=str(type_name)) from None
+
+
+def type_name_of(msg: object) -> str:
+    """The registered name of a message instance."""
+    try:
+        return _BY_CLASS[type(msg)]
+    except KeyError:
+        raise UnknownMessageType(f"{type(msg).__qualname__} is not a registered message type") from None
+
+
+def validate_body(type_name: str, body: Any) -> MessageSpec:
+    """Check ``body`` (a decoded map) against the type's fields without building the object."""
+    spec = spec_for(type_name)
+    if not isinstance(body, dict):
+        raise ValidationError(f"{type_name}: body must be a map, got {type(body).__name__}", type=type_name)
+    extra = body.keys() - spec.names
+    if extra:
+        raise ValidationError(
+            f"{type_name}: unknown field {sorted(map(str, extra))[0]!r}; expected fields: {', '.join(sorted(spec.names))}",
+            type=type_name,
+        )
+    for fs in spec.fields:
+        if fs.name in body:
+            if not fs.check(body[fs.name]):
+                value = body[fs.name]
+                raise ValidationError(
+                    f"{type_name}.{fs.name}: expected {fs.expected}, got {type(value).__name__} {_short(value)}",
+                    type=type_name,
+                    field=fs.name,
+                )
+        elif fs.required:
+            raise ValidationError(f"{type_name}: missing field {fs.name!r} ({fs.expected})", type=type_name, field=fs.name)
+    return spec
+
+
+def decode_body(type_name: str, body: Any) -> Any:
+    """Validate ``body`` and build the message object."""
+    spec = validate_body(type_name, body)
+    return spec.cls(**body)
+
+
+def encode_body(msg: object) -> dict[str, Any]:
+    """The map that carries ``msg`` on the wire (fields in declaration order)."""
+    return {f.name: getattr(msg, f.name) for f in dataclasses.fields(msg)}  # type: ignore[arg-type]
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+# ---------------------------------------------------------------------------------------------
+# headers and frames
+
+
+def new_id() -> str:
+    """A fresh message id (16 hex digits)."""
+    return os.urandom(8).hex()
+
+
+def make_header(type_name: str, sender: str, *, parent_id: str | None = None, msg_id: str | None = None) -> dict[str, Any]:
+    """A message header for ``type_name`` sent by ``sender``."""
+    return {
+        "v": PROTOCOL_VERSION,
+        "type": type_name,
+        "id": msg_id or new_id(),
+        "ts": time.time(),
+        "sender": sender,
+        "parent_id": parent_id,
+    }
+
+
+def check_header(header: Any) -> dict[str, Any]:
+    """Validate a decoded header map."""
+    if not isinstance(header, dict):
+        raise ProtocolError(f"header must be a map, got {type(header).__name__}")
+    if header.get("v") != PROTOCOL_VERSION:
+        raise ProtocolError(f"protocol version {header.get('v')!r} is not supported; expected {PROTOCOL_VERSION}")
+    if type(header.get("type")) is not str:
+        raise ProtocolError("header.type must be a string naming a registered message type")
+    msg_id = header.get("id")
+    if msg_id is not None and type(msg_id) is not str:
+        raise ProtocolError("header.id must be a string")
+    return header
+
+
+def encode_control(msg: object, sender: str, *, parent_id: str | None = None, msg_id: str | None = None) -> list[bytes]:
+    """The two frames ``[header, body]`` of a control message."""
+    header = make_header(type_name_of(msg), sender, parent_id=parent_id, msg_id=msg_id)
+    return [packb(header), packb(encode_body(msg))]
+
+
+def decode_control(frames: list[bytes]) -> tuple[dict[str, Any], Any]:
+    """Decode ``[header, body]`` frames into the header map and a validated message object."""
+    if len(frames) != 2:
+        raise ProtocolError(f"a control message has 2 frames (header, body), got {len(frames)}")
+    header = check_header(unpackb(frames[0]))
+    body = unpackb(frames[1])
+    return header, decode_body(header["type"], body)
+
+
+# ---------------------------------------------------------------------------------------------
+# events as the SDK hands them out
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One journaled event: where it sits in the journal, what it is, and its body."""
+
+    seq: int
+    stream_seq: int
+    topic: str
+    type: str
+    ts: float
+    sender: str
+    body: dict[str, Any]
+
+    @property
+    def stream(self) -> str:
+        """The stream this event belongs to (``job.<id>``, ``kernel``, ...)."""
+        return stream_of(self.topic)
+
+    def message(self) -> Any:
+        """The body as its registered message object."""
+        return decode_body(self.type, self.body)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain map, as ``--json`` prints it."""
+        return {
+            "seq": self.seq,
+            "stream_seq": self.stream_seq,
+            "topic": self.topic,
+            "type": self.type,
+            "ts": self.ts,
+            "sender": self.sender,
+            "body": self.body,
+        }
+
+
+def event_from_item(item: Any) -> Event:
+    """Build an :class:`Event` from a journaled ``[topic, header, body]`` item."""
+    if not (isinstance(item, list | tuple) and len(item) == 3):
+        raise ProtocolError("an event item is [topic, header, body]")
+    topic_name, header, body = item
+    if type(topic_name) is not str or not isinstance(header, dict) or not isinstance(body, dict):
+        raise ProtocolError("an event item is [topic: str, header: map, body: map]")
+    seq, stream_seq = header.get("seq"), header.get("stream_seq")
+    if type(seq) is not int or type(stream_seq) is not int:
+        raise ProtocolError("a journaled event carries integer seq and stream_seq")
+    return Event(
+        seq=seq,
+        stream_seq=stream_seq,
+        topic=topic_name,
+        type=str(header.get("type")),
+        ts=float(header.get("ts") or 0.0),
+        sender=str(header.get("sender")),
+        body=body,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# the messages of the kernel protocol
+
+# -- client requests and their replies --
+
+
+@message("kernel.error_reply")
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ErrorReply:
+    """Any request can be answered with this: the error's class name, text and stable code."""
+
+    status: str = "error"
+    ename: str
+    evalue: str
+    code: int
+    context: dict[str, Any] = field(default_factory=dict)
+
+
+@message("kernel.submit_request")
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SubmitRequest:
+    """Queue a job of ``kind``. With ``coerce``, string parameter values are converted to the
+    schema's types (what the CLI sends for ``-p KEY=VALUE``)."""
+
+    kind: str
+    params: dict[str, Any] = field(default_factory=dict)
+    resources: dict[str, Any] = field(default_factory=dict)
+    priority: int = 0
+    max_retries: int = 0
+    timeout: float | None = None
+    coerce: bool = False
+
+
+@message("kernel.job_reply")
+@dataclass(frozen=True, slots=True, kw_only=True)
+class JobReply:
+    """One job's record (the answer to submit, job and cancel requests)."""
+
+    status: str = "ok"
+    job: dict[str, Any]
+
+
+@message("kernel.job_request")
+@dataclass(frozen=True, slots=True, kw_only=True)
+class JobRequest:
+    """Ask for one job's record."""
+
+    id: int
+
+
+@message("kernel.jobs_request")
+@dataclass(frozen=True, slots=True, kw_only=True)
+class JobsRequest:
+    """List jobs, newest last, optionally only those in ``state``."""
+
+    state: str | None = None
+    limit: int = 1000
+
+
+@message("kernel.jobs_reply")
+@dataclass(frozen=True, slots=True, kw_only=True)
+class JobsReply:
+    """Job records."""
+
+    status: str = "ok"
+    jobs: list[dict[str, Any]]
+
+
+@message("kernel.cancel_request")
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CancelRequest:
+    """Cancel a job: pending ones end at once, running ones are asked to stop, then signalled."""
+
+    id: int
+    reason: str = "cancelled by user"
+
+
+@message("kernel.devices_request")
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DevicesRequest:
+    """Ask for the device table."""
+
+
+@message("kernel.devices_reply")
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DevicesReply:
+    """The device table: one map per device."""
+
+    status: str = "ok"
+    devices: list[dict[str, Any]]
+
+
+@message("kernel.plugins_request")
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PluginsRequest:
+    """Ask which plugins the kernel loaded and what they registered."""
+
+
+@message("kernel.plugins_reply")
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PluginsReply:
+    """Plugins with their status, and the job kinds they registered."""
+
+    status: str = "ok"
+    plugins: list[dict[str, Any]]
+    kinds: list[dict[str, Any]]
+
+
+@message("kernel.status_request")
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StatusRequest:
+    """Ask for the kernel's status."""
+
+
+@message("kernel.status_reply")
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StatusReply:
+    """The kernel's identity, endpoints and counters."""
+
+    status: str = "ok"
+    version: str
+    pid: int
+    started_at: float
+    state_dir: str
+    endpoints: dict[str, str]
+    jobs: dict[str, int]
+    workers: dict[str, int]
+    last_seq: int
+    stats: dict[str, int] = field(default_factory=dict)
+
+
+@message("kernel.replay_request")
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReplayRequest:
+    """Journaled events whose topic starts with ``prefix`` and whose seq is above ``since``
+    (and at most ``until``), oldest first, at most ``limit`` of them."""
+
+    prefix: str = ""
+    since: int = 0
+    until: int | None = None
+    limit: int = 1000
+
+
+@message("kernel.replay_reply")
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReplayReply:
+    """Events as ``[topic, header, body]`` items; ``more`` when the limit cut the answer short;
+    ``last_seq`` is the journal's newest seq when the answer was made."""
+
+    status: str = "ok"
+    events: list[Any]
+    last_seq: int
+    more: bool
+
+
+@message("kernel.shutdown_request")
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ShutdownRequest:
+    """Stop the kernel (running jobs' workers are stopped; their jobs fail as "kernel restarted"
+    when it comes back)."""
+
+
+@message("kernel.ok_reply")
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OkReply:
+    """A request done, with nothing more to say."""
+
+    status: str = "ok"
+
+
+# -- kernel <-> worker --
+
+
+@message("worker.ready")
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorkerReady:
+    """A worker process is up, connected and waiting for a job."""
+
+    worker_id: str
+    pid: int
+
+
+@message("worker.heartbeat")
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorkerHeartbeat:
+    """A worker is alive (sent every ``workers.heartbeat_interval`` seconds)."""
+
+    worker_id: str
+    job_id: int | None = None
+
+
+@message("worker.assign")
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorkerAssign:
+    """Kernel to worker: run this job."""
+
+    job_id: int
+    kind: str
+    params: dict[str, Any]
+    attempt: int
+    resources: dict[str, Any]
+    placement: dict[str, Any]
+    workdir: str
+    env: dict[str, str] = field(default_factory=dict)
+
+
+@message("worker.cancel")
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorkerCancel:
+    """Kernel to worker: stop the running job (the runner sees ``ctx.cancelled``)."""
+
+    job_id: int
+    reason: str
+
+
+@message("worker.exit")
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorkerExit:
+    """Kernel to an idle worker: leave."""
+
+
+@message("worker.job_done")
+@dataclass(frozen=True, slots=True, kw_only=True)
+class JobDone:
+    """Worker to kernel (on the ingest path, after the job's last event): how the runner ended."""
+
+    job_id: int
+    attempt: int
+    outcome: Literal["succeeded", "failed", "cancelled"]
+    result: Any = None
+    error: str | None = None
+    traceback: str | None = None
+
+
+# -- events --
+
+
+@message("job.state")
+@dataclass(frozen=True, slots=True, kw_only=True)
+class JobStateChanged:
+    """A job moved to ``state``; ends carry ``reason`` and ``exit_code``."""
+
+    state: str
+    reason: str | None = None
+    exit_code: int | None = None
+    attempts: int = 0
+    placement: dict[str, Any] | None = None
+
+
+@message("job.progress")
+@dataclass(frozen=True, slots=True, kw_only=True)
+class JobProgress:
+    """A runner's progress: ``step`` of ``total``, a message and any numbers worth showing."""
+
+    step: int | float
+    total: int | float | None = None
+    message: str | None = None
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+@message("job.log")
+@dataclass(frozen=True, slots=True, kw_only=True)
+class JobLog:
+    """One structured log record of a runner."""
+
+    level: str
+    event: str
+    logger: str | None = None
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+@message("job.metric")
+@dataclass(frozen=True, slots=True, kw_only=True)
+class JobMetric:
+    """One named number, optionally at a step."""
+
+    name: str
+    value: float
+    step: int | None = None
+
+
+@message("job.artifact")
+@dataclass(frozen=True, slots=True, kw_only=True)
+class JobArtifact:
+    """A file or directory a job produced."""
+
+    path: str
+    kind: str = "file"
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@message("kernel.started")
+@dataclass(frozen=True, slots=True, kw_only=True)
+class KernelStarted:
+    """The kernel booted."""
+
+    version: str
+    pid: int
+
+
+@message("kernel.stopping")
+@dataclass(frozen=True, slots=True, kw_only=True)
+class KernelStopping:
+    """The kernel is shutting down."""
+
+    reason: str
+
+
+JOB_STATES = ("pending", "running", "succeeded", "failed", "cancelled")
+END_STATES = frozenset({"succeeded", "failed", "cancelled"})
+
+__all__ = [
+    "END_STATES",
+    "JOB_STATES",
+    "MAX_FRAME_BYTES",
+    "PROTOCOL_VERSION",
+    "CancelRequest",
+    "DevicesReply",
+    "DevicesRequest",
+    "ErrorReply",
+    "Event",
+    "JobArtifact",
+    "JobDone",
+    "JobLog",
+    "JobMetric",
+    "JobProgress",
+    "JobReply",
+    "JobRequest",
+    "JobStateChanged",
+    "JobsReply",
+    "JobsRequest",
+    "KernelStarted",
+    "KernelStopping",
+    "MessageSpec",
+    "OkReply",
+    "PluginsReply",
+    "PluginsRequest",
+    "ReplayReply",
+    "ReplayRequest",
+    "ShutdownRequest",
+    "StatusReply",
+    "StatusRequest",
+    "SubmitRequest",
+    "WorkerAssign",
+    "WorkerCancel",
+    "WorkerExit",
+    "WorkerHeartbeat",
+    "WorkerReady",
+    "check_header",
+    "decode_body",
+    "decode_control",
+    "encode_body",
+    "encode_control",
+    "event_from_item",
+    "make_checker",
+    "make_header",
+    "message",
+    "message_types",
+    "new_id",
+    "pack_array",
+    "packb",
+    "register_message_type",
+    "spec_for",
+    "stream_of",
+    "topic",
+    "type_name_of",
+    "unpackb",
+    "validate_body",
+]

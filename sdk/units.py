@@ -1,0 +1,52 @@
+"""Sizes in bytes: ``"4GiB"`` and friends, both ways."""
+
+from __future__ import annotations
+
+import re
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "t": 1000**4,
+    "tb": 1000**4,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+    "tib": 1024**4,
+}
+_SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_size(value: str | int | float) -> int:
+    """Bytes from ``"4GiB"``, ``"512MB"``, ``"1.5G"`` or a plain number; ValueError says what is accepted."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a size such as 4GiB or a number of bytes, got {value!r}")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError(f"a size cannot be negative, got {value!r}")
+        return int(value)
+    match = _SIZE.match(str(value))
+    if not match or match.group(2).lower() not in _UNITS:
+        raise ValueError(f"expected a size such as 4GiB, 512MB or a number of bytes, got {value!r}")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def format_size(n: int | float | None) -> str:
+    """``25769803776`` -> ``"24.0GiB"``."""
+    if n is None:
+        return "-"
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(value) < 1024:
+            return f"{value:.0f}{unit}" if unit == "B" else f"{value:.1f}{unit}"
+        value /= 1024
+    return f"{value:.1f}TiB"
+
+
+__all__ = ["format_size", "parse_size"]
