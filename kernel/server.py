@@ -132,7 +132,6 @@ class Kernel:
         self._signals: list[int] = []
         self._lock_fd: int | None = None
         self._probe: subprocess.Popen[bytes] | None = None
-        self._spawn_failures: dict[int, int] = {}
 
     # ------------------------------------------------------------------ boot
 
@@ -640,7 +639,7 @@ class Kernel:
             jobs=counts,
             workers={
                 "alive": len(alive),
-                "idle": sum(1 for w in alive if w.ready and w.job_id is None),
+                "idle": sum(1 for w in alive if w.ready and w.job_id is None and not w.assigned),
                 "busy": sum(1 for w in alive if w.job_id is not None),
             },
             last_seq=self.seq,
@@ -709,7 +708,7 @@ class Kernel:
             self._start(job, placement, worker)
 
     def _worker_for_job(self) -> WorkerProc | None:
-        idle = [w for w in self.workers.values() if w.alive and w.job_id is None]
+        idle = [w for w in self.workers.values() if w.alive and w.job_id is None and not w.assigned]
         ready = [w for w in idle if w.ready]
         if ready:
             return ready[0]
@@ -731,33 +730,36 @@ class Kernel:
 
     def _keep_pool(self) -> None:
         want = int(self.settings["workers"]["pool_size"])
-        spare = sum(1 for w in self.workers.values() if w.alive and w.job_id is None)
+        spare = sum(1 for w in self.workers.values() if w.alive and w.job_id is None and not w.assigned)
         while spare < want and self._alive_workers() < int(self.settings["workers"]["max_workers"]) and self.launcher.can_start():
             self._spawn()
             spare += 1
 
     def _start(self, job: JobRecord, placement: dict[str, Any], worker: WorkerProc) -> None:
+        """Reserve devices and bind a worker: the try begins (the job is running from here)."""
         self.devices.reserve(job.id, placement)
         job.state = "running"
         job.placement = placement
         job.reason = None
         job.exit_code = None
+        job.attempts += 1
         job.started_at = time.time()
         job.stop_stage, job.stop_at, job.cancel_reason, job.end_state_on_stop = 0, None, None, None
         job.deadline = time.monotonic() + job.timeout if job.timeout else None
         worker.job_id = job.id
         job.worker_id = worker.id
         self.stats["jobs_started"] += 1
+        self.emit_state(job)
         if worker.ready:
             self._assign(worker)
         else:
             self.store.update_job(job)
 
     def _assign(self, worker: WorkerProc) -> None:
+        """Hand a bound job to its (now ready) worker."""
         job = self.jobs.get(worker.job_id) if worker.job_id is not None else None
         if job is None or job.state != "running" or worker.assigned:
             return
-        job.attempts += 1
         job.worker_pid = worker.pid
         try:
             job.worker_create_time = psutil.Process(worker.pid).create_time() if worker.pid else None
@@ -765,7 +767,6 @@ class Kernel:
             job.worker_create_time = None
         worker.assigned = True
         self.store.update_job(job)
-        self.emit_state(job)
         gpus = job.placement.get("gpus", []) if job.placement else []
         cpus = float(job.resources.get("cpus", 0))
         env = {
@@ -886,21 +887,12 @@ class Kernel:
         worker.exited = status
         worker.exited_at = time.monotonic()
         if worker.job_id is not None and not worker.assigned:
-            # Died before it got its job: the job goes back to the queue, not counted as a try.
+            # Died before it got its job: that try failed.
             job = self.jobs.get(worker.job_id)
             worker.job_id = None
             if job is not None and job.state == "running":
-                failures = self._spawn_failures.get(job.id, 0) + 1
-                self._spawn_failures[job.id] = failures
-                self.devices.release(job.id)
-                job.worker_id = None
-                if failures >= 3:
-                    reason, code = describe_status(status)
-                    self._end_job(job, "failed", f"worker failed to start 3 times ({reason}); see {worker.log_path}", code, retry=False)
-                else:
-                    job.state, job.placement = "pending", None
-                    self.store.update_job(job)
-            self._schedule_needed = True
+                reason, code = describe_status(status)
+                self._end_job(job, "failed", f"worker failed to start ({reason}); see {worker.log_path}", code)
         self._schedule_needed = True
 
     def _timers(self) -> None:

@@ -145,6 +145,12 @@ def _check_supported(tp: Any, where: str) -> None:
 def _convert(tp: Any, value: Any, coerce: bool) -> Any:
     """Return ``value`` as type ``tp`` or raise ValueError."""
     if tp is Any:
+        if coerce and isinstance(value, str):
+            # From the command line an untyped value may be JSON (numbers, lists, maps); else text.
+            try:
+                return json.loads(value)
+            except json.JSONDecodeError:
+                return value
         return value
     if tp is type(None):
         if value is None or (coerce and isinstance(value, str) and value.lower() in ("none", "null")):

@@ -1,0 +1,196 @@
+"""Jobs end to end: a real kernel, real workers, the real CLI and SDK."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+import llmos
+from llmos.errors import JobCancelled, JobFailed, JobNotFound, JobRejected, ResourceError
+
+
+def test_echo_through_sdk_returns_params(client: llmos.Client) -> None:
+    job = client.submit("diag.echo", params={"data": {"x": [1, 2]}, "message": "hi"})
+    assert job.result(timeout=30) == {"data": {"x": [1, 2]}, "message": "hi"}
+    info = job.info()
+    assert (info.state, info.reason, info.exit_code, info.attempts) == ("succeeded", "succeeded", 0, 1)
+    assert info.placement == {"cpu": {"cores": 0.0, "memory": 0}, "gpus": []}
+
+
+def test_submit_through_cli_json_and_wait(kernel) -> None:
+    out = kernel.cli_json("submit", "diag.echo", "-p", "message=from the cli")
+    assert out["id"] > 0 and out["kind"] == "diag.echo"
+    done = kernel.cli("submit", "diag.echo", "-p", "message=x", "-p", 'data={"a": 1}', "--wait", "--json")
+    info = json.loads(done.stdout)
+    assert info["state"] == "succeeded"
+    assert info["result"] == {"data": {"a": 1}, "message": "x"}
+    shown = kernel.cli_json("job", str(out["id"]))
+    assert set(shown) >= {"id", "kind", "params", "state", "reason", "exit_code", "attempts", "result", "placement"}
+
+
+def test_failing_runner_fails_its_job_with_reason(client: llmos.Client) -> None:
+    job = client.submit("diag.fail", params={"message": "boom"})
+    with pytest.raises(JobFailed) as err:
+        job.result(timeout=30)
+    assert "RuntimeError: boom" in str(err.value)
+    info = job.info()
+    assert info.state == "failed" and info.exit_code == 1 and info.attempts == 1
+
+
+def test_retries_count_every_attempt(client: llmos.Client) -> None:
+    job = client.submit("diag.fail", max_retries=2)
+    info = job.wait(timeout=60)
+    assert info.state == "failed"
+    assert info.attempts == 3
+    states = [e.body["state"] for e in job.events(follow=False) if e.type == "job.state"]
+    assert states == ["pending", "running", "pending", "running", "pending", "running", "failed"]
+
+
+def test_crashed_worker_fails_job_and_frees_devices(client: llmos.Client) -> None:
+    job = client.submit("diag.crash", resources={"gpus": 1})
+    info = job.wait(timeout=30)
+    assert info.state == "failed"
+    assert info.exit_code == -9
+    assert "SIGKILL" in info.reason
+    for dev in client.devices():
+        assert job.id not in dev["jobs"]
+    # Both GPUs are whole again: a job wanting both can run.
+    assert client.submit("diag.echo", resources={"gpus": 2}).wait(timeout=30).state == "succeeded"
+
+
+def test_cancel_a_sleeping_job(client: llmos.Client) -> None:
+    job = client.submit("diag.sleep", params={"seconds": 60}, resources={"gpus": 0.5})
+    _wait_state(job, "running")
+    t0 = time.monotonic()
+    job.cancel()
+    info = job.wait(timeout=30)
+    assert info.state == "cancelled" and info.reason == "cancelled by user"
+    assert time.monotonic() - t0 < 5
+    assert all(job.id not in d["jobs"] for d in client.devices())
+    with pytest.raises(JobCancelled):
+        job.result()
+
+
+def test_cancel_through_cli(kernel) -> None:
+    out = kernel.cli_json("submit", "diag.sleep", "-p", "seconds=60")
+    with kernel.client() as c:
+        _wait_state(c.job(out["id"]), "running")
+    kernel.cli("cancel", str(out["id"]))
+    with kernel.client() as c:
+        assert c.job(out["id"]).wait(timeout=30).state == "cancelled"
+
+
+def test_cancel_pending_job_ends_at_once(client: llmos.Client) -> None:
+    blocker = client.submit("diag.sleep", params={"seconds": 60}, resources={"gpus": 2})
+    _wait_state(blocker, "running")
+    waiting = client.submit("diag.echo", resources={"gpus": 1})
+    time.sleep(0.2)
+    assert waiting.info().state == "pending"
+    assert waiting.cancel().state == "cancelled"
+    blocker.cancel()
+    assert blocker.wait(timeout=30).state == "cancelled"
+
+
+def test_timeout_ends_a_sleeping_job(client: llmos.Client) -> None:
+    job = client.submit("diag.sleep", params={"seconds": 60}, timeout=0.5)
+    info = job.wait(timeout=30)
+    assert info.state == "failed"
+    assert info.reason == "timeout after 0.5s"
+
+
+def test_unknown_kind_lists_known_ones(client: llmos.Client, kernel) -> None:
+    with pytest.raises(JobRejected) as err:
+        client.submit("diag.nope")
+    assert "diag.echo" in str(err.value) and "diag.sleep" in str(err.value)
+    proc = kernel.cli("submit", "diag.nope", check=False)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().startswith("Error: unknown job kind 'diag.nope'")
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("params", "words"),
+    [
+        ({"secs": 1}, ["unknown parameter 'secs'", "seconds"]),
+        ({"seconds": "soon"}, ["'seconds'", "float"]),
+        ({"seconds": -1}, ["'seconds'", ">= 0"]),
+    ],
+)
+def test_bad_parameters_name_the_field(client: llmos.Client, params: dict, words: list[str]) -> None:
+    with pytest.raises(JobRejected) as err:
+        client.submit("diag.sleep", params=params)
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_cli_coerces_parameter_strings(kernel) -> None:
+    proc = kernel.cli("submit", "diag.sleep", "-p", "seconds=abc", check=False)
+    assert proc.returncode == 1 and "expected float" in proc.stderr
+    out = kernel.cli_json("submit", "diag.emit", "-p", "count=2", "-p", "only=log")
+    assert out["params"] == {"count": 2, "payload": 0, "only": "log"}
+
+
+def test_never_fitting_request_is_refused(client: llmos.Client, kernel) -> None:
+    with pytest.raises(ResourceError) as err:
+        client.submit("diag.echo", resources={"gpus": 3})
+    assert "asked for 3 GPU(s)" in str(err.value) and "gpu1 24.0GiB" in str(err.value)
+    with pytest.raises(ResourceError):
+        client.submit("diag.echo", resources={"gpus": 0.5, "gpu_memory": "100GiB"})
+    proc = kernel.cli("submit", "diag.echo", "--gpus", "1", "--gpu-memory", "64GiB", check=False)
+    assert proc.returncode == 1 and "can never fit" in proc.stderr
+
+
+def test_fake_gpu_fractions_limit_concurrency(client: llmos.Client) -> None:
+    # Two fake GPUs, each job takes 0.5 of one and 16 GiB of its 24 GiB: only two fit at once.
+    jobs = [client.submit("diag.sleep", params={"seconds": 1.0}, resources={"gpus": 0.5, "gpu_memory": "16GiB"}) for _ in range(4)]
+    _wait_state(jobs[1], "running")
+    time.sleep(0.3)
+    states = [j.info().state for j in jobs]
+    assert states.count("running") == 2 and states.count("pending") == 2
+    running_gpus = {j.info().placement["gpus"][0]["id"] for j in jobs if j.info().state == "running"}
+    assert running_gpus == {"gpu0", "gpu1"}
+    for j in jobs:
+        assert j.wait(timeout=30).state == "succeeded"
+    # Quarter shares without a memory request pack four to a GPU.
+    small = [client.submit("diag.sleep", params={"seconds": 0.8}, resources={"gpus": 0.25}) for _ in range(8)]
+    _wait_state(small[-1], "running", timeout=15)
+    gpus = [d for d in client.devices() if d["kind"] == "gpu"]
+    assert [d["share_reserved"] for d in gpus] == [1.0, 1.0]
+    for j in small:
+        j.wait(timeout=30)
+
+
+def test_priority_runs_first(client: llmos.Client) -> None:
+    blocker = client.submit("diag.sleep", params={"seconds": 0.5}, resources={"gpus": 2})
+    _wait_state(blocker, "running")
+    low = client.submit("diag.echo", resources={"gpus": 2}, priority=0)
+    high = client.submit("diag.echo", resources={"gpus": 2}, priority=5)
+    low_info, high_info = low.wait(timeout=30), high.wait(timeout=30)
+    assert high_info.started_at < low_info.started_at
+
+
+def test_job_not_found(client: llmos.Client, kernel) -> None:
+    with pytest.raises(JobNotFound):
+        client.job(999_999)
+    proc = kernel.cli("job", "999999", check=False)
+    assert proc.returncode == 1 and proc.stderr.strip() == "Error: no job with id 999999"
+
+
+def test_jobs_and_devices_json(kernel) -> None:
+    jobs = kernel.cli_json("jobs")
+    assert isinstance(jobs, list) and all("id" in j and "state" in j for j in jobs)
+    devices = kernel.cli_json("devices")
+    assert [d["id"] for d in devices] == ["cpu", "gpu0", "gpu1"]
+    for d in devices:
+        assert {"id", "kind", "memory_total", "memory_reserved", "share_reserved", "fake"} <= set(d)
+    assert devices[1]["fake"] is True and devices[1]["memory_total"] == 24 * 1024**3
+
+
+def _wait_state(job: llmos.Job, state: str, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while job.info().state != state:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"job {job.id} never reached {state}: {job.info()}")
+        time.sleep(0.02)
