@@ -561,8 +561,9 @@ class Kernel:
 
     def _on_heartbeat(self, identity: bytes, msg: WorkerHeartbeat) -> None:
         proc = self.workers.get(msg.worker_id)
-        if proc is not None:
-            proc.last_seen = time.monotonic()
+        if proc is None or identity != msg.worker_id.encode():
+            raise ProtocolError(f"heartbeat from {msg.worker_id!r}, which is not a worker of this kernel")
+        proc.last_seen = time.monotonic()
         return None
 
     # -- client requests --
@@ -570,7 +571,7 @@ class Kernel:
     def _on_submit(self, identity: bytes, msg: SubmitRequest) -> JobReply:
         if self.stopping:
             raise KernelError("the kernel is shutting down")
-        entry, params, res = self.registry.validate(msg.kind, msg.params, msg.resources, coerce=msg.coerce)
+        _entry, params, res = self.registry.validate(msg.kind, msg.params, msg.resources, coerce=msg.coerce)
         if msg.timeout is not None and not (msg.timeout > 0):
             raise JobRejected(f"timeout must be a number of seconds above 0, got {msg.timeout}", field="timeout")
         if not 0 <= msg.max_retries <= 1000:
@@ -702,7 +703,7 @@ class Kernel:
             placement = self.devices.place(res)
             worker = self._worker_for_job() if placement is not None else None
             if placement is None or worker is None:
-                if now - job.queued_at >= starvation or worker is None and placement is not None:
+                if now - job.queued_at >= starvation or (worker is None and placement is not None):
                     break  # the job at the head has waited too long: nothing behind it jumps ahead
                 continue
             self._start(job, placement, worker)

@@ -387,9 +387,9 @@ class _EventStream:
 
     def _fill(self, stream: str, after_seq: int, before: Event) -> Iterator[Event]:
         for event in self._replay_all(stream + ".", after_seq, before.seq - 1):
-            if event.stream == stream and event.stream_seq > self.known.get(stream, (0, 0))[0]:
-                if self._accept(event) is not None:
-                    yield event
+            fresh = event.stream == stream and event.stream_seq > self.known.get(stream, (0, 0))[0]
+            if fresh and self._accept(event) is not None:
+                yield event
 
     def _live_one(self, event: Event) -> Iterator[Event]:
         stream = event.stream
