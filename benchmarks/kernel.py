@@ -1,6 +1,6 @@
 """Kernel benchmarks: events, control round trips, job start latency, job throughput, memory, boot.
 
-Run ``python benchmarks/kernel.py`` (about 1.5 minutes on 2 cores) or ``--quick`` (about 40 s).
+Run ``python benchmarks/kernel.py`` (1-1.5 minutes on 2 cores) or ``--quick`` (about 45 s).
 It boots a real kernel with ``llmos boot --detach`` in a temporary state directory, measures each
 figure against a baseline taken in the same run, shuts the kernel down (also on error), prints a
 Markdown table and writes it into ``docs/benchmarks.md`` under ``## Kernel (benchmarks/kernel.py)``
@@ -280,8 +280,12 @@ def boot_floor() -> float:
 # llmos measurements
 
 
-class _CountingStream(llmos_client._EventStream):
-    """The SDK's event stream, counting how many events came from the journal instead of PUB."""
+_SdkStream: Any = getattr(llmos_client, "_EventStream", object)
+
+
+class _CountingStream(_SdkStream):
+    """The SDK's (private) event stream, counting how many events came from the journal instead
+    of PUB; left out if the SDK no longer has it."""
 
     replayed = 0
     filled = 0
@@ -300,8 +304,9 @@ class _CountingStream(llmos_client._EventStream):
 def llmos_events(client: llmos.Client, count: int) -> dict[str, Any]:
     """Run one diag.emit job of ``count`` log records and follow it to its end."""
     _CountingStream.replayed = _CountingStream.filled = 0
-    original = llmos_client._EventStream
-    llmos_client._EventStream = _CountingStream  # type: ignore[misc]
+    original = _SdkStream
+    if original is not object:
+        llmos_client._EventStream = _CountingStream  # type: ignore[misc]
     try:
         t_submit = time.perf_counter()
         job = client.submit("diag.emit", params={"count": count, "only": "log"})
@@ -327,7 +332,8 @@ def llmos_events(client: llmos.Client, count: int) -> dict[str, Any]:
             if seen:
                 n_logs_on += 1  # events from the first log record to the end, both counted
     finally:
-        llmos_client._EventStream = original  # type: ignore[misc]
+        if original is not object:
+            llmos_client._EventStream = original  # type: ignore[misc]
     unique = set(seen)
     return {
         "events": n,
@@ -545,7 +551,7 @@ def timed(label: str, fn: Callable[[], Any]) -> Any:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer events, calls and jobs (about 40 s)")
+    parser.add_argument("--quick", action="store_true", help="fewer events, calls and jobs (about 45 s)")
     parser.add_argument("--no-write", action="store_true", help=f"print the table only; leave {DOC.relative_to(REPO)} alone")
     args = parser.parse_args(argv)
     q = args.quick

@@ -319,20 +319,20 @@ def zygote_main(args: argparse.Namespace) -> int:
         pid = os.fork()
         if pid == 0:
             try:
+                middle = os.getpid()
                 grandchild = os.fork()
                 if grandchild == 0:
-                    _become_worker(args, worker_id, log_path, registry)
+                    _become_worker(args, worker_id, log_path, registry, middle)
                 os.write(1, f"{worker_id} {grandchild}\n".encode())
             finally:
                 os._exit(0)
         os.waitpid(pid, 0)
 
 
-def _become_worker(args: argparse.Namespace, worker_id: str, log_path: str, registry: Registry) -> None:
+def _become_worker(args: argparse.Namespace, worker_id: str, log_path: str, registry: Registry, middle: int) -> None:
     code = 1
     try:
         # Wait until the short-lived middle process has exited and we belong to the kernel.
-        middle = os.getppid()
         deadline = time.monotonic() + 5
         while os.getppid() == middle and time.monotonic() < deadline:
             time.sleep(0.0005)
