@@ -7,6 +7,7 @@ A plugin that fails to import, names an unknown hook, or registers something inv
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata as metadata
 import os
 import traceback
@@ -122,12 +123,21 @@ def make_plugin_manager() -> pluggy.PluginManager:
 
 
 def _wanted(ep_name: str, module: str) -> bool:
-    if module.startswith(BUILTIN_PREFIX):
+    if module.startswith(BUILTIN_PREFIX) or ep_name in _env_modules():
         return True
     env = os.environ.get("LLMOS_LOAD_PLUGINS")
     if env is None:
         return True
     return ep_name in {n.strip() for n in env.split(",") if n.strip()}
+
+
+def _env_modules() -> set[str]:
+    names = set()
+    for spec in os.environ.get("LLMOS_PLUGIN_MODULES", "").split(","):
+        if spec.strip():
+            name, _, module_name = spec.strip().rpartition("=")
+            names.add(name or module_name.rsplit(".", 1)[-1])
+    return names
 
 
 def _entry_points() -> list[tuple[str, str, str | None, str | None, Callable[[], Any]]]:
@@ -158,6 +168,14 @@ def load_plugins(
         sources.extend(_entry_points())
     for name, module in extra:
         sources.append((name, getattr(module, "__name__", name), None, None, lambda m=module: m))
+    for spec in os.environ.get("LLMOS_PLUGIN_MODULES", "").split(","):
+        # "name=package.module" or "package.module": load a plugin that has no entry point
+        # (a plugin under development, or a test's throwaway plugin).
+        spec = spec.strip()
+        if spec:
+            name, _, module_name = spec.rpartition("=")
+            name = name or module_name.rsplit(".", 1)[-1]
+            sources.append((name, module_name, None, None, lambda m=module_name: importlib.import_module(m)))
     for name, value, dist, version, load in sources:
         record = PluginRecord(name=name, module=value, dist=dist, version=version, builtin=value.startswith(BUILTIN_PREFIX))
         reg.plugins[name] = record

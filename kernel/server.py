@@ -178,6 +178,7 @@ class Kernel:
         if self.launcher.zygote_fd is not None:
             self.poller.register(self.launcher.zygote_fd, zmq.POLLIN)
         self._recover()
+        self._autostart_services()
         self.emit("kernel.started", KernelStarted(version=__version__, pid=os.getpid()))
         self.store.commit()
         self._flush_out()
@@ -579,15 +580,19 @@ class Kernel:
         if not -1_000_000 <= msg.priority <= 1_000_000:
             raise JobRejected(f"priority must be between -1000000 and 1000000, got {msg.priority}", field="priority")
         self.devices.check(res)
+        job = self._create_job(msg.kind, params, res, priority=msg.priority, max_retries=msg.max_retries, timeout=msg.timeout)
+        return JobReply(job=job.to_dict())
+
+    def _create_job(self, kind: str, params: dict[str, Any], res: Resources, *, priority: int = 0, max_retries: int = 0, timeout: float | None = None) -> JobRecord:
         now = time.time()
         job = JobRecord(
             id=0,
-            kind=msg.kind,
+            kind=kind,
             params=params,
             resources=res.to_dict(),
-            priority=msg.priority,
-            max_retries=msg.max_retries,
-            timeout=msg.timeout,
+            priority=priority,
+            max_retries=max_retries,
+            timeout=timeout,
             state="pending",
             submitted_at=now,
             queued_at=now,
@@ -597,7 +602,20 @@ class Kernel:
         self.emit_state(job)
         self._schedule_needed = True
         log.info("job_submitted", job_id=job.id, kind=job.kind)
-        return JobReply(job=job.to_dict())
+        return job
+
+    def _autostart_services(self) -> None:
+        """Start every ``autostart`` service that is not already queued or running."""
+        active = {j.kind for j in self.jobs.values()}
+        for name, entry in sorted(self.registry.kinds.items()):
+            if entry.service and getattr(entry.spec, "autostart", False) and name not in active:
+                try:
+                    _, params, res = self.registry.validate(name, {}, {})
+                    self.devices.check(res)
+                except LlmosError as exc:
+                    log.warning("service_not_started", service=name, error=str(exc))
+                    continue
+                self._create_job(name, params, res, priority=1000, max_retries=3)
 
     def _get_job(self, job_id: int) -> JobRecord:
         job = self.jobs.get(job_id) or self.store.get_job(job_id)

@@ -81,7 +81,7 @@ class JobRecord:
 
     PUBLIC = (
         "id", "kind", "state", "params", "resources", "priority", "max_retries", "timeout", "reason",
-        "exit_code", "attempts", "result", "placement", "submitted_at", "started_at", "ended_at",
+        "exit_code", "attempts", "result", "placement", "submitted_at", "started_at", "ended_at", "worker_pid",
     )
 
     def to_dict(self) -> dict[str, Any]:

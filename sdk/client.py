@@ -77,6 +77,7 @@ class JobInfo:
     submitted_at: float | None = None
     started_at: float | None = None
     ended_at: float | None = None
+    worker_pid: int | None = None
 
     @property
     def ended(self) -> bool:
