@@ -627,7 +627,8 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(("echo jobs succeeded with their own params", f"{load['succeeded_ok']} of {cfg['echo_jobs']}", "-", f"must be {cfg['echo_jobs']}", verdict(load["succeeded_ok"] == cfg["echo_jobs"] and not load["errors"])))
             if load["waits"]:
                 w = load["waits"]
-                rows.append(("echo jobs: pending -> running p50 / p90 / max", f"{fmt_ms(pct(w, 0.5))} / {fmt_ms(pct(w, 0.9))} / {fmt_ms(max(w))}", "-", f"{sum(x > 4.0 for x in w)} of {len(w)} waited over 4 s", "-"))
+                window = load["jobs"] / load["submit_rate"] if load["submit_rate"] else 0.0
+                rows.append(("echo jobs: pending -> running p50 / p90 / max (queueing included)", f"{fmt_ms(pct(w, 0.5))} / {fmt_ms(pct(w, 0.9))} / {fmt_ms(max(w))}", "-", f"all submitted within {window:.1f} s", "-"))
             notes.append(f"Echo load: submit calls alone ran at {load['submit_rate']:,.0f} submits/s (4 clients together); wall {load['wall']:.1f} s." + (f" Client errors: {load['errors']}" if load["errors"] else ""))
 
             # 5a. memory after the load
