@@ -69,14 +69,16 @@ from llmos.protocol import (
     WorkerExit,
     WorkerHeartbeat,
     WorkerReady,
-    check_header,
+    check_event_header,
     decode_body,
     decode_control,
     encode_body,
     encode_control,
     make_header,
     pack_array,
+    pack_item,
     packb,
+    stamp,
     stream_of,
     type_name_of,
     unpackb,
@@ -129,6 +131,7 @@ class Kernel:
         self._out_events: list[tuple[str, bytes]] = []
         self._stream_seq: dict[str, int] = {}
         self._schedule_needed = True
+        self._ingest_more = False
         self._signals: list[int] = []
         self._lock_fd: int | None = None
         self._probe: subprocess.Popen[bytes] | None = None
@@ -332,20 +335,20 @@ class Kernel:
 
     def emit(self, topic_name: str, msg: Any, sender: str = "kernel") -> None:
         """Journal and (after the commit) publish an event made by the kernel."""
-        self._journal(topic_name, make_header(type_name_of(msg), sender), encode_body(msg))
+        self._journal(topic_name, pack_item(topic_name, make_header(type_name_of(msg), sender), encode_body(msg)))
 
-    def _journal(self, topic_name: str, header: dict[str, Any], body: dict[str, Any]) -> None:
+    def _journal(self, topic_name: str, item: bytes) -> None:
+        """Stamp a packed [topic, header, body] with seq and stream_seq; queue it for the journal and PUB."""
         stream = stream_of(topic_name)
         last = self._stream_seq.get(stream)
         if last is None:
             last = self.store.last_stream_seq(stream)
         self.seq += 1
-        header["seq"] = self.seq
-        header["stream_seq"] = last + 1
-        self._stream_seq[stream] = last + 1
-        item = packb([topic_name, header, body])
-        self._rows.append((self.seq, stream, last + 1, topic_name, header["type"], float(header.get("ts") or 0.0), item))
-        self._out_events.append((topic_name, item))
+        last += 1
+        self._stream_seq[stream] = last
+        stamped = stamp(item, self.seq, last)
+        self._rows.append((self.seq, stream, last, topic_name, stamped))
+        self._out_events.append((topic_name, stamped))
         self.stats["events_journaled"] += 1
 
     def emit_state(self, job: JobRecord) -> None:
@@ -354,7 +357,7 @@ class Kernel:
             JobStateChanged(state=job.state, reason=job.reason, exit_code=job.exit_code, attempts=job.attempts, placement=job.placement),
         )
 
-    _rows: list[tuple[int, str, int, str, str, float, bytes]]
+    _rows: list[tuple[int, str, int, str, bytes]]
 
     def _flush_out(self) -> None:
         """Commit, then publish the turn's events and send its replies."""
@@ -414,7 +417,8 @@ class Kernel:
         if self.launcher.zygote_fd is not None and self.launcher.zygote_fd in ready:
             self._read_zygote()
         self._reap()
-        if self.ingest in ready:
+        if self.ingest in ready or self._ingest_more:
+            self._ingest_more = False
             self._drain_ingest()
         if self.control in ready:
             self._drain_control()
@@ -428,7 +432,7 @@ class Kernel:
         self._flush_out()
 
     def _next_timer_ms(self) -> int:
-        if self._out_events or self._out_control or self._schedule_needed:
+        if self._out_events or self._out_control or self._schedule_needed or self._ingest_more:
             return 0
         return 100  # timers (cancel stages, timeouts, heartbeats) are checked at least every 100 ms
 
@@ -456,52 +460,60 @@ class Kernel:
     # ------------------------------------------------------------------ ingest (worker events)
 
     def _drain_ingest(self) -> None:
-        for _ in range(1000):
+        # Bounded per turn, so replies and publication never wait behind a flood.
+        budget = 4096
+        while budget > 0:
             try:
                 frame = self.ingest.recv(zmq.NOBLOCK)
             except zmq.Again:
                 return
             try:
                 items = unpackb(frame)
-                if not isinstance(items, list):
-                    raise ProtocolError("an ingest frame is an array of [topic, header, body] items")
+                if type(items) is not list:
+                    raise ProtocolError("an ingest frame is an array of packed [topic, header, body] items")
+                budget -= len(items)
                 for item in items:
-                    self._ingest_item(item)
-            except ProtocolError as exc:
-                self._bad_frame("ingest", exc)
+                    try:
+                        self._ingest_item(item)
+                    except ProtocolError as exc:
+                        self._bad_frame("ingest", exc)
             except Exception as exc:  # never let one frame take the kernel down
                 self._bad_frame("ingest", exc)
+                budget -= 1
+        self._ingest_more = True  # come back at once for the rest
 
     def _bad_frame(self, where: str, exc: BaseException) -> None:
         self.stats["bad_frames"] += 1
         if self.stats["bad_frames"] <= 100 or self.stats["bad_frames"] % 1000 == 0:
             log.warning("bad_frame", socket=where, error=f"{type(exc).__name__}: {exc}", count=self.stats["bad_frames"])
 
-    def _ingest_item(self, item: Any) -> None:
-        if not (isinstance(item, list) and len(item) == 3):
+    def _ingest_item(self, raw: Any) -> None:
+        if type(raw) is not bytes:
+            raise ProtocolError("an ingest item is a bin holding a packed [topic, header, body]")
+        item = unpackb(raw)
+        if type(item) is not list or len(item) != 3:
             raise ProtocolError("an ingest item is [topic, header, body]")
         topic_name, header, body = item
         if type(topic_name) is not str:
             raise ProtocolError("topic must be a string")
-        header = check_header(header)
-        sender = header.get("sender")
-        worker = self.workers.get(sender) if isinstance(sender, str) else None
+        check_event_header(header)
+        sender = header["sender"]
+        worker = self.workers.get(sender)
         if worker is None or worker.job_id is None or not worker.assigned:
             raise ProtocolError(f"event from {sender!r}, which is not a worker running a job")
-        job = self.jobs.get(worker.job_id)
-        prefix = f"job.{worker.job_id}."
-        suffix = topic_name[len(prefix):] if topic_name.startswith(prefix) else ""
-        if not suffix or "." in suffix or job is None:
+        job_id = worker.job_id
+        prefix = f"job.{job_id}."
+        if not topic_name.startswith(prefix) or "." in topic_name[len(prefix):] or len(topic_name) == len(prefix):
             raise ProtocolError(f"worker {sender} may only send events on {prefix}<name>, not {topic_name!r}")
+        job = self.jobs.get(job_id)
+        if job is None:
+            raise ProtocolError(f"job {job_id} is not running")
         type_name = header["type"]
         if type_name == "worker.job_done":
             self._on_job_done(worker, job, decode_body(type_name, body))
             return
         validate_body(type_name, body)
-        clean = {k: header[k] for k in ("v", "type", "id", "ts", "sender", "parent_id") if k in header}
-        if type(clean.get("ts")) not in (float, int):
-            clean["ts"] = time.time()
-        self._journal(topic_name, clean, body)
+        self._journal(topic_name, raw)
 
     # ------------------------------------------------------------------ control requests
 
@@ -921,8 +933,11 @@ class Kernel:
         for worker in list(self.workers.values()):
             if worker.exited is not None:
                 if worker.job_id is not None:
-                    # Reaped while running its job: give its last ingest frames a moment, then end it.
-                    if now - (worker.exited_at or now) >= 0.2:
+                    # Reaped while running its job. Its last frames (its job_done among them) may
+                    # still be queued on the ingest socket: end the job only once that is drained.
+                    waited = now - (worker.exited_at or now)
+                    backlog = self._ingest_more or bool(self.ingest.get(zmq.EVENTS) & zmq.POLLIN)
+                    if (waited >= 0.2 and not backlog) or waited >= 30:
                         self._worker_died(worker)
                 elif worker.exited_at is not None and now - worker.exited_at > 1.0:
                     del self.workers[worker.id]

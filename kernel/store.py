@@ -37,8 +37,6 @@ CREATE TABLE IF NOT EXISTS events (
     stream TEXT NOT NULL,
     stream_seq INTEGER NOT NULL,
     topic TEXT NOT NULL,
-    type TEXT NOT NULL,
-    ts REAL NOT NULL,
     item BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_stream ON events(stream, seq);
@@ -182,9 +180,10 @@ class Store:
         row = self.db.execute("SELECT stream_seq FROM events WHERE stream=? ORDER BY seq DESC LIMIT 1", (stream,)).fetchone()
         return int(row[0]) if row else 0
 
-    def append_events(self, rows: Iterable[tuple[int, str, int, str, str, float, bytes]]) -> None:
+    def append_events(self, rows: Iterable[tuple[int, str, int, str, bytes]]) -> None:
+        """Journal (seq, stream, stream_seq, topic, item) rows; item is the stamped msgpack event."""
         self.begin()
-        self.db.executemany("INSERT INTO events (seq, stream, stream_seq, topic, type, ts, item) VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+        self.db.executemany("INSERT INTO events (seq, stream, stream_seq, topic, item) VALUES (?, ?, ?, ?, ?)", rows)
 
     def replay(self, prefix: str, since: int, until: int | None, limit: int) -> list[tuple[int, bytes]]:
         """(seq, packed item) of events with seq in (since, until] whose topic starts with prefix."""

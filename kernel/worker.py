@@ -46,8 +46,7 @@ from llmos.protocol import (
     decode_control,
     encode_body,
     encode_control,
-    make_header,
-    pack_array,
+    pack_item,
     packb,
 )
 
@@ -76,6 +75,7 @@ class Bus:
         os.set_blocking(self._wake_r, False)
         self._wake_pending = False
         self._closing = False
+        self._counter = 0
         self._ctx = zmq.Context()
         self._dealer = self._ctx.socket(zmq.DEALER)
         self._dealer.setsockopt(zmq.IDENTITY, worker_id.encode())
@@ -83,7 +83,8 @@ class Bus:
         self._dealer.connect(control)
         self._push = self._ctx.socket(zmq.PUSH)
         self._push.setsockopt(zmq.SNDHWM, 0)
-        self._push.setsockopt(zmq.LINGER, 10_000)
+        # Exit only once the kernel has every event (a minute at most if the kernel is gone).
+        self._push.setsockopt(zmq.LINGER, 60_000)
         self._push.connect(ingest)
         self._thread = threading.Thread(target=self._loop, name="llmos-bus", daemon=True)
 
@@ -122,14 +123,15 @@ class Bus:
 
     def _flush(self) -> None:
         outbox = self._outbox
+        sender = self.worker_id
         while outbox:
             items = []
             while outbox and len(items) < _MAX_BATCH:
                 suffix, type_name, body, ts = outbox.popleft()
-                header = make_header(type_name, self.worker_id)
-                header["ts"] = ts
-                items.append(packb([f"job.{self.job_id}.{suffix}", header, body]))
-            self._push.send(pack_array(items, len(items)))
+                self._counter += 1
+                header = {"v": 1, "type": type_name, "id": f"{sender}-{self._counter}", "ts": ts, "sender": sender, "parent_id": None}
+                items.append(pack_item(f"job.{self.job_id}.{suffix}", header, body))
+            self._push.send(packb(items))
 
     def _loop(self) -> None:
         poller = zmq.Poller()

@@ -403,6 +403,7 @@ class _EventStream:
             yield event
 
     def live(self) -> Iterator[Event]:
+        known, prefix = self.known, self.prefix
         while True:
             wait = self.IDLE_CHECK
             if self.deadline is not None:
@@ -416,8 +417,18 @@ class _EventStream:
                         frames = self.sub.recv_multipart(zmq.NOBLOCK)
                     except zmq.Again:
                         break
-                    for item in _decode_pub(frames):
-                        yield from self._live_one(item)
+                    for event in _decode_pub(frames):
+                        stream = stream_of(event.topic)
+                        last = known.get(stream)
+                        if last is not None and event.stream_seq == last[0] + 1:
+                            # The common case, inline: the next event of a stream we follow.
+                            known[stream] = (event.stream_seq, event.seq)
+                            if event.seq > self.high:
+                                self.high = event.seq
+                            if event.topic.startswith(prefix):
+                                yield event
+                        else:
+                            yield from self._live_one(event)
             else:
                 # Quiet: make sure no trailing event was dropped on the way.
                 for event in self._replay_all(self.sub_prefix, self.high):

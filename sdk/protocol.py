@@ -8,14 +8,17 @@ keeps serving.
 Frames (all msgpack; no pickle anywhere):
 
 * **control** (DEALER -> kernel ROUTER and back): ``[header, body]``, two maps.
-* **ingest** (worker PUSH -> kernel PULL): one frame holding an array of ``[topic, header, body]``
-  items, so a worker coalesces the events of its stream (one-frame messages are about twice as
-  fast as multipart ones).
-* **events** (kernel PUB -> SUB): ``[topic, payload]`` where ``payload`` is an array of
-  ``[topic, header, body]`` items that share ``topic``; SUB filters on the topic prefix.
+* **ingest** (worker PUSH -> kernel PULL): one frame holding an array of items, each item a
+  msgpack ``bin`` that holds one packed ``[topic, header, body]``. A worker coalesces the events
+  of its stream into one frame (one-frame messages are about twice as fast as multipart ones),
+  and the kernel journals each item's bytes as they came, without packing them again.
+* **events** (kernel PUB -> SUB): ``[topic, payload]`` where ``payload`` is an array of journaled
+  items that share ``topic``; SUB filters on the topic prefix.
 
-The header carries ``v`` (protocol version), ``type``, ``id``, ``ts``, ``sender``,
-``parent_id`` and, on journaled events, ``seq`` (global) and ``stream_seq`` (per stream).
+The header carries ``v`` (protocol version), ``type``, ``id``, ``ts``, ``sender`` and
+``parent_id``. A journaled item is ``[topic, header, body, seq, stream_seq]``: the kernel stamps
+the global ``seq`` and the per-stream ``stream_seq`` by appending them to the worker's bytes
+(:func:`stamp`), which costs a few hundred nanoseconds instead of an unpack and a repack.
 """
 
 from __future__ import annotations
@@ -36,15 +39,6 @@ from llmos.errors import MessageTooLarge, ProtocolError, UnknownMessageType, Val
 PROTOCOL_VERSION = 1
 #: Largest frame a kernel or client accepts (bytes); bigger ones are answered with MessageTooLarge.
 MAX_FRAME_BYTES = 16 * 1024 * 1024
-#: Largest string, bytes, array or map inside a frame.
-_LIMITS = dict(
-    max_str_len=MAX_FRAME_BYTES,
-    max_bin_len=MAX_FRAME_BYTES,
-    max_array_len=1_000_000,
-    max_map_len=100_000,
-    max_ext_len=0,
-)
-
 T = TypeVar("T")
 Checker = Callable[[Any], bool]
 
@@ -63,7 +57,8 @@ def unpackb(data: bytes) -> Any:
     if len(data) > MAX_FRAME_BYTES:
         raise MessageTooLarge(f"frame of {len(data)} bytes is larger than the limit of {MAX_FRAME_BYTES}")
     try:
-        return msgpack.unpackb(data, raw=False, strict_map_key=True, **_LIMITS)
+        # msgpack bounds every string, array and map by the frame's own length; ext types are refused.
+        return msgpack.unpackb(data, raw=False, strict_map_key=True, max_ext_len=0)
     except msgpack.ExtraData as exc:
         raise ProtocolError("frame holds trailing bytes after one msgpack value") from exc
     except (ValueError, msgpack.UnpackException) as exc:
@@ -161,6 +156,10 @@ def make_checker(tp: Any) -> Checker:
     origin = get_origin(tp)
     args = get_args(tp)
     if origin in (Union, types.UnionType):
+        simple = {bool: bool, int: int, float: float, str: str, bytes: bytes, type(None): type(None)}
+        if all(a in simple for a in args) and bool not in args:
+            allowed = frozenset(args) | ({int} if float in args else set())
+            return lambda v: type(v) in allowed
         checks = [make_checker(a) for a in args]
         return lambda v: any(c(v) for c in checks)
     if origin is Literal:
@@ -172,6 +171,8 @@ def make_checker(tp: Any) -> Checker:
             return lambda v: isinstance(v, list | tuple) and all(item(x) for x in v)
         return lambda v: isinstance(v, list | tuple)
     if tp is dict or origin is dict:
+        if args and args[1] is Any and args[0] is str:
+            return lambda v: type(v) is dict and all(type(k) is str for k in v)
         if args:
             key, val = make_checker(args[0]), make_checker(args[1])
             return lambda v: isinstance(v, dict) and all(key(k) and val(x) for k, x in v.items())
@@ -242,6 +243,43 @@ def type_name_of(msg: object) -> str:
 def validate_body(type_name: str, body: Any) -> MessageSpec:
     """Check ``body`` (a decoded map) against the type's fields without building the object."""
     spec = spec_for(type_name)
+    if not _fast_ok(spec, body):
+        _explain(spec, body)
+    return spec
+
+
+_FAST: dict[str, Callable[[Any], bool]] = {}
+
+
+def _fast_ok(spec: MessageSpec, body: Any) -> bool:
+    """A quick yes for valid bodies (the common case); a no sends us to :func:`_explain`."""
+    check = _FAST.get(spec.name)
+    if check is None:
+        checks = tuple((f.name, f.check, f.required) for f in spec.fields)
+        names = spec.names
+
+        def check(b: Any, checks: tuple = checks, names: frozenset = names) -> bool:
+            if type(b) is not dict or not (b.keys() <= names):
+                return False
+            for name, ok, required in checks:
+                value = b.get(name, _MISSING)
+                if value is _MISSING:
+                    if required:
+                        return False
+                elif not ok(value):
+                    return False
+            return True
+
+        _FAST[spec.name] = check
+    return check(body)
+
+
+_MISSING = object()
+
+
+def _explain(spec: MessageSpec, body: Any) -> None:
+    """Raise the ValidationError that says what is wrong with ``body``."""
+    type_name = spec.name
     if not isinstance(body, dict):
         raise ValidationError(f"{type_name}: body must be a map, got {type(body).__name__}", type=type_name)
     extra = body.keys() - spec.names
@@ -261,7 +299,7 @@ def validate_body(type_name: str, body: Any) -> MessageSpec:
                 )
         elif fs.required:
             raise ValidationError(f"{type_name}: missing field {fs.name!r} ({fs.expected})", type=type_name, field=fs.name)
-    return spec
+    raise ValidationError(f"{type_name}: invalid body", type=type_name)
 
 
 def decode_body(type_name: str, body: Any) -> Any:
@@ -334,7 +372,7 @@ def decode_control(frames: list[bytes]) -> tuple[dict[str, Any], Any]:
 # events as the SDK hands them out
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Event:
     """One journaled event: where it sits in the journal, what it is, and its body."""
 
@@ -369,24 +407,56 @@ class Event:
 
 
 def event_from_item(item: Any) -> Event:
-    """Build an :class:`Event` from a journaled ``[topic, header, body]`` item."""
-    if not (isinstance(item, list | tuple) and len(item) == 3):
-        raise ProtocolError("an event item is [topic, header, body]")
-    topic_name, header, body = item
-    if type(topic_name) is not str or not isinstance(header, dict) or not isinstance(body, dict):
-        raise ProtocolError("an event item is [topic: str, header: map, body: map]")
-    seq, stream_seq = header.get("seq"), header.get("stream_seq")
-    if type(seq) is not int or type(stream_seq) is not int:
-        raise ProtocolError("a journaled event carries integer seq and stream_seq")
-    return Event(
-        seq=seq,
-        stream_seq=stream_seq,
-        topic=topic_name,
-        type=str(header.get("type")),
-        ts=float(header.get("ts") or 0.0),
-        sender=str(header.get("sender")),
-        body=body,
+    """Build an :class:`Event` from a journaled ``[topic, header, body, seq, stream_seq]`` item."""
+    try:
+        topic_name, header, body, seq, stream_seq = item
+    except (TypeError, ValueError):
+        raise ProtocolError("a journaled event is [topic, header, body, seq, stream_seq]") from None
+    if type(topic_name) is not str or type(header) is not dict or type(body) is not dict or type(seq) is not int or type(stream_seq) is not int:
+        raise ProtocolError("a journaled event is [topic: str, header: map, body: map, seq: int, stream_seq: int]")
+    return Event(seq, stream_seq, topic_name, str(header.get("type")), float(header.get("ts") or 0.0), str(header.get("sender")), body)
+
+
+_EVENT_HEADER_KEYS = frozenset({"v", "type", "id", "ts", "sender", "parent_id"})
+
+
+def check_event_header(header: Any) -> dict[str, Any]:
+    """Validate the header of an event a worker sent: exactly the known keys, of the right types
+    (the kernel journals the bytes as they came, so nothing unchecked may ride along)."""
+    if (
+        type(header) is dict
+        and header.keys() <= _EVENT_HEADER_KEYS
+        and header.get("v") == PROTOCOL_VERSION
+        and type(header.get("type")) is str
+        and type(header.get("id")) is str
+        and type(header.get("ts")) in (float, int)
+        and type(header.get("sender")) is str
+        and type(header.get("parent_id", None)) in (str, type(None))
+    ):
+        return header
+    check_header(header)
+    raise ProtocolError(
+        "an event header has exactly v, type, id (str), ts (number), sender (str) and parent_id (str or nil)"
     )
+
+
+def pack_item(topic_name: str, header: dict[str, Any], body: dict[str, Any]) -> bytes:
+    """One event as a packed ``[topic, header, body]`` (what a worker sends)."""
+    return _PACKER.pack([topic_name, header, body])
+
+
+_PACKER = msgpack.Packer(use_bin_type=True, autoreset=True)
+
+
+def stamp(item: bytes, seq: int, stream_seq: int) -> bytes:
+    """Turn a packed ``[topic, header, body]`` into ``[topic, header, body, seq, stream_seq]``
+    by editing the array header and appending two uint64s."""
+    if item[0] != 0x93:
+        raise ProtocolError("an event item must be a packed 3-element array")
+    return b"\x95" + item[1:] + _STAMP.pack(0xCF, seq, 0xCF, stream_seq)
+
+
+_STAMP = __import__("struct").Struct(">BQBQ")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -737,6 +807,7 @@ __all__ = [
     "WorkerExit",
     "WorkerHeartbeat",
     "WorkerReady",
+    "check_event_header",
     "check_header",
     "decode_body",
     "decode_control",
@@ -749,9 +820,11 @@ __all__ = [
     "message_types",
     "new_id",
     "pack_array",
+    "pack_item",
     "packb",
     "register_message_type",
     "spec_for",
+    "stamp",
     "stream_of",
     "topic",
     "type_name_of",

@@ -8,7 +8,7 @@ import random
 import msgpack
 import zmq
 
-from llmos.protocol import MAX_FRAME_BYTES, PROTOCOL_VERSION, make_header, packb
+from llmos.protocol import MAX_FRAME_BYTES, PROTOCOL_VERSION, make_header, pack_item, packb
 from tests.conftest import KernelHandle
 
 
@@ -55,22 +55,29 @@ def _control_frames(rng: random.Random, i: int) -> list[bytes]:
 
 
 def _ingest_frame(rng: random.Random, i: int) -> bytes:
-    choice = i % 8
+    choice = i % 10
+    log_body = {"level": "info", "event": "forged", "fields": {}}
     if choice == 0:
         return rng.randbytes(rng.randint(0, 128))
     if choice == 1:
         return packb({"not": "an array"})
-    if choice == 2:
+    if choice == 2:  # items that are not bins
         return packb([[1, 2, 3], "x", None])
     if choice == 3:  # an event from nobody
-        return packb([["job.1.log", make_header("job.log", "intruder"), {"level": "info", "event": "forged", "fields": {}}]])
-    if choice == 4:
-        return packb([["job.1.progress", {"v": 1}, {}]])
-    if choice == 5:  # claims to end job 1
-        return packb([["job.1.done", make_header("worker.job_done", "w1-1"), {"job_id": 1, "attempt": 1, "outcome": "failed"}]])
-    if choice == 6:
-        good = packb([["job.1.log", make_header("job.log", "w1-1"), {"level": "info", "event": "x"}]])
-        return good[: rng.randint(1, len(good) - 1)]
+        return packb([pack_item("job.1.log", make_header("job.log", "intruder"), log_body)])
+    if choice == 4:  # a header missing its fields
+        return packb([packb(["job.1.progress", {"v": 1}, {}])])
+    if choice == 5:  # a stranger claims to end job 1
+        return packb([pack_item("job.1.done", make_header("worker.job_done", "w1-1"), {"job_id": 1, "attempt": 1, "outcome": "failed"})])
+    if choice == 6:  # a truncated item
+        good = pack_item("job.1.log", make_header("job.log", "w1-1"), log_body)
+        return packb([good[: rng.randint(1, len(good) - 1)]])
+    if choice == 7:  # a header with extra keys riding along
+        header = make_header("job.log", "w1-1")
+        header["seq"] = 1
+        return packb([pack_item("job.1.log", header, log_body)])
+    if choice == 8:  # 4- and 2-element items
+        return packb([packb(["job.1.log", make_header("job.log", "x"), log_body, 1]), packb(["job.1.log", {}])])
     return b"\x91" * 3000 + b"\xc0"
 
 
