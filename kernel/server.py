@@ -155,6 +155,7 @@ class Kernel:
             _check_endpoint(url)
         self.store = Store(self.state_dir / "llmos.db")
         self.seq = self.store.last_seq()
+        self._ended_counts = {k: v for k, v in self.store.count_jobs().items() if k in END_STATES}
         self.registry: Registry = load_plugins(disabled=self._disabled_plugins())
         ds = self.settings["devices"]
         cores = float(ds["cpus"]) or float(psutil.cpu_count() or 1)
@@ -659,7 +660,9 @@ class Kernel:
 
     def _on_status(self, identity: bytes, msg: StatusRequest) -> StatusReply:
         counts = {state: 0 for state in JOB_STATES}
-        counts.update(self.store.count_jobs())
+        counts.update(self._ended_counts)
+        for job in self.jobs.values():
+            counts[job.state] += 1
         alive = [w for w in self.workers.values() if w.alive]
         return StatusReply(
             version=__version__,
@@ -889,6 +892,9 @@ class Kernel:
             self.store.update_job(job)
             self.emit_state(job)
             self.jobs.pop(job.id, None)
+            self._ended_counts[state] = self._ended_counts.get(state, 0) + 1
+            # The stream is complete: forget its counter (a later event would look it up again).
+            self._stream_seq.pop(f"job.{job.id}", None)
             log.info("job_ended", job_id=job.id, state=state, reason=reason, exit_code=exit_code, attempts=job.attempts)
         self._schedule_needed = True
 
