@@ -2,7 +2,7 @@
 
 ``diag.sleep`` sleeps, ``diag.echo`` returns its parameters, ``diag.fail`` raises,
 ``diag.crash`` kills its own worker with SIGKILL, ``diag.emit`` sends progress events and log
-records in order.
+records in order, ``diag.devices`` reports the devices the job was given.
 """
 
 from __future__ import annotations
@@ -49,6 +49,11 @@ class EmitParams:
     only: str = param("both", choices=("both", "progress", "log"), help="Send both kinds, or only one.")
 
 
+@dataclass(frozen=True)
+class DevicesParams:
+    torch: bool = param(False, help="Also import torch and report the CUDA devices it sees (slow: seconds).")
+
+
 class SleepRunner(Runner):
     def run(self, ctx: JobContext) -> dict[str, Any]:
         seconds = ctx.params.seconds
@@ -90,11 +95,32 @@ class EmitRunner(Runner):
         return {"count": count}
 
 
+class DevicesRunner(Runner):
+    def run(self, ctx: JobContext) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "pid": os.getpid(),
+            "gpus": ctx.gpus,
+            "placement": ctx.placement,
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        }
+        if ctx.params.torch:
+            import torch  # only here: the kernel and the diag plugin's import stay torch-free
+
+            out["torch"] = {
+                "version": torch.__version__,
+                "cuda_available": torch.cuda.is_available(),
+                "devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+            }
+        return out
+
+
 KINDS = [
     JobKind("diag.sleep", runner=SleepRunner, params=SleepParams, resources=_LIGHT, help="Sleep for `seconds` (wakes on cancel)."),
     JobKind("diag.echo", runner=EchoRunner, params=EchoParams, resources=_LIGHT, help="Return the parameters as the result."),
     JobKind("diag.fail", runner=FailRunner, params=FailParams, resources=_LIGHT, help="Raise RuntimeError(message)."),
     JobKind("diag.crash", runner=CrashRunner, params=CrashParams, resources=_LIGHT, help="Kill the worker with SIGKILL."),
+    JobKind("diag.devices", runner=DevicesRunner, params=DevicesParams, resources=_LIGHT, help="Report the devices this job was given (and, with torch=true, what torch sees)."),
     JobKind("diag.emit", runner=EmitRunner, params=EmitParams, resources=_LIGHT, help="Send `count` progress events and `count` log records, in order."),
 ]
 

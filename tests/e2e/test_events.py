@@ -7,6 +7,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 import llmos
 from tests.conftest import KernelHandle
 
@@ -96,6 +98,7 @@ def test_follow_all_jobs_sees_live_events(client: llmos.Client, kernel: KernelHa
     assert [e.stream_seq for e in mine] == list(range(1, len(mine) + 1))
 
 
+@pytest.mark.slow
 def test_slow_subscriber_loses_nothing(short_tmp: Path) -> None:
     # A tiny PUB high-water mark makes the kernel drop live events for a slow subscriber;
     # the client must notice the gaps and fill them from the journal.

@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 
 import msgpack
+import pytest
 import zmq
 
 from llmos.protocol import MAX_FRAME_BYTES, PROTOCOL_VERSION, make_header, pack_item, packb
@@ -81,6 +82,7 @@ def _ingest_frame(rng: random.Random, i: int) -> bytes:
     return b"\x91" * 3000 + b"\xc0"
 
 
+@pytest.mark.slow
 def test_hostile_frames_change_nothing(fresh_kernel: KernelHandle) -> None:
     rng = random.Random(1234)
     with fresh_kernel.client() as c:

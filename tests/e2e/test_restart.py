@@ -6,9 +6,12 @@ import json
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import KernelHandle, cli
 
 
+@pytest.mark.slow
 def test_restart_keeps_history_and_runs_pending(state_dir: Path) -> None:
     handle = KernelHandle(state_dir, "--fake-gpus", "1x24GiB").boot()
     try:
@@ -35,6 +38,7 @@ def test_restart_keeps_history_and_runs_pending(state_dir: Path) -> None:
         handle.shutdown()
 
 
+@pytest.mark.slow
 def test_restart_requeues_running_job_with_retries(state_dir: Path) -> None:
     handle = KernelHandle(state_dir).boot()
     try:
