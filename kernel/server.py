@@ -128,10 +128,11 @@ class Kernel:
         self.workers: dict[str, WorkerProc] = {}
         self.worker_by_pid: dict[int, WorkerProc] = {}
         self._out_control: list[tuple[bytes, list[bytes]]] = []
-        self._out_events: list[tuple[str, bytes]] = []
+        self._out_events: dict[str, list[bytes]] = {}  # stream -> stamped items, in order
         self._stream_seq: dict[str, int] = {}
         self._schedule_needed = True
         self._ingest_more = False
+        self._fast_checks: dict[str, Any] = {}
         self._signals: list[int] = []
         self._lock_fd: int | None = None
         self._probe: subprocess.Popen[bytes] | None = None
@@ -349,7 +350,11 @@ class Kernel:
         self._stream_seq[stream] = last
         stamped = stamp(item, self.seq, last)
         self._rows.append((self.seq, stream, last, topic_name, stamped))
-        self._out_events.append((topic_name, stamped))
+        out = self._out_events.get(stream)
+        if out is None:
+            self._out_events[stream] = [stamped]
+        else:
+            out.append(stamped)
         self.stats["events_journaled"] += 1
 
     def emit_state(self, job: JobRecord) -> None:
@@ -367,19 +372,17 @@ class Kernel:
             self._rows = []
         self.store.commit()
         if self._out_events:
-            events, self._out_events = self._out_events, []
-            i = 0
-            while i < len(events):
-                topic_name = events[i][0]
-                j = i
-                while j < len(events) and events[j][0] == topic_name and j - i < 1000:
-                    j += 1
-                payload = pack_array((item for _, item in events[i:j]), j - i)
-                try:
-                    self.pub.send_multipart([topic_name.encode(), payload], zmq.NOBLOCK)
-                except zmq.Again:
-                    pass  # subscribers refill from the journal
-                i = j
+            # One PUB message per stream and turn, topic "<stream>.": SUB prefixes of whole streams
+            # ("job.7.", "job.", "") match it; the SDK filters finer prefixes itself.
+            streams, self._out_events = self._out_events, {}
+            for stream, items in streams.items():
+                topic_frame = (stream + ".").encode()
+                for i in range(0, len(items), 1000):
+                    chunk = items[i : i + 1000]
+                    try:
+                        self.pub.send_multipart([topic_frame, pack_array(chunk, len(chunk))], zmq.NOBLOCK)
+                    except zmq.Again:
+                        pass  # subscribers refill from the journal
         if self._out_control:
             out, self._out_control = self._out_control, []
             for identity, frames in out:
@@ -473,48 +476,69 @@ class Kernel:
                 if type(items) is not list:
                     raise ProtocolError("an ingest frame is an array of packed [topic, header, body] items")
                 budget -= len(items)
-                for item in items:
-                    try:
-                        self._ingest_item(item)
-                    except ProtocolError as exc:
-                        self._bad_frame("ingest", exc)
+                self._ingest_batch(items)
             except Exception as exc:  # never let one frame take the kernel down
                 self._bad_frame("ingest", exc)
                 budget -= 1
         self._ingest_more = True  # come back at once for the rest
 
+    def _ingest_batch(self, items: list[Any]) -> None:
+        """Validate, stamp and queue a worker's events: the hot path, so written out flat."""
+        workers, jobs, known, rows, out = self.workers, self.jobs, self._stream_seq, self._rows, self._out_events
+        fast_ok, bad, journaled = self._fast_checks, 0, 0
+        for raw in items:
+            try:
+                if type(raw) is not bytes:
+                    raise ProtocolError("an ingest item is a bin holding a packed [topic, header, body]")
+                item = unpackb(raw)
+                if type(item) is not list or len(item) != 3:
+                    raise ProtocolError("an ingest item is [topic, header, body]")
+                topic_name, header, body = item
+                check_event_header(header)
+                sender = header["sender"]
+                worker = workers.get(sender)
+                if worker is None or worker.job_id is None or not worker.assigned:
+                    raise ProtocolError(f"event from {sender!r}, which is not a worker running a job")
+                job_id = worker.job_id
+                stream = f"job.{job_id}"
+                if type(topic_name) is not str or not (topic_name.startswith(stream) and topic_name[len(stream) : len(stream) + 1] == "."):
+                    raise ProtocolError(f"worker {sender} may only send events on {stream}.<name>, not {topic_name!r}")
+                if topic_name.count(".") != 2 or topic_name.endswith("."):
+                    raise ProtocolError(f"worker {sender} may only send events on {stream}.<name>, not {topic_name!r}")
+                type_name = header["type"]
+                if type_name == "worker.job_done":
+                    job = jobs.get(job_id)
+                    if job is not None:
+                        self._on_job_done(worker, job, decode_body(type_name, body))
+                    continue
+                check = fast_ok.get(type_name)
+                if check is None or not check(body):
+                    validate_body(type_name, body)  # raises the precise error (or fills the cache)
+                    fast_ok[type_name] = _fast_check_for(type_name)
+                # _journal, inlined.
+                last = known.get(stream)
+                if last is None:
+                    last = self.store.last_stream_seq(stream)
+                self.seq += 1
+                last += 1
+                known[stream] = last
+                stamped = stamp(raw, self.seq, last)
+                rows.append((self.seq, stream, last, topic_name, stamped))
+                queue = out.get(stream)
+                if queue is None:
+                    out[stream] = [stamped]
+                else:
+                    queue.append(stamped)
+                journaled += 1
+            except ProtocolError as exc:
+                bad += 1
+                self._bad_frame("ingest", exc)
+        self.stats["events_journaled"] += journaled
+
     def _bad_frame(self, where: str, exc: BaseException) -> None:
         self.stats["bad_frames"] += 1
         if self.stats["bad_frames"] <= 100 or self.stats["bad_frames"] % 1000 == 0:
             log.warning("bad_frame", socket=where, error=f"{type(exc).__name__}: {exc}", count=self.stats["bad_frames"])
-
-    def _ingest_item(self, raw: Any) -> None:
-        if type(raw) is not bytes:
-            raise ProtocolError("an ingest item is a bin holding a packed [topic, header, body]")
-        item = unpackb(raw)
-        if type(item) is not list or len(item) != 3:
-            raise ProtocolError("an ingest item is [topic, header, body]")
-        topic_name, header, body = item
-        if type(topic_name) is not str:
-            raise ProtocolError("topic must be a string")
-        check_event_header(header)
-        sender = header["sender"]
-        worker = self.workers.get(sender)
-        if worker is None or worker.job_id is None or not worker.assigned:
-            raise ProtocolError(f"event from {sender!r}, which is not a worker running a job")
-        job_id = worker.job_id
-        prefix = f"job.{job_id}."
-        if not topic_name.startswith(prefix) or "." in topic_name[len(prefix):] or len(topic_name) == len(prefix):
-            raise ProtocolError(f"worker {sender} may only send events on {prefix}<name>, not {topic_name!r}")
-        job = self.jobs.get(job_id)
-        if job is None:
-            raise ProtocolError(f"job {job_id} is not running")
-        type_name = header["type"]
-        if type_name == "worker.job_done":
-            self._on_job_done(worker, job, decode_body(type_name, body))
-            return
-        validate_body(type_name, body)
-        self._journal(topic_name, raw)
 
     # ------------------------------------------------------------------ control requests
 
@@ -1047,6 +1071,13 @@ class Kernel:
             worker = self.worker_by_pid.pop(pid, None)
             if worker is not None:
                 worker.exited = status
+
+
+def _fast_check_for(type_name: str) -> Any:
+    """The registry's quick validity check for a message type (see llmos.protocol)."""
+    from llmos.protocol import _fast_check, spec_for
+
+    return _fast_check(spec_for(type_name))
 
 
 def _check_endpoint(url: str) -> None:

@@ -335,6 +335,8 @@ def _sub_prefix(prefix: str) -> str:
         return ".".join(parts[:2]) + "."
     if len(parts) >= 2 and parts[0] not in ("job", "device", "service", "worker"):
         return parts[0] + "."
+    if len(parts) == 1 and parts[0] and parts[0] not in ("job", "device", "service", "worker"):
+        return parts[0] + "."  # "kernel" is the stream "kernel" (PUB topics end with a dot)
     return prefix
 
 

@@ -12,8 +12,9 @@ Frames (all msgpack; no pickle anywhere):
   msgpack ``bin`` that holds one packed ``[topic, header, body]``. A worker coalesces the events
   of its stream into one frame (one-frame messages are about twice as fast as multipart ones),
   and the kernel journals each item's bytes as they came, without packing them again.
-* **events** (kernel PUB -> SUB): ``[topic, payload]`` where ``payload`` is an array of journaled
-  items that share ``topic``; SUB filters on the topic prefix.
+* **events** (kernel PUB -> SUB): ``[stream + ".", payload]`` where ``payload`` is an array of
+  journaled items of that stream, in order. A SUB subscribes to whole streams (``"job.7."``),
+  a family of them (``"job."``) or everything (``""``) and filters finer topics itself.
 
 The header carries ``v`` (protocol version), ``type``, ``id``, ``ts``, ``sender`` and
 ``parent_id``. A journaled item is ``[topic, header, body, seq, stream_seq]``: the kernel stamps
@@ -255,23 +256,33 @@ def _fast_ok(spec: MessageSpec, body: Any) -> bool:
     """A quick yes for valid bodies (the common case); a no sends us to :func:`_explain`."""
     check = _FAST.get(spec.name)
     if check is None:
-        checks = tuple((f.name, f.check, f.required) for f in spec.fields)
-        names = spec.names
-
-        def check(b: Any, checks: tuple = checks, names: frozenset = names) -> bool:
-            if type(b) is not dict or not (b.keys() <= names):
-                return False
-            for name, ok, required in checks:
-                value = b.get(name, _MISSING)
-                if value is _MISSING:
-                    if required:
-                        return False
-                elif not ok(value):
-                    return False
-            return True
-
-        _FAST[spec.name] = check
+        check = _FAST[spec.name] = _fast_check(spec)
     return check(body)
+
+
+def _fast_check(spec: MessageSpec) -> Callable[[Any], bool]:
+    """A function that says, as fast as Python allows, whether a body is valid for ``spec``."""
+    cached = _FAST.get(spec.name)
+    if cached is not None:
+        return cached
+    checks = tuple((f.name, f.check, f.required) for f in spec.fields)
+    names = spec.names
+    missing = _MISSING
+
+    def check(b: Any) -> bool:
+        if type(b) is not dict or not (b.keys() <= names):
+            return False
+        for name, ok, required in checks:
+            value = b.get(name, missing)
+            if value is missing:
+                if required:
+                    return False
+            elif not ok(value):
+                return False
+        return True
+
+    _FAST[spec.name] = check
+    return check
 
 
 _MISSING = object()
