@@ -70,8 +70,8 @@ from llmos.protocol import (
     WorkerHeartbeat,
     WorkerReady,
     check_event_header,
+    check_header,
     decode_body,
-    decode_control,
     encode_body,
     encode_control,
     make_header,
@@ -555,13 +555,13 @@ class Kernel:
         parent_id = None
         self.stats["requests"] += 1
         try:
-            try:
-                header = unpackb(frames[1]) if len(frames) > 1 else None
-                if isinstance(header, dict) and isinstance(header.get("id"), str):
-                    parent_id = header["id"]
-            except ProtocolError:
-                pass
-            header, msg = decode_control(frames[1:])
+            if len(frames) != 3:
+                raise ProtocolError(f"a control message has 2 frames (header, body), got {len(frames) - 1}")
+            header = unpackb(frames[1])
+            if type(header) is dict and type(header.get("id")) is str:
+                parent_id = header["id"]
+            check_header(header)
+            msg = decode_body(header["type"], unpackb(frames[2]))
             handler = self._handlers.get(type(msg))
             self._current_parent = parent_id
             if handler is None:

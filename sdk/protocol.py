@@ -174,6 +174,9 @@ def make_checker(tp: Any) -> Checker:
     if tp is dict or origin is dict:
         if args and args[1] is Any and args[0] is str:
             return lambda v: type(v) is dict and all(type(k) is str for k in v)
+        if args and args[0] is str and args[1] in (int, str):
+            value_type = args[1]
+            return lambda v: type(v) is dict and all(type(k) is str and type(x) is value_type for k, x in v.items())
         if args:
             key, val = make_checker(args[0]), make_checker(args[1])
             return lambda v: isinstance(v, dict) and all(key(k) and val(x) for k, x in v.items())
@@ -321,7 +324,14 @@ def decode_body(type_name: str, body: Any) -> Any:
 
 def encode_body(msg: object) -> dict[str, Any]:
     """The map that carries ``msg`` on the wire (fields in declaration order)."""
-    return {f.name: getattr(msg, f.name) for f in dataclasses.fields(msg)}  # type: ignore[arg-type]
+    cls = type(msg)
+    names = _FIELD_NAMES.get(cls)
+    if names is None:
+        names = _FIELD_NAMES[cls] = tuple(f.name for f in dataclasses.fields(cls))  # type: ignore[arg-type]
+    return {name: getattr(msg, name) for name in names}
+
+
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
 
 
 def _short(value: Any) -> str:
