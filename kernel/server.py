@@ -432,7 +432,6 @@ class Kernel:
         if self._schedule_needed:
             self._schedule_needed = False
             self._schedule()
-            self._keep_pool()
         self._flush_out()
 
     def _next_timer_ms(self) -> int:
@@ -749,32 +748,28 @@ class Kernel:
         return job.priority + ((now - job.queued_at) / aging if aging > 0 else 0.0)
 
     def _schedule(self) -> None:
-        now = time.time()
-        pending = [j for j in self.jobs.values() if j.state == "pending"]
-        if not pending:
-            return
-        pending.sort(key=lambda j: (-self._effective_priority(j, now), j.id))
-        starvation = float(self.settings["scheduler"]["starvation_seconds"])
-        for job in pending:
-            res = Resources(**job.resources)
-            placement = self.devices.place(res)
-            worker = self._worker_for_job() if placement is not None else None
-            if placement is None or worker is None:
-                if now - job.queued_at >= starvation or (worker is None and placement is not None):
-                    break  # the job at the head has waited too long: nothing behind it jumps ahead
-                continue
-            self._start(job, placement, worker)
+        """Start what fits, highest effective priority first; keep enough workers coming.
 
-    def _worker_for_job(self) -> WorkerProc | None:
-        idle = [w for w in self.workers.values() if w.alive and w.job_id is None and not w.assigned]
-        ready = [w for w in idle if w.ready]
-        if ready:
-            return ready[0]
-        if idle:
-            return idle[0]
-        if self._alive_workers() >= int(self.settings["workers"]["max_workers"]) or not self.launcher.can_start():
-            return None
-        return self._spawn()
+        A job is only ever given to a worker that is ready, so a slow worker start never holds a
+        job hostage while another worker sits idle.
+        """
+        pending = [j for j in self.jobs.values() if j.state == "pending"]
+        ready = [w for w in self.workers.values() if w.alive and w.ready and w.job_id is None and not w.assigned]
+        waiting_for_worker = 0
+        if pending:
+            now = time.time()
+            pending.sort(key=lambda j: (-self._effective_priority(j, now), j.id))
+            starvation = float(self.settings["scheduler"]["starvation_seconds"])
+            for job in pending:
+                placement = self.devices.place(Resources(**job.resources))
+                if placement is not None and ready:
+                    self._start(job, placement, ready.pop(0))
+                    continue
+                if placement is not None:
+                    waiting_for_worker += 1
+                if now - job.queued_at >= starvation:
+                    break  # the head has waited too long: nothing behind it may jump ahead
+        self._keep_pool(extra=waiting_for_worker)
 
     def _alive_workers(self) -> int:
         return sum(1 for w in self.workers.values() if w.alive)
@@ -786,12 +781,24 @@ class Kernel:
             self.worker_by_pid[proc.pid] = proc
         return proc
 
-    def _keep_pool(self) -> None:
-        want = int(self.settings["workers"]["pool_size"])
-        spare = sum(1 for w in self.workers.values() if w.alive and w.job_id is None and not w.assigned)
-        while spare < want and self._alive_workers() < int(self.settings["workers"]["max_workers"]) and self.launcher.can_start():
+    def _keep_pool(self, extra: int = 0) -> None:
+        """Keep ``pool_size`` spare workers, plus one for each job that fits but has none, with at
+        most ``max_starting`` starting at once (a burst of jobs must not fork-bomb the machine)."""
+        ws = self.settings["workers"]
+        spare = starting = alive = 0
+        for w in self.workers.values():
+            if w.alive:
+                alive += 1
+                if not w.ready:
+                    starting += 1
+                if w.job_id is None and not w.assigned:
+                    spare += 1
+        want = int(ws["pool_size"]) + extra
+        while spare < want and starting < int(ws["max_starting"]) and alive < int(ws["max_workers"]) and self.launcher.can_start():
             self._spawn()
             spare += 1
+            starting += 1
+            alive += 1
 
     def _start(self, job: JobRecord, placement: dict[str, Any], worker: WorkerProc) -> None:
         """Reserve devices and bind a worker: the try begins (the job is running from here)."""
