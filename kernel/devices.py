@@ -140,6 +140,8 @@ class DeviceTable:
         placement: dict[str, Any] = {"cpu": {"cores": res.cpus, "memory": res.memory}, "gpus": []}
         if res.gpus <= 0:
             return placement
+        if self.probing:
+            return None  # GPU jobs wait for the probe, which renumbers the GPUs (real ones first)
         if res.gpus < 1:
             best = None
             for dev in self.gpus:

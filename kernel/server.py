@@ -37,7 +37,13 @@ from llmos.errors import (
 from llmos.kernel.devices import DeviceTable, parse_fake_gpus
 from llmos.kernel.plugins import Registry, load_plugins
 from llmos.kernel.store import JobRecord, Store
-from llmos.kernel.supervisor import Launcher, WorkerProc, become_subreaper, describe_status
+from llmos.kernel.supervisor import (
+    Launcher,
+    WorkerProc,
+    become_subreaper,
+    describe_status,
+    signal_name,
+)
 from llmos.paths import KERNEL_FILE, pid_alive
 from llmos.plugin import Resources
 from llmos.protocol import (
@@ -140,7 +146,7 @@ class Kernel:
     # ------------------------------------------------------------------ boot
 
     def boot(self) -> None:
-        _make_private_dir(self.state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._take_lock()
         (self.state_dir / "workers").mkdir(exist_ok=True)
         (self.state_dir / "jobs").mkdir(exist_ok=True)
@@ -279,17 +285,22 @@ class Kernel:
             result = json.loads(out or b"{}")
             gpus = result.get("gpus", [])
             source = result.get("source", "none")
-        except (OSError, ValueError):
+            gpus = [g for g in gpus if isinstance(g, dict) and isinstance(g.get("index"), int)]
+        except Exception:
             gpus, source = [], "none"
         self.devices.add_probed(gpus, source)
         log.info("devices_probed", source=source, gpus=len(gpus))
         self._schedule_needed = True
-        # Jobs that were waiting on the probe but can never fit now fail rather than wait forever.
+        self._fail_never_fitting()
+
+    def _fail_never_fitting(self) -> None:
+        """Pending jobs that can never fit on this machine fail rather than wait forever (and
+        block the queue): after a restart on a smaller machine, or once the GPU probe is done."""
         for job in list(self.jobs.values()):
             if job.state == "pending":
                 why = self.devices.never_fits(Resources(**job.resources))
                 if why:
-                    self._end_job(job, "failed", f"the request can never fit: {why}", None)
+                    self._end_job(job, "failed", f"the request can never fit: {why}", None, retry=False)
 
     def _write_kernel_file(self) -> None:
         info = {
@@ -319,6 +330,8 @@ class Kernel:
                     self._end_job(job, "failed", "kernel restarted", None)
             else:
                 self.jobs[job.id] = job
+        if not self.devices.probing:
+            self._fail_never_fitting()
         self.store.commit()
 
     def _kill_orphan(self, job: JobRecord) -> None:
@@ -409,7 +422,16 @@ class Kernel:
         self.boot()
         try:
             while self.stopping is None:
-                self._turn()
+                try:
+                    self._turn()
+                except Exception as exc:
+                    # A bug must cost one turn, never the kernel (and every job with it).
+                    self.stats["turn_errors"] = self.stats.get("turn_errors", 0) + 1
+                    log.exception("turn_failed", error=f"{type(exc).__name__}: {exc}")
+                    try:
+                        self._flush_out()
+                    except Exception:
+                        log.exception("flush_after_error_failed")
         finally:
             self._shutdown()
 
@@ -418,8 +440,8 @@ class Kernel:
         ready = dict(self.poller.poll(timeout))
         if self._sig_r in ready:
             self._drain_signals()
-        if self.launcher.zygote_fd is not None and self.launcher.zygote_fd in ready:
-            self._read_zygote()
+        if self.launcher.zygote_fd is not None:
+            self._read_zygote()  # always, before reaping: a worker's pid must be known when it dies
         self._reap()
         if self.ingest in ready or self._ingest_more:
             self._ingest_more = False
@@ -510,6 +532,8 @@ class Kernel:
                     if job is not None:
                         self._on_job_done(worker, job, decode_body(type_name, body))
                     continue
+                if type_name in _KERNEL_ONLY_TYPES or type_name.startswith(("kernel.", "worker.")):
+                    raise ProtocolError(f"worker {sender} may not send {type_name} events; only the kernel does")
                 check = fast_ok.get(type_name)
                 if check is None or not check(body):
                     validate_body(type_name, body)  # raises the precise error (or fills the cache)
@@ -532,6 +556,9 @@ class Kernel:
             except ProtocolError as exc:
                 bad += 1
                 self._bad_frame("ingest", exc)
+            except Exception as exc:
+                bad += 1
+                log.exception("ingest_item_failed", error=f"{type(exc).__name__}: {exc}")
         self.stats["events_journaled"] += journaled
 
     def _bad_frame(self, where: str, exc: BaseException) -> None:
@@ -609,6 +636,9 @@ class Kernel:
         if self.stopping:
             raise KernelError("the kernel is shutting down")
         _entry, params, res = self.registry.validate(msg.kind, msg.params, msg.resources, coerce=msg.coerce)
+        problem = storable_problem(params)
+        if problem:
+            raise JobRejected(f"{msg.kind}: parameters cannot be stored: {problem}", kind=msg.kind)
         if msg.timeout is not None and not (msg.timeout > 0):
             raise JobRejected(f"timeout must be a number of seconds above 0, got {msg.timeout}", field="timeout")
         if not 0 <= msg.max_retries <= 1000:
@@ -654,6 +684,8 @@ class Kernel:
                 self._create_job(name, params, res, priority=1000, max_retries=3)
 
     def _get_job(self, job_id: int) -> JobRecord:
+        if not 0 < job_id < 2**63:
+            raise JobNotFound(f"no job with id {job_id}", job_id=job_id)
         job = self.jobs.get(job_id) or self.store.get_job(job_id)
         if job is None:
             raise JobNotFound(f"no job with id {job_id}", job_id=job_id)
@@ -881,11 +913,16 @@ class Kernel:
 
     def _on_job_done(self, worker: WorkerProc, job: JobRecord, done: JobDone) -> None:
         worker.done_at = time.monotonic()
-        if done.outcome == "succeeded" and job.end_state_on_stop is None:
+        problem = storable_problem(done.result) if done.outcome == "succeeded" else None
+        if problem and job.end_state_on_stop is None:
+            self._end_job(job, "failed", f"the runner's result cannot be stored: {problem}", 1)
+        elif done.outcome == "succeeded" and job.end_state_on_stop is None:
             job.result = done.result
             self._end_job(job, "succeeded", "succeeded", 0)
         elif job.end_state_on_stop is not None:
-            self._end_job(job, job.end_state_on_stop, job.cancel_reason or "cancelled", 0, retry=job.end_state_on_stop == "failed")
+            # Stopped on request; a timeout ends like the timeout command's 124.
+            code = 124 if job.end_state_on_stop == "failed" else 0
+            self._end_job(job, job.end_state_on_stop, job.cancel_reason or "cancelled", code, retry=job.end_state_on_stop == "failed")
         elif done.outcome == "cancelled":
             self._end_job(job, "cancelled", "cancelled by the runner", 0, retry=False)
         else:
@@ -954,6 +991,11 @@ class Kernel:
             return  # an adopted grandchild of some worker
         worker.exited = status
         worker.exited_at = time.monotonic()
+        # Whatever the job left behind in its process group goes with it.
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
         if worker.job_id is not None and not worker.assigned:
             # Died before it got its job: that try failed.
             job = self.jobs.get(worker.job_id)
@@ -1017,7 +1059,7 @@ class Kernel:
         if worker.lost:
             reason = f"worker lost its heartbeat and was killed ({reason})"
         if job.end_state_on_stop is not None:
-            how = f" (stopped with {signal.Signals(-code).name})" if code < 0 else ""
+            how = f" (stopped with {signal_name(-code)})" if code < 0 else ""
             self._end_job(job, job.end_state_on_stop, f"{job.cancel_reason}{how}", code, retry=job.end_state_on_stop == "failed")
         else:
             self._end_job(job, "failed", reason, code)
@@ -1078,6 +1120,23 @@ class Kernel:
             worker = self.worker_by_pid.pop(pid, None)
             if worker is not None:
                 worker.exited = status
+                try:
+                    os.killpg(pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+
+
+_KERNEL_ONLY_TYPES = frozenset({"job.state"})
+
+
+def storable_problem(value: Any) -> str | None:
+    """None if ``value`` can be stored (JSON) and sent (msgpack), else what is wrong."""
+    try:
+        json.dumps(value, allow_nan=False)
+        packb(value)
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc} (values must be JSON-like: maps, lists, strings, numbers within 64 bits)"
+    return None
 
 
 def _fast_check_for(type_name: str) -> Any:

@@ -29,15 +29,20 @@ def become_subreaper() -> bool:
         return False
 
 
+def signal_name(sig: int) -> str:
+    """``SIGKILL`` for 9, ``signal 40`` for real-time signals Python has no name for."""
+    try:
+        return signal.Signals(sig).name
+    except ValueError:
+        return f"signal {sig}"
+
+
 def describe_status(status: int) -> tuple[str, int]:
     """(reason, exit_code) for a waitpid status; signals give negative codes like subprocess."""
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
-        try:
-            name = signal.Signals(sig).name
-        except ValueError:
-            name = f"signal {sig}"
-        return f"worker killed by signal {name}", -sig
+        name = signal_name(sig)
+        return f"worker killed by {'signal ' if name.startswith('SIG') else ''}{name}", -sig
     code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else 1
     if code == 0:
         return "worker exited without reporting a result", 0
@@ -190,4 +195,4 @@ class Launcher:
             self.zygote = None
 
 
-__all__ = ["Launcher", "WorkerProc", "become_subreaper", "describe_status"]
+__all__ = ["Launcher", "WorkerProc", "become_subreaper", "describe_status", "signal_name"]

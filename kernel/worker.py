@@ -53,6 +53,8 @@ from llmos.protocol import (
 log = structlog.get_logger(__name__)
 
 _MAX_BATCH = 256
+_MAX_BATCH_BYTES = 1 << 20  # a frame holds at most about this much (plus one item)
+_MAX_ITEM_BYTES = 8 << 20  # an event larger than this is replaced by an error record
 
 
 class _Terminated(BaseException):
@@ -76,6 +78,7 @@ class Bus:
         self._wake_pending = False
         self._closing = False
         self._counter = 0
+        self.ctx: JobContext | None = None
         self._ctx = zmq.Context()
         self._dealer = self._ctx.socket(zmq.DEALER)
         self._dealer.setsockopt(zmq.IDENTITY, worker_id.encode())
@@ -125,13 +128,30 @@ class Bus:
         outbox = self._outbox
         sender = self.worker_id
         while outbox:
-            items = []
-            while outbox and len(items) < _MAX_BATCH:
+            items: list[bytes] = []
+            size = 0
+            while outbox and len(items) < _MAX_BATCH and size < _MAX_BATCH_BYTES:
                 suffix, type_name, body, ts = outbox.popleft()
                 self._counter += 1
                 header = {"v": 1, "type": type_name, "id": f"{sender}-{self._counter}", "ts": ts, "sender": sender, "parent_id": None}
-                items.append(pack_item(f"job.{self.job_id}.{suffix}", header, body))
+                topic_name = f"job.{self.job_id}.{suffix}"
+                try:
+                    item = pack_item(topic_name, header, body)
+                except Exception as exc:  # an unencodable value must not stop the bus thread
+                    item = self._replacement(topic_name, header, type_name, f"could not be encoded: {type(exc).__name__}: {exc}")
+                if len(item) > _MAX_ITEM_BYTES:
+                    item = self._replacement(topic_name, header, type_name, f"was {len(item)} bytes; at most {_MAX_ITEM_BYTES} go on the bus")
+                items.append(item)
+                size += len(item)
             self._push.send(packb(items))
+
+    @staticmethod
+    def _replacement(topic_name: str, header: dict[str, Any], type_name: str, why: str) -> bytes:
+        """A log record in place of an event that cannot travel (so the loss is visible)."""
+        header = dict(header, type="job.log")
+        topic_name = topic_name.rsplit(".", 1)[0] + ".log"
+        body = {"level": "error", "event": "event_dropped", "logger": "llmos.worker", "fields": {"type": type_name, "why": why[:500]}}
+        return pack_item(topic_name, header, body)
 
     def _loop(self) -> None:
         poller = zmq.Poller()
@@ -181,6 +201,8 @@ class Bus:
         elif isinstance(msg, WorkerCancel):
             if msg.job_id == self.job_id:
                 self.cancel_reason = msg.reason
+                if self.ctx is not None:
+                    self.ctx.cancel_reason = msg.reason
                 self.cancel_event.set()
         elif isinstance(msg, WorkerExit):
             self.assignments.put(None)
@@ -207,7 +229,7 @@ def _jsonable(result: Any) -> str | None:
     try:
         json.dumps(result, allow_nan=False)
         packb(result)
-    except (TypeError, ValueError) as exc:
+    except Exception as exc:
         return f"the runner's result cannot be stored (it must be JSON-like: maps, lists, numbers, strings): {exc}"
     return None
 
@@ -235,6 +257,8 @@ def run_job(bus: Bus, registry: Registry, assign: WorkerAssign) -> JobDone:
         emit=bus.emit,
         cancel_event=bus.cancel_event,
     )
+    ctx.cancel_reason = bus.cancel_reason
+    bus.ctx = ctx
     outcome, error, tb, result = "succeeded", None, None, None
     runner = None
     call_broadcast(registry, "llmos_job_starting", ctx=ctx)
@@ -315,9 +339,9 @@ def zygote_main(args: argparse.Namespace) -> int:
         if not line:
             return 0
         parts = line.decode().split()
-        if len(parts) != 3 or parts[0] != "spawn":
+        if len(parts) < 3 or parts[0] != "spawn":
             continue
-        _, worker_id, log_path = parts
+        _, worker_id, log_path = line.decode().rstrip("\n").split(" ", 2)
         pid = os.fork()
         if pid == 0:
             try:

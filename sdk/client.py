@@ -31,12 +31,15 @@ from llmos.errors import (
     KernelError,
     KernelUnavailable,
     LlmosError,
+    MessageTooLarge,
     ProtocolError,
+    ValidationError,
     error_from_reply,
 )
 from llmos.paths import pid_alive, read_kernel_info, resolve_state_dir
 from llmos.protocol import (
     END_STATES,
+    MAX_FRAME_BYTES,
     CancelRequest,
     DevicesRequest,
     ErrorReply,
@@ -113,17 +116,16 @@ class Job:
 
     def wait(self, timeout: float | None = None) -> JobInfo:
         """Block until the job ends (or ``timeout`` seconds pass: TimeoutError); return its record."""
-        info = self.info()
-        if info.ended:
-            return info
         deadline = None if timeout is None else time.monotonic() + timeout
-        for _ in self.events(since=0, follow=True, timeout=timeout, _states_only=True):
-            if deadline is not None and time.monotonic() > deadline:
-                break
-        info = self.info()
-        if not info.ended:
-            raise TimeoutError(f"job {self.id} is still {info.state} after {timeout}s")
-        return info
+        while True:
+            info = self.info()
+            if info.ended:
+                return info
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise TimeoutError(f"job {self.id} is still {info.state} after {timeout}s")
+            for _ in self.events(since=0, follow=True, timeout=left, _states_only=True):
+                pass
 
     def result(self, timeout: float | None = None) -> Any:
         """Wait for the job and return its result; JobFailed or JobCancelled if it did not succeed."""
@@ -144,11 +146,25 @@ class Job:
         """The job's events from the journal (seq above ``since``); with ``follow``, then live
         until the job has ended and its last event was delivered."""
         prefix = f"job.{self.id}.state" if _states_only else f"job.{self.id}."
-        stream = f"job.{self.id}"
-        for event in self.client.events(prefix, since=since, follow=follow, timeout=timeout, _stream=stream):
-            yield event
-            if event.type == "job.state" and event.body.get("state") in END_STATES:
+        stream = _EventStream(self.client, prefix, since, timeout)
+        try:
+            for event in stream.history():
+                yield event
+                if _is_end(event):
+                    return
+            if not follow:
                 return
+            if self.info().ended:
+                # It ended before ``since``, or just now: catch up once and stop.
+                for event in stream.history_after():
+                    yield event
+                return
+            for event in stream.live():
+                yield event
+                if _is_end(event):
+                    return
+        finally:
+            stream.close()
 
     def logs(self, follow: bool = True, since: int = 0) -> Iterator[Event]:
         """The job's ``job.log`` events (see :meth:`events`)."""
@@ -196,7 +212,12 @@ class Client:
     def request(self, msg: Any, timeout: float | None = None) -> Any:
         """Send one control request and return the decoded reply; error replies are raised."""
         timeout = self.timeout if timeout is None else timeout
-        frames = encode_control(msg, self._sender)
+        try:
+            frames = encode_control(msg, self._sender)
+        except (OverflowError, TypeError, ValueError) as exc:
+            raise ValidationError(f"cannot send {type(msg).__name__}: {exc} (values must be JSON-like, integers within 64 bits)") from None
+        if sum(map(len, frames)) > MAX_FRAME_BYTES:
+            raise MessageTooLarge(f"{type(msg).__name__} is {sum(map(len, frames))} bytes; the bus carries at most {MAX_FRAME_BYTES}")
         msg_id = unpackb(frames[0])["id"]
         self._sock.send_multipart(frames)
         deadline = time.monotonic() + timeout
@@ -312,19 +333,29 @@ class Client:
         since: int = 0,
         follow: bool = False,
         timeout: float | None = None,
-        *,
-        _stream: str | None = None,
     ) -> Iterator[Event]:
         """Events whose topic starts with ``prefix`` and whose seq is above ``since``: the journal
         first, then (with ``follow``) live ones, each exactly once and in order per stream.
         ``timeout`` ends a follow after that many seconds with no end in sight."""
-        stream = _EventStream(self, prefix, since, timeout)
+        stream = _EventStream(self, _whole_stream(prefix), since, timeout)
         try:
             yield from stream.history()
             if follow:
                 yield from stream.live()
         finally:
             stream.close()
+
+
+def _is_end(event: Event) -> bool:
+    return event.type == "job.state" and event.body.get("state") in END_STATES
+
+
+def _whole_stream(prefix: str) -> str:
+    """``job.1`` means the stream job.1, not job.10 too."""
+    parts = prefix.split(".")
+    if len(parts) == 2 and parts[0] in ("job", "device", "service", "worker") and parts[1]:
+        return prefix + "."
+    return prefix
 
 
 def _sub_prefix(prefix: str) -> str:
@@ -387,6 +418,11 @@ class _EventStream:
         for event in self._replay_all(self.sub_prefix, self.since):
             if self._accept(event) is not None:
                 yield event
+
+    def history_after(self) -> Iterator[Event]:
+        """What was journaled since the history (or the last live event) was read."""
+        for event in self._replay_all(self.sub_prefix, self.high):
+            yield from self._live_one(event)
 
     def _fill(self, stream: str, after_seq: int, before: Event) -> Iterator[Event]:
         for event in self._replay_all(stream + ".", after_seq, before.seq - 1):

@@ -15,7 +15,7 @@ from typing import Any
 
 import structlog
 
-from llmos.protocol import JobArtifact, JobMetric, encode_body, type_name_of
+from llmos.protocol import JobArtifact, JobMetric, encode_body, type_name_of, validate_body
 
 Emit = Callable[[str, str, dict[str, Any]], None]  # (topic suffix, type name, body)
 
@@ -48,8 +48,10 @@ def _to_record(logger: Any, method: str, event_dict: dict[str, Any]) -> tuple[tu
 
 def _plain(value: Any) -> Any:
     """Values that msgpack and JSON both carry; anything else becomes its repr."""
-    if value is None or isinstance(value, bool | int | float | str):
+    if value is None or isinstance(value, bool | float | str):
         return value
+    if isinstance(value, int):
+        return value if -(2**63) <= value < 2**64 else str(value)
     if isinstance(value, list | tuple):
         return [_plain(v) for v in value]
     if isinstance(value, dict):
@@ -105,11 +107,14 @@ class JobContext:
         if isinstance(step, bool) or not isinstance(step, int | float):
             raise TypeError(f"progress step must be a number, got {step!r}")
         body = {"step": step, "total": total, "message": message, "fields": {k: _plain(v) for k, v in fields.items()} if fields else {}}
+        validate_body("job.progress", body)  # a wrong type fails here, in the runner, not silently in the kernel
         self._emit("progress", "job.progress", body)
 
     def metric(self, name: str, value: float, step: int | None = None) -> None:
         """Record one named number, optionally at a step."""
-        self._emit("metric", "job.metric", _body(JobMetric(name=name, value=float(value), step=step)))
+        body = _body(JobMetric(name=name, value=float(value), step=step))
+        validate_body("job.metric", body)
+        self._emit("metric", "job.metric", body)
 
     def artifact(self, path: str | Path, kind: str = "file", **meta: Any) -> None:
         """Announce a file or directory the job produced."""
@@ -120,7 +125,9 @@ class JobContext:
         """Send any registered message type as an event on ``job.<id>.<suffix>``."""
         if not suffix or "." in suffix:
             raise ValueError(f"topic suffix {suffix!r} must be one non-empty part without '.'")
-        self._emit(suffix, type_name_of(msg), _body(msg))
+        type_name, body = type_name_of(msg), _body(msg)
+        validate_body(type_name, body)
+        self._emit(suffix, type_name, body)
 
     # -- cancellation --
 

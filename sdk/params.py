@@ -233,8 +233,10 @@ def _check_value(field: ParamField, value: Any, coerce: bool) -> Any:
             raise ValueError
         if field.lt is not None and not value < field.lt:
             raise ValueError
-        if value != value:  # NaN
+        if value != value or value in (float("inf"), float("-inf")):  # NaN, infinities
             raise ValueError
+        if isinstance(value, int) and not -(2**63) <= value < 2**64:
+            raise ValueError  # msgpack and SQLite carry 64-bit integers
     if field.choices is not None and value not in field.choices:
         raise ValueError
     return value

@@ -66,10 +66,10 @@ class Resources:
                     if isinstance(value, bool) or not isinstance(value, int | float | str):
                         raise ValueError
                     number = float(value)
-                    if not math.isfinite(number) or number < 0:
+                    if not math.isfinite(number) or number < 0 or number > 1e6:
                         raise ValueError
                     out[key] = number
-            except (ValueError, TypeError):
+            except (ValueError, TypeError, OverflowError):
                 what = "a size such as 4GiB or bytes" if key in ("memory", "gpu_memory") else "a number >= 0"
                 raise ValidationError(f"resource {key!r} expected {what}, got {value!r}", field=key) from None
         gpus = out["gpus"]

@@ -28,13 +28,16 @@ def parse_size(value: str | int | float) -> int:
     if isinstance(value, bool):
         raise ValueError(f"expected a size such as 4GiB or a number of bytes, got {value!r}")
     if isinstance(value, int | float):
-        if value < 0:
-            raise ValueError(f"a size cannot be negative, got {value!r}")
+        if not 0 <= value < 2**63:
+            raise ValueError(f"a size must be between 0 and 8 EiB, got {value!r}")
         return int(value)
     match = _SIZE.match(str(value))
     if not match or match.group(2).lower() not in _UNITS:
         raise ValueError(f"expected a size such as 4GiB, 512MB or a number of bytes, got {value!r}")
-    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    size = float(match.group(1)) * _UNITS[match.group(2).lower()]
+    if not size < 2**63:
+        raise ValueError(f"size {value!r} is too large (at most 8 EiB)")
+    return int(size)
 
 
 def format_size(n: int | float | None) -> str:
