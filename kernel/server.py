@@ -94,6 +94,9 @@ from llmos.units import parse_size
 
 log = structlog.get_logger("llmos.kernel")
 
+_NOBLOCK = int(zmq.NOBLOCK)
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
 _SOCKET_NAME_MAX = 100  # ipc:// paths longer than ~107 bytes cannot be bound
 _HARD_FRAME_LIMIT = 4 * MAX_FRAME_BYTES  # beyond this libzmq drops the peer; below it we answer MessageTooLarge
 
@@ -138,6 +141,8 @@ class Kernel:
         self._stream_seq: dict[str, int] = {}
         self._schedule_needed = True
         self._ingest_more = False
+        self._sigchld = False
+        self._next_reap = 0.0
         self._fast_checks: dict[str, Any] = {}
         self._signals: list[int] = []
         self._lock_fd: int | None = None
@@ -261,6 +266,8 @@ class Kernel:
         self.poller.register(self._sig_r, zmq.POLLIN)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGCHLD:
+            self._sigchld = True
         self._signals.append(signum)
 
     def _start_probe(self) -> None:
@@ -393,14 +400,14 @@ class Kernel:
                 for i in range(0, len(items), 1000):
                     chunk = items[i : i + 1000]
                     try:
-                        self.pub.send_multipart([topic_frame, pack_array(chunk, len(chunk))], zmq.NOBLOCK)
+                        self.pub.send_multipart([topic_frame, pack_array(chunk, len(chunk))], _NOBLOCK)
                     except zmq.Again:
                         pass  # subscribers refill from the journal
         if self._out_control:
             out, self._out_control = self._out_control, []
             for identity, frames in out:
                 try:
-                    self.control.send_multipart([identity, *frames], zmq.NOBLOCK)
+                    self.control.send_multipart([identity, *frames], _NOBLOCK)
                 except zmq.ZMQError:
                     pass  # the peer is gone or not keeping up: a reply is never worth blocking the kernel
 
@@ -440,9 +447,17 @@ class Kernel:
         ready = dict(self.poller.poll(timeout))
         if self._sig_r in ready:
             self._drain_signals()
-        if self.launcher.zygote_fd is not None:
-            self._read_zygote()  # always, before reaping: a worker's pid must be known when it dies
-        self._reap()
+        now = time.monotonic()
+        if self._sigchld or now >= self._next_reap:
+            # SIGCHLD (or the once-a-second safety net): read the zygote's pid reports first, so a
+            # worker's pid is known when it is reaped.
+            self._sigchld = False
+            self._next_reap = now + 1.0
+            if self.launcher.zygote_fd is not None:
+                self._read_zygote()
+            self._reap()
+        elif self.launcher.zygote_fd is not None and self.launcher.zygote_fd in ready:
+            self._read_zygote()
         if self.ingest in ready or self._ingest_more:
             self._ingest_more = False
             self._drain_ingest()
@@ -469,6 +484,8 @@ class Kernel:
             pass
         signals, self._signals = self._signals, []
         for sig in signals:
+            if sig == signal.SIGCHLD:
+                self._sigchld = True
             if sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 self.stopping = f"signal {signal.Signals(sig).name}"
 
@@ -487,11 +504,11 @@ class Kernel:
     def _drain_ingest(self) -> None:
         # Bounded per turn, so replies and publication never wait behind a flood.
         budget = 4096
+        sock = self.ingest
         while budget > 0:
-            try:
-                frame = self.ingest.recv(zmq.NOBLOCK)
-            except zmq.Again:
+            if not sock.getsockopt(_EVENTS) & _POLLIN:
                 return
+            frame = sock.recv(_NOBLOCK)
             try:
                 items = unpackb(frame)
                 if type(items) is not list:
@@ -569,12 +586,12 @@ class Kernel:
     # ------------------------------------------------------------------ control requests
 
     def _drain_control(self) -> None:
+        sock = self.control
         for _ in range(1000):
-            try:
-                frames = self.control.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
+            # Ask before reading: an exception per drained socket costs more than the request.
+            if not sock.getsockopt(_EVENTS) & _POLLIN:
                 return
-            self._on_control(frames)
+            self._on_control(sock.recv_multipart(_NOBLOCK))
 
     def _on_control(self, frames: list[bytes]) -> None:
         identity = frames[0]
