@@ -7,13 +7,12 @@ Every command takes ``--state-dir`` (default ``$LLMOS_STATE_DIR`` or the XDG sta
 from __future__ import annotations
 
 import datetime as _dt
-import functools
 import json
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ import click
 import llmos
 from llmos.client import Client, JobInfo
 from llmos.errors import ConfigError, LlmosError
+from llmos.kernel.cliutil import _table, _ts, echo_json, json_option, state_dir_option, with_client
 from llmos.paths import KERNEL_FILE, resolve_state_dir
 from llmos.protocol import END_STATES, JOB_STATES, Event
 from llmos.units import format_size, parse_size
@@ -79,48 +79,6 @@ def cli() -> None:
     Every command finds the kernel through its state directory: --state-dir, else
     $LLMOS_STATE_DIR, else $XDG_STATE_HOME/llmos.
     """
-
-
-def state_dir_option(f: Callable[..., Any]) -> Callable[..., Any]:
-    return click.option(
-        "--state-dir",
-        type=click.Path(file_okay=False, path_type=Path),
-        default=None,
-        help="The kernel's state directory (default: $LLMOS_STATE_DIR or $XDG_STATE_HOME/llmos).",
-    )(f)
-
-
-def json_option(f: Callable[..., Any]) -> Callable[..., Any]:
-    return click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")(f)
-
-
-def with_client(f: Callable[..., Any]) -> Callable[..., Any]:
-    """Give the command a connected Client (built from --state-dir)."""
-
-    @state_dir_option
-    @functools.wraps(f)
-    def wrapper(state_dir: Path | None, **kwargs: Any) -> Any:
-        with llmos.connect(state_dir) as client:
-            return f(client, **kwargs)
-
-    return wrapper
-
-
-def echo_json(data: Any) -> None:
-    click.echo(json.dumps(data, default=str))
-
-
-def _ts(ts: float | None) -> str:
-    if not ts:
-        return "-"
-    return _dt.datetime.fromtimestamp(ts).strftime("%H:%M:%S.%f")[:-3]
-
-
-def _table(rows: list[list[str]], headers: list[str]) -> None:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
-    click.echo("  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip())
-    for row in rows:
-        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -462,30 +420,20 @@ def events(client: Client, prefix: str, follow: bool, since: int, as_json: bool)
 
 
 # ---------------------------------------------------------------------------------------------
-# plugins
+# plugins (kernel/plugin_cli.py)
 
+from llmos.kernel.plugin_cli import plugins  # noqa: E402 - the group needs the helpers above
 
-@cli.command()
-@with_client
-@json_option
-def plugins(client: Client, as_json: bool) -> None:
-    """List the kernel's plugins, their status, and the job kinds they register."""
-    records = client.plugins()
-    kinds = client.kinds()
-    if as_json:
-        echo_json(records)
-        return
-    rows = [[r["name"], r.get("version") or "-", r["status"], ", ".join(r["kinds"] + r["services"]) or "-", (r.get("error") or "")[:60]] for r in records]
-    _table(rows, ["PLUGIN", "VERSION", "STATUS", "KINDS", "ERROR"])
-    if kinds:
-        click.echo("")
-        for k in kinds:
-            params = ", ".join(f"{p['name']}: {p['type']}" + (f" = {p['default']!r}" if "default" in p else "") for p in k["params"])
-            click.echo(f"{k['name']}({params})  {k['help']}")
+cli.add_command(plugins)
+
 
 
 def main() -> None:
     """Entry point of the ``llmos`` command."""
+    from llmos.kernel.logs import configure_logging
+
+    # Warnings (a broken plugin, say) go to stderr, never into --json output.
+    configure_logging(json_lines=False, level="warning", stream=sys.stderr)
     try:
         cli.main(prog_name="llmos")
     except ConfigError as exc:

@@ -24,7 +24,7 @@ def configure_logging(*, json_lines: bool, level: str = "info", stream: TextIO |
         processors=[*processors, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS.get(level, logging.INFO)),
         logger_factory=structlog.PrintLoggerFactory(stream or sys.stderr),
-        cache_logger_on_first_use=True,
+        cache_logger_on_first_use=False,  # the CLI configures stderr first, `boot` then a file
     )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata as metadata
 import os
+import time
 import traceback
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -41,6 +42,8 @@ class PluginRecord:
     builtin: bool = False
     status: str = "ok"
     error: str | None = None
+    traceback: str | None = None
+    api: str | None = None
     hooks: list[str] = field(default_factory=list)
     kinds: list[str] = field(default_factory=list)
     services: list[str] = field(default_factory=list)
@@ -81,9 +84,13 @@ class Registry:
     plugins: dict[str, PluginRecord] = field(default_factory=dict)
     kinds: dict[str, KindEntry] = field(default_factory=dict)
     commands: list[tuple[str, Any]] = field(default_factory=list)
+    #: kinds that exist but may not be submitted (their plugin broke, their service is quarantined)
+    unavailable: dict[str, str] = field(default_factory=dict)
 
     def kind(self, name: str) -> KindEntry:
         """The entry for a job kind; JobRejected listing the known kinds if there is none."""
+        if name in self.unavailable:
+            raise JobRejected(f"job kind {name!r} is unavailable: {self.unavailable[name]}", kind=name)
         try:
             return self.kinds[name]
         except KeyError:
@@ -181,6 +188,7 @@ def load_plugins(
         reg.plugins[name] = record
         if name in disabled:
             record.status = "disabled"
+            record.error = f"disabled (llmos plugins enable {name})"
             continue
         if not _wanted(name, value):
             record.status = "disabled"
@@ -190,6 +198,11 @@ def load_plugins(
             module = load()
         except BaseException as exc:  # a plugin's import may raise anything, SystemExit included
             _broken(record, f"import failed: {type(exc).__name__}: {exc}", traceback.format_exc())
+            continue
+        problem = _api_problem(record, module)
+        if problem:
+            record.status, record.error = "incompatible", problem
+            log.warning("plugin_incompatible", plugin=name, error=problem)
             continue
         try:
             pm.register(module, name=name)
@@ -204,16 +217,60 @@ def load_plugins(
     return reg
 
 
+def _api_problem(record: PluginRecord, module: Any) -> str | None:
+    """Why the plugin's declared ``LLMOS_API`` range excludes this llmos, or None."""
+    declared = getattr(module, "LLMOS_API", None)
+    if declared is None:
+        return None  # undeclared: taken as compatible (and shown as such)
+    record.api = str(declared)
+    return api_problem(record.name, str(declared))
+
+
+def api_problem(name: str, declared: str) -> str | None:
+    """None if the range ``declared`` (like ">=1,<2") admits this llmos's plugin API."""
+    from packaging.specifiers import InvalidSpecifier, SpecifierSet
+
+    from llmos import PLUGIN_API
+
+    try:
+        ok = SpecifierSet(declared).contains(str(PLUGIN_API), prereleases=True)
+    except InvalidSpecifier:
+        return f"plugin {name!r} declares LLMOS_API = {declared!r}, which is not a version range like '>=1,<2'"
+    if not ok:
+        return f"plugin {name!r} supports llmos plugin API {declared}; this llmos has plugin API {PLUGIN_API}"
+    return None
+
+
 def _broken(record: PluginRecord, error: str, tb: str | None) -> None:
     record.status = "broken"
     record.error = error
+    record.traceback = tb
     log.warning("plugin_broken", plugin=record.name, error=error, traceback=tb)
 
 
+def _call(impl: Any, hook_name: str, **kwargs: Any) -> Any:
+    """Call one plugin's implementation of a hook (traced when LLMOS_TRACE_HOOKS=1).
+
+    We call implementations one by one, not through pluggy's hook caller, so that one plugin's
+    exception is its own; pluggy's tracing never sees these calls, hence our own.
+    """
+    if os.environ.get("LLMOS_TRACE_HOOKS") != "1":
+        return impl.function(**kwargs)
+    log.debug("hook_call", hook=hook_name, plugin=impl.plugin_name, args=sorted(kwargs))
+    started = time.perf_counter()
+    try:
+        result = impl.function(**kwargs)
+    except BaseException as exc:
+        log.debug("hook_raised", hook=hook_name, plugin=impl.plugin_name, error=f"{type(exc).__name__}: {exc}")
+        raise
+    log.debug("hook_returned", hook=hook_name, plugin=impl.plugin_name, ms=round((time.perf_counter() - started) * 1000, 3))
+    return result
+
+
 def _impls(pm: pluggy.PluginManager, hook_name: str) -> list[Any]:
-    caller = getattr(pm.hook, hook_name)
-    # pluggy calls later-registered implementations first; keep load order instead.
-    return list(reversed(caller.get_hookimpls()))
+    # get_hookimpls() lists implementations in registration (load) order; pluggy *calls* them in
+    # reverse, but registrations must go first-come first-served.
+    return list(getattr(pm.hook, hook_name).get_hookimpls())
 
 
 def _collect(reg: Registry) -> None:
@@ -230,7 +287,7 @@ def _collect(reg: Registry) -> None:
                 continue
             staged: list[Any] = []
             try:
-                impl.function(register=staged.append)
+                _call(impl, hook_name, register=staged.append)
                 for item in staged:
                     _register_one(reg, record, what, item)
             except Exception as exc:
@@ -277,7 +334,7 @@ def collect_commands(reg: Registry, taken: set[str]) -> list[tuple[str, Any]]:
             continue
         staged: list[Any] = []
         try:
-            impl.function(register=staged.append)
+            _call(impl, "llmos_register_commands", register=staged.append)
             for cmd in staged:
                 if not isinstance(cmd, click.Command):
                     raise TypeError(f"register() takes a click.Command, got {type(cmd).__name__}")
@@ -296,9 +353,9 @@ def call_broadcast(reg: Registry, hook_name: str, **kwargs: Any) -> None:
     """Call every implementation of a broadcast hook on its own; one failure never stops the rest."""
     for impl in _impls(reg.pm, hook_name):
         try:
-            impl.function(**{k: v for k, v in kwargs.items() if k in impl.argnames})
+            _call(impl, hook_name, **{k: v for k, v in kwargs.items() if k in impl.argnames})
         except Exception as exc:
             log.warning("hook_failed", hook=hook_name, plugin=impl.plugin_name, error=f"{type(exc).__name__}: {exc}")
 
 
-__all__ = ["KindEntry", "PluginRecord", "Registry", "call_broadcast", "collect_commands", "load_plugins", "make_plugin_manager"]
+__all__ = ["KindEntry", "PluginRecord", "Registry", "api_problem", "call_broadcast", "collect_commands", "load_plugins", "make_plugin_manager"]

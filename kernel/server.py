@@ -63,9 +63,13 @@ from llmos.protocol import (
     KernelStarted,
     KernelStopping,
     OkReply,
+    PluginsChanged,
+    PluginsReloadReply,
+    PluginsReloadRequest,
     PluginsReply,
     PluginsRequest,
     ReplayRequest,
+    ServiceQuarantined,
     ShutdownRequest,
     StatusReply,
     StatusRequest,
@@ -144,6 +148,10 @@ class Kernel:
         self._sigchld = False
         self._next_reap = 0.0
         self._fast_checks: dict[str, Any] = {}
+        self.generation = 0
+        self._service_crashes: dict[str, list[float]] = {}
+        self._service_restarts: list[tuple[float, str, dict[str, Any], dict[str, Any]]] = []
+        self.quarantined: dict[str, str] = {}
         self._signals: list[int] = []
         self._lock_fd: int | None = None
         self._probe: subprocess.Popen[bytes] | None = None
@@ -168,7 +176,7 @@ class Kernel:
         self.store = Store(self.state_dir / "llmos.db")
         self.seq = self.store.last_seq()
         self._ended_counts = {k: v for k, v in self.store.count_jobs().items() if k in END_STATES}
-        self.registry: Registry = load_plugins(disabled=self._disabled_plugins())
+        self.registry: Registry = self._load_registry()
         ds = self.settings["devices"]
         cores = float(ds["cpus"]) or float(psutil.cpu_count() or 1)
         ram = parse_size(ds["memory"]) if ds["memory"] else psutil.virtual_memory().total
@@ -200,6 +208,14 @@ class Kernel:
         self._flush_out()
         self._write_kernel_file()
         log.info("kernel_ready", pid=os.getpid(), state_dir=str(self.state_dir), **self.endpoints, workers=method)
+
+    def _load_registry(self) -> Registry:
+        from llmos.kernel.cliutil import BUILTIN_COMMANDS
+        from llmos.kernel.plugins import collect_commands
+
+        registry = load_plugins(disabled=self._disabled_plugins())
+        collect_commands(registry, set(BUILTIN_COMMANDS))  # so `plugins list` shows them
+        return registry
 
     def _disabled_plugins(self) -> list[str]:
         path = self.state_dir / "plugins.json"
@@ -634,6 +650,11 @@ class Kernel:
         if proc.pid is None:
             proc.pid = msg.pid
             self.worker_by_pid[msg.pid] = proc
+        if proc.generation != self.generation and proc.job_id is None:
+            proc.assigned = True  # started before a plugin reload: let it go
+            self._out_control.append((identity, encode_control(WorkerExit(), "kernel")))
+            self._schedule_needed = True
+            return None
         if proc.job_id is not None:
             self._assign(proc)
         else:
@@ -687,18 +708,52 @@ class Kernel:
         log.info("job_submitted", job_id=job.id, kind=job.kind)
         return job
 
+    def _service_failed(self, job: JobRecord) -> None:
+        """A service's job failed: start it again after a backoff, or quarantine it."""
+        entry = self.registry.kinds.get(job.kind)
+        if entry is None or not entry.service or self.stopping:
+            return
+        ss = self.settings["services"]
+        now = time.monotonic()
+        window = float(ss["restart_window"])
+        crashes = [t for t in self._service_crashes.get(job.kind, []) if now - t <= window] + [now]
+        self._service_crashes[job.kind] = crashes
+        if len(crashes) > int(ss["max_restarts"]):
+            why = f"service {job.kind!r} failed {len(crashes)} times in {window:g}s (last: {job.reason}); reload plugins to try again"
+            self.quarantined[job.kind] = why
+            self._apply_unavailable()
+            self.emit(
+                "kernel.service_quarantined",
+                ServiceQuarantined(service=job.kind, plugin=entry.plugin, crashes=len(crashes), window=window, reason=job.reason or ""),
+            )
+            log.warning("service_quarantined", service=job.kind, crashes=len(crashes))
+            return
+        delay = min(float(ss["restart_backoff_max"]), 2.0 ** (len(crashes) - 1))
+        self._service_restarts.append((now + delay, job.kind, job.params, job.resources))
+        log.info("service_restart_scheduled", service=job.kind, delay=delay, crashes=len(crashes))
+
+    def _restart_services(self, now: float) -> None:
+        due = [r for r in self._service_restarts if r[0] <= now]
+        if not due:
+            return
+        self._service_restarts = [r for r in self._service_restarts if r[0] > now]
+        for _, kind, params, resources in due:
+            if kind in self.quarantined or kind not in self.registry.kinds:
+                continue
+            self._create_job(kind, params, Resources(**resources), priority=1000)
+
     def _autostart_services(self) -> None:
         """Start every ``autostart`` service that is not already queued or running."""
-        active = {j.kind for j in self.jobs.values()}
+        active = {j.kind for j in self.jobs.values()} | {r[1] for r in self._service_restarts}
         for name, entry in sorted(self.registry.kinds.items()):
-            if entry.service and getattr(entry.spec, "autostart", False) and name not in active:
+            if entry.service and getattr(entry.spec, "autostart", False) and name not in active and name not in self.quarantined:
                 try:
                     _, params, res = self.registry.validate(name, {}, {})
                     self.devices.check(res)
                 except LlmosError as exc:
                     log.warning("service_not_started", service=name, error=str(exc))
                     continue
-                self._create_job(name, params, res, priority=1000, max_retries=3)
+                self._create_job(name, params, res, priority=1000)
 
     def _get_job(self, job_id: int) -> JobRecord:
         if not 0 < job_id < 2**63:
@@ -771,6 +826,55 @@ class Kernel:
         self._out_control.append((identity, [packb(header), body]))
         return None
 
+    def _on_plugins_reload(self, identity: bytes, msg: PluginsReloadRequest) -> PluginsReloadReply:
+        return self.reload_plugins()
+
+    def reload_plugins(self) -> PluginsReloadReply:
+        """Load the plugin set again; running jobs keep theirs, new workers get the new one."""
+        import importlib
+
+        importlib.invalidate_caches()
+        old = self.registry
+        self.registry = self._load_registry()
+        self.quarantined.clear()
+        self._service_crashes.clear()
+        self._apply_unavailable()
+        ok_before = {n for n, r in old.plugins.items() if r.status == "ok"}
+        ok_after = {n for n, r in self.registry.plugins.items() if r.status == "ok"}
+        change = PluginsChanged(
+            added=sorted(ok_after - ok_before),
+            removed=sorted(ok_before - ok_after),
+            kinds_added=sorted(self.registry.kinds.keys() - old.kinds.keys()),
+            kinds_removed=sorted(old.kinds.keys() - self.registry.kinds.keys()),
+        )
+        # Workers forked from the old zygote hold the old plugins: retire the idle ones.
+        self.generation += 1
+        for worker in self.workers.values():
+            if worker.alive and worker.job_id is None and not worker.assigned and worker.ready:
+                self._out_control.append((worker.id.encode(), encode_control(WorkerExit(), "kernel")))
+                worker.assigned = True  # never hand it a job
+        was = self.launcher.zygote_fd
+        self.launcher.restart_zygote()
+        if was is not None:
+            self.poller.unregister(was)
+        if self.launcher.zygote_fd is not None:
+            self.poller.register(self.launcher.zygote_fd, zmq.POLLIN)
+        self.emit("kernel.plugins_changed", change)
+        self._schedule_needed = True
+        self._autostart_services()
+        log.info("plugins_reloaded", **encode_body(change))
+        return PluginsReloadReply(plugins=self.registry.describe_plugins(), **encode_body(change))
+
+    def _apply_unavailable(self) -> None:
+        """Kinds of quarantined services may not be submitted; plugin records say so."""
+        self.registry.unavailable = dict(self.quarantined)
+        for name in self.quarantined:
+            entry = self.registry.kinds.get(name)
+            record = self.registry.plugins.get(entry.plugin) if entry else None
+            if record is not None:
+                record.status = "quarantined"
+                record.error = self.quarantined[name]
+
     def _on_shutdown(self, identity: bytes, msg: ShutdownRequest) -> OkReply:
         self.stopping = "shutdown requested"
         return OkReply()
@@ -786,6 +890,7 @@ class Kernel:
         PluginsRequest: _on_plugins,
         StatusRequest: _on_status,
         ReplayRequest: _on_replay,
+        PluginsReloadRequest: _on_plugins_reload,
         ShutdownRequest: _on_shutdown,
     }
     _current_parent: str | None = None
@@ -803,7 +908,8 @@ class Kernel:
         job hostage while another worker sits idle.
         """
         pending = [j for j in self.jobs.values() if j.state == "pending"]
-        ready = [w for w in self.workers.values() if w.alive and w.ready and w.job_id is None and not w.assigned]
+        gen = self.generation
+        ready = [w for w in self.workers.values() if w.alive and w.ready and w.job_id is None and not w.assigned and w.generation == gen]
         waiting_for_worker = 0
         if pending:
             now = time.time()
@@ -825,6 +931,7 @@ class Kernel:
 
     def _spawn(self) -> WorkerProc:
         proc = self.launcher.start()
+        proc.generation = self.generation
         self.workers[proc.id] = proc
         if proc.pid is not None:
             self.worker_by_pid[proc.pid] = proc
@@ -840,7 +947,7 @@ class Kernel:
                 alive += 1
                 if not w.ready:
                     starting += 1
-                if w.job_id is None and not w.assigned:
+                if w.job_id is None and not w.assigned and w.generation == self.generation:
                     spare += 1
         want = int(ws["pool_size"]) + extra
         while spare < want and starting < int(ws["max_starting"]) and alive < int(ws["max_workers"]) and self.launcher.can_start():
@@ -978,6 +1085,8 @@ class Kernel:
             self.emit_state(job)
             self.jobs.pop(job.id, None)
             self._ended_counts[state] = self._ended_counts.get(state, 0) + 1
+            if state == "failed" and reason != "kernel restarted":
+                self._service_failed(job)
             # The stream is complete: forget its counter (a later event would look it up again).
             self._stream_seq.pop(f"job.{job.id}", None)
             log.info("job_ended", job_id=job.id, state=state, reason=reason, exit_code=exit_code, attempts=job.attempts)
@@ -1024,6 +1133,8 @@ class Kernel:
 
     def _timers(self) -> None:
         now = time.monotonic()
+        if self._service_restarts:
+            self._restart_services(now)
         ws = self.settings["workers"]
         hb_timeout = float(ws["heartbeat_timeout"])
         for worker in list(self.workers.values()):

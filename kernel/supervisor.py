@@ -65,6 +65,7 @@ class WorkerProc:
     exited_at: float | None = None
     done_at: float | None = None  # when its job_done arrived
     lost: bool = False  # killed for missing heartbeats
+    generation: int = 0  # the plugin set it was started with (see Kernel.reload_plugins)
 
     @property
     def alive(self) -> bool:
@@ -180,6 +181,12 @@ class Launcher:
         # We reap with os.waitpid ourselves; keep Popen from doing it too.
         child.returncode = 0
         return proc
+
+    def restart_zygote(self) -> None:
+        """A fresh zygote (after a plugin reload: the old one holds the old plugin set)."""
+        self.close()
+        if self.method == "zygote":
+            self._start_zygote()
 
     def close(self) -> None:
         if self.zygote is not None:

@@ -635,6 +635,48 @@ class ReplayReply:
     more: bool
 
 
+@message("kernel.plugins_reload_request")
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PluginsReloadRequest:
+    """Load the plugins again (after an install, uninstall, enable or disable); new workers get the new set."""
+
+
+@message("kernel.plugins_reload_reply")
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PluginsReloadReply:
+    """What a reload changed: plugins and job kinds added and removed, and the new plugin list."""
+
+    status: str = "ok"
+    added: list[str]
+    removed: list[str]
+    kinds_added: list[str]
+    kinds_removed: list[str]
+    plugins: list[dict[str, Any]]
+
+
+@message("kernel.plugins_changed")
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PluginsChanged:
+    """The kernel's plugin set changed."""
+
+    added: list[str]
+    removed: list[str]
+    kinds_added: list[str]
+    kinds_removed: list[str]
+
+
+@message("kernel.service_quarantined")
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServiceQuarantined:
+    """A service crashed too often and will not be restarted until the plugins are reloaded."""
+
+    service: str
+    plugin: str
+    crashes: int
+    window: float
+    reason: str
+
+
 @message("kernel.shutdown_request")
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ShutdownRequest:
@@ -815,10 +857,14 @@ __all__ = [
     "KernelStopping",
     "MessageSpec",
     "OkReply",
+    "PluginsChanged",
+    "PluginsReloadReply",
+    "PluginsReloadRequest",
     "PluginsReply",
     "PluginsRequest",
     "ReplayReply",
     "ReplayRequest",
+    "ServiceQuarantined",
     "ShutdownRequest",
     "StatusReply",
     "StatusRequest",
