@@ -839,6 +839,12 @@ class Kernel:
         self.quarantined.clear()
         self._service_crashes.clear()
         self._apply_unavailable()
+        # A plugin that worked and now does not: its kinds are refused with its error, not "unknown".
+        for name, record in self.registry.plugins.items():
+            before = old.plugins.get(name)
+            if record.status not in ("ok", "disabled") and before is not None and before.status == "ok":
+                for kind in before.kinds + before.services:
+                    self.registry.unavailable.setdefault(kind, f"its plugin {name!r} is {record.status}: {record.error}")
         ok_before = {n for n, r in old.plugins.items() if r.status == "ok"}
         ok_after = {n for n, r in self.registry.plugins.items() if r.status == "ok"}
         change = PluginsChanged(
@@ -867,7 +873,7 @@ class Kernel:
 
     def _apply_unavailable(self) -> None:
         """Kinds of quarantined services may not be submitted; plugin records say so."""
-        self.registry.unavailable = dict(self.quarantined)
+        self.registry.unavailable.update(self.quarantined)
         for name in self.quarantined:
             entry = self.registry.kinds.get(name)
             record = self.registry.plugins.get(entry.plugin) if entry else None
