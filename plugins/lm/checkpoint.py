@@ -1,0 +1,144 @@
+"""Checkpoints as Hugging Face directories: config.json, model.safetensors, tokenizer.json, and
+llmos.json (provenance). ``transformers.AutoModelForCausalLM.from_pretrained(dir)`` loads them;
+:func:`load_checkpoint` loads ours and Llama-family ones saved by transformers."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from llmos.plugins.lm.config import LlamaConfig
+from llmos.plugins.lm.model import Llama
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be loaded: what is missing or wrong, and where."""
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def library_versions() -> dict[str, str]:
+    import llmos
+
+    out = {"llmos": llmos.__version__, "torch": torch.__version__, "python": platform.python_version()}
+    for name in ("safetensors", "tokenizers", "transformers"):
+        try:
+            from importlib.metadata import version
+
+            out[name] = version(name)
+        except Exception:
+            pass
+    return out
+
+
+def save_checkpoint(directory: Path, model: Llama, tokenizer_json: str | None, manifest: dict[str, Any], extra_state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write the checkpoint atomically (a temporary directory renamed into place)."""
+    directory = Path(directory)
+    tmp = directory.with_name(directory.name + f".tmp{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    config = model.config
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)  # shared with embed_tokens, as transformers saves it
+    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    (tmp / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2))
+    if tokenizer_json is not None:
+        (tmp / "tokenizer.json").write_text(tokenizer_json)
+    if extra_state:
+        save_file({k: v.contiguous().cpu() for k, v in extra_state.items()}, str(tmp / "train_state.safetensors"))
+    full = {
+        "format": "llmos-checkpoint/1",
+        "created_at": time.time(),
+        "model_sha256": file_sha256(tmp / "model.safetensors"),
+        "parameters": sum(v.numel() for v in state.values()),
+        "libraries": library_versions(),
+        **manifest,
+    }
+    (tmp / "llmos.json").write_text(json.dumps(full, indent=2, default=str))
+    if directory.exists():
+        old = directory.with_name(directory.name + f".old{os.getpid()}")
+        directory.rename(old)
+        tmp.rename(directory)
+        _rmtree(old)
+    else:
+        tmp.rename(directory)
+    return directory
+
+
+def _rmtree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def read_config(directory: Path) -> LlamaConfig:
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{directory} is not a checkpoint: it has no config.json")
+    try:
+        return LlamaConfig.from_hf_dict(json.loads(path.read_text()))
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
+
+
+def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> tuple[Llama, dict[str, Any]]:
+    """The model of a checkpoint directory and its llmos.json (empty for foreign checkpoints).
+
+    Missing, unexpected or mis-shaped tensors are a :class:`CheckpointError` naming them.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"checkpoint {directory} does not exist or is not a directory")
+    config = read_config(directory)
+    weights = directory / "model.safetensors"
+    if not weights.is_file():
+        shards = sorted(directory.glob("model-*.safetensors"))
+        if not shards:
+            raise CheckpointError(f"{directory} has no model.safetensors")
+        state: dict[str, torch.Tensor] = {}
+        for shard in shards:
+            state.update(load_file(str(shard)))
+    else:
+        try:
+            state = load_file(str(weights))
+        except Exception as exc:
+            raise CheckpointError(f"{weights} cannot be read: {exc}") from None
+    with torch.device("meta"):
+        model = Llama(config)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        expected.pop("lm_head.weight", None)
+        state.pop("lm_head.weight", None)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(k for k in set(state) - set(expected) if not k.endswith("rotary_emb.inv_freq"))
+    wrong = sorted(k for k in set(expected) & set(state) if tuple(state[k].shape) != tuple(expected[k]))
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} tensors (first: {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected tensors (first: {unexpected[0]})")
+        if wrong:
+            k = wrong[0]
+            parts.append(f"{len(wrong)} tensors of the wrong shape (first: {k} is {tuple(state[k].shape)}, config.json implies {tuple(expected[k])})")
+        raise CheckpointError(f"{weights}: " + "; ".join(parts))
+    model = Llama(config)
+    model.load_state_dict(state, strict=not config.tie_word_embeddings)
+    model.to(device=device, dtype=dtype)
+    manifest_path = directory / "llmos.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    return model, manifest
