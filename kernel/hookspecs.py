@@ -72,6 +72,25 @@ def llmos_register_message_types(register: Callable[[type], None]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# dispatch: the first plugin that answers wins
+
+
+@hookspec(firstresult=True)
+def llmos_load_model(path: str, device: Any, dtype: Any) -> Any:
+    """Load the model stored at ``path`` if this plugin knows its format, else return None.
+
+    Runners call it through :meth:`llmos.JobContext.load_model`; the built-in ``lm`` plugin
+    loads Hugging Face-style Llama checkpoint directories. Stops at the first non-None result.
+
+    :param path: a directory or file holding a model.
+    :param device: the torch device to load onto (None: the CPU).
+    :param dtype: the torch dtype of the weights (None: as stored).
+
+    Called in: worker
+    """
+
+
+# ---------------------------------------------------------------------------------------------
 # worker lifecycle: broadcast hooks, each implementation called on its own
 
 

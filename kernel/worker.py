@@ -258,6 +258,7 @@ def run_job(bus: Bus, registry: Registry, assign: WorkerAssign) -> JobDone:
         cancel_event=bus.cancel_event,
     )
     ctx.cancel_reason = bus.cancel_reason
+    ctx._model_loader = lambda path, device, dtype: registry.pm.hook.llmos_load_model(path=path, device=device, dtype=dtype)
     bus.ctx = ctx
     outcome, error, tb, result = "succeeded", None, None, None
     runner = None

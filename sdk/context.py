@@ -15,6 +15,7 @@ from typing import Any
 
 import structlog
 
+from llmos.errors import LlmosError
 from llmos.protocol import JobArtifact, JobMetric, encode_body, type_name_of, validate_body
 
 Emit = Callable[[str, str, dict[str, Any]], None]  # (topic suffix, type name, body)
@@ -99,6 +100,7 @@ class JobContext:
         self._cancel = cancel_event or threading.Event()
         self.cancel_reason: str | None = None
         self.log = make_bus_logger(emit, name=kind)
+        self._model_loader: Callable[[str, Any, Any], Any] | None = None
 
     # -- what the runner reports --
 
@@ -128,6 +130,17 @@ class JobContext:
         type_name, body = type_name_of(msg), _body(msg)
         validate_body(type_name, body)
         self._emit(suffix, type_name, body)
+
+    # -- models --
+
+    def load_model(self, path: str | Path, device: Any = None, dtype: Any = None) -> Any:
+        """Load a model through the plugins' ``llmos_load_model`` hook (the first that knows its format)."""
+        if self._model_loader is None:
+            raise LlmosError("no model loader in this context")
+        model = self._model_loader(str(path), device, dtype)
+        if model is None:
+            raise LlmosError(f"no plugin can load a model from {path}")
+        return model
 
     # -- cancellation --
 

@@ -1,0 +1,93 @@
+"""lm: Llama-family language models — the ``train`` and ``eval`` jobs, their CLI commands, and
+the loader for Hugging Face-style Llama checkpoints.
+
+This module stays light (no torch): the kernel imports it to validate parameters. The runners
+live in :mod:`llmos.plugins.lm.train` and run in workers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import llmos
+from llmos import JobKind, Resources, param
+from llmos.plugins.lm.config import PRESETS
+
+LLMOS_API = ">=1,<2"
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    data: str = param(help="A text file, a directory of them (see glob), a .jsonl file (see text_field), or 'stdlib'.")
+    glob: str = param("**/*.txt", help="Which files of a data directory to read.")
+    text_field: str = param("text", help="The field holding the text in JSON-lines data.")
+    max_bytes: int = param(50_000_000, ge=1, help="Read at most this many characters of the corpus.")
+    val_fraction: float = param(0.05, gt=0, lt=1, help="The share of the corpus held out for validation.")
+    preset: str = param("nano", choices=tuple(PRESETS), help="The model shape (ignored with config or init_from).")
+    config: dict[str, Any] | None = param(None, help="A full model config (Hugging Face field names) instead of a preset.")
+    tokenizer: str = param("bpe", help="'bpe' (learned from the corpus), 'bytes', or a path to a tokenizer.json.")
+    vocab_size: int = param(2048, ge=258, le=262_144, help="The vocabulary size of a learned BPE tokenizer.")
+    steps: int = param(100, ge=1, le=100_000_000, help="Optimizer steps.")
+    batch_size: int = param(8, ge=1, le=65_536, help="Sequences per micro-batch.")
+    seq_len: int = param(128, ge=8, le=1_048_576, help="Tokens per sequence.")
+    grad_accum: int = param(1, ge=1, le=4096, help="Micro-batches per optimizer step.")
+    lr: float = param(3e-3, gt=0, le=1, help="Peak learning rate (AdamW).")
+    min_lr_ratio: float = param(0.1, ge=0, le=1, help="The cosine decay ends at lr * min_lr_ratio.")
+    warmup_steps: int = param(10, ge=0, help="Steps of linear warmup.")
+    weight_decay: float = param(0.1, ge=0, help="AdamW weight decay (matrices only).")
+    grad_clip: float = param(1.0, ge=0, help="Clip the gradient norm to this (0: no clipping).")
+    seed: int = param(0, ge=0, help="Seeds the weights and the data order.")
+    dtype: Literal["auto", "float32", "bfloat16"] = param("auto", help="Autocast: auto is bfloat16 on GPUs that support it, else float32.")
+    compile: bool = param(False, help="Run the model through torch.compile.")
+    log_every: int = param(10, ge=1, help="A progress event every this many steps.")
+    eval_every: int = param(50, ge=0, help="Validation loss every this many steps (0: only at the end).")
+    eval_batches: int = param(8, ge=1, help="Batches of validation per evaluation.")
+    checkpoint_every: int = param(0, ge=0, help="A checkpoint every this many steps (0: only at the end).")
+    init_from: str | None = param(None, help="Start from this checkpoint's weights (fine-tuning).")
+    resume: str | None = param(None, help="Continue this checkpoint's run exactly (weights, optimizer, data order).")
+    output: str | None = param(None, help="Where to write the checkpoint (default: the job's directory).")
+    threads: int = param(0, ge=0, le=1024, help="Torch CPU threads (0: the job's reserved cpus).")
+
+
+@dataclass(frozen=True)
+class EvalParams:
+    model: str = param(help="A checkpoint directory.")
+    data: str | None = param(None, help="A corpus (as for train), or none for the one the model was trained on.")
+    glob: str | None = param(None, help="Which files of a data directory to read.")
+    split: Literal["validation", "all"] = param("validation", help="The held-out split, or the whole corpus.")
+    max_bytes: int = param(50_000_000, ge=1, help="Read at most this many characters of the corpus.")
+    seq_len: int = param(128, ge=8, help="Tokens per window.")
+    batch_size: int = param(8, ge=1, help="Windows per batch.")
+    batches: int = param(16, ge=1, help="Batches to average over.")
+    prompts: list[str] = param(default_factory=lambda: ["def ", "import "], help="Prompts for greedy samples.")
+    max_new_tokens: int = param(32, ge=0, le=4096, help="Tokens per sample.")
+    threads: int = param(0, ge=0, le=1024, help="Torch CPU threads (0: the job's reserved cpus).")
+
+
+
+
+@llmos.hookimpl
+def llmos_register_job_kinds(register) -> None:  # type: ignore[no-untyped-def]
+    register(JobKind("train", runner="llmos.plugins.lm.train:TrainRunner", params=TrainParams, resources=Resources(cpus=1), help="Train a Llama-style model from text."))
+    register(JobKind("eval", runner="llmos.plugins.lm.train:EvalRunner", params=EvalParams, resources=Resources(cpus=1), help="Perplexity and greedy samples of a checkpoint."))
+
+
+@llmos.hookimpl
+def llmos_load_model(path: str, device: Any, dtype: Any) -> Any:
+    from pathlib import Path
+
+    if not (Path(path) / "config.json").is_file():
+        return None
+    from llmos.plugins.lm.checkpoint import load_checkpoint
+
+    model, _ = load_checkpoint(path, device=device or "cpu", dtype=dtype)
+    return model
+
+
+@llmos.hookimpl
+def llmos_register_commands(register) -> None:  # type: ignore[no-untyped-def]
+    from llmos.plugins.lm.cli import eval_command, train_command
+
+    register(train_command)
+    register(eval_command)

@@ -1,0 +1,149 @@
+"""``llmos train`` and ``llmos eval``: submit the job, then follow it with a progress line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+import llmos
+
+
+def _params(pairs: tuple[str, ...]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"expected KEY=VALUE, got {pair!r}", param_hint="-p")
+        out[key] = value
+    return out
+
+
+def _bar(step: float, total: float | None, width: int = 24) -> str:
+    if not total:
+        return ""
+    done = int(width * min(1.0, step / total))
+    return "[" + "=" * done + ">" * (done < width) + " " * (width - done - 1) + "]"
+
+
+def follow(job: llmos.Job, as_json: bool) -> llmos.JobInfo:
+    """Print the job's progress: one updating line on a terminal, plain lines when piped."""
+    tty = sys.stdout.isatty() and not as_json
+    for event in job.events(follow=True):
+        if as_json:
+            continue
+        b = event.body
+        if event.type == "job.progress":
+            f = b.get("fields", {})
+            parts = [f"step {b['step']:g}/{b['total']:g}" if b.get("total") else f"step {b['step']:g}"]
+            if "loss" in f:
+                parts.append(f"loss {f['loss']:.4f}")
+            if "lr" in f:
+                parts.append(f"lr {f['lr']:.2e}")
+            if "tokens_per_s" in f:
+                parts.append(f"{f['tokens_per_s']:,.0f} tok/s")
+            if "eta_s" in f:
+                parts.append(f"ETA {f['eta_s']:.0f}s")
+            if b.get("message"):
+                parts.append(str(b["message"]))
+            line = f"{_bar(b['step'], b.get('total'))} " + "  ".join(parts)
+            if tty:
+                click.echo("\r" + line.ljust(100), nl=False)
+            else:
+                click.echo(line)
+        elif event.type == "job.log" and b.get("event") in ("evaluated", "corpus_ready", "runner_failed"):
+            fields = " ".join(f"{k}={v}" for k, v in b.get("fields", {}).items() if k != "traceback")
+            click.echo(("\n" if tty else "") + f"{b['event']} {fields}")
+        elif event.type == "job.artifact":
+            click.echo(("\n" if tty else "") + f"checkpoint {b['path']}")
+    if tty:
+        click.echo("")
+    return job.wait()
+
+
+def _finish(info: llmos.JobInfo, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(info.to_dict(), default=str))
+    elif info.state == "succeeded":
+        r = info.result or {}
+        summary = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items() if k not in ("samples",))
+        click.echo(f"job {info.id} succeeded: {summary}")
+        for s in r.get("samples", []):
+            click.echo(f"  {s['prompt']!r} -> {s['completion']!r}")
+    else:
+        click.echo(f"job {info.id} {info.state}: {info.reason}")
+    if info.state != "succeeded":
+        sys.exit(1)
+
+
+def _submit(kind: str, params: dict[str, Any], state_dir: Path | None, cpus: float | None, gpus: float | None, detach: bool, as_json: bool) -> None:
+    resources = {k: v for k, v in (("cpus", cpus), ("gpus", gpus)) if v is not None}
+    try:
+        with llmos.connect(state_dir) as client:
+            job = client.submit(kind, params, resources, coerce=True)
+            if detach:
+                click.echo(json.dumps({"id": job.id}) if as_json else f"job {job.id} submitted ({kind}); follow it with: llmos logs {job.id} -f")
+                return
+            if not as_json:
+                click.echo(f"job {job.id} submitted ({kind})")
+            _finish(follow(job, as_json), as_json)
+    except llmos.LlmosError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+_common = [
+    click.option("-p", "--param", "extra", multiple=True, metavar="KEY=VALUE", help="Any other parameter (see `llmos plugins info lm`)."),
+    click.option("--cpus", type=float, default=None, help="CPU cores to reserve (and torch threads)."),
+    click.option("--gpus", type=float, default=None, help="GPUs to reserve."),
+    click.option("--detach", is_flag=True, help="Submit and return; do not follow."),
+    click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="The kernel's state directory."),
+    click.option("--json", "as_json", is_flag=True, help="Print the final job record as JSON."),
+]
+
+
+def _with_common(f: Any) -> Any:
+    for option in reversed(_common):
+        f = option(f)
+    return f
+
+
+@click.command("train")
+@click.option("--data", required=True, help="A text file, a directory of them, a .jsonl file, or 'stdlib'.")
+@click.option("--preset", default=None, help="Model shape: nano, micro, small, llama-3.2-1b, ...")
+@click.option("--steps", type=int, default=None, help="Optimizer steps.")
+@click.option("--batch-size", type=int, default=None, help="Sequences per micro-batch.")
+@click.option("--seq-len", type=int, default=None, help="Tokens per sequence.")
+@click.option("--lr", type=float, default=None, help="Peak learning rate.")
+@click.option("--seed", type=int, default=None, help="Seed for weights and data order.")
+@click.option("--output", default=None, help="Where to write the final checkpoint.")
+@_with_common
+def train_command(data: str, preset: str | None, steps: int | None, batch_size: int | None, seq_len: int | None, lr: float | None, seed: int | None,
+                  output: str | None, extra: tuple[str, ...], cpus: float | None, gpus: float | None, detach: bool, state_dir: Path | None, as_json: bool) -> None:
+    """Train a Llama-style model on text and follow it (step, loss, tokens/s, ETA)."""
+    params: dict[str, Any] = {"data": data}
+    for key, value in (("preset", preset), ("steps", steps), ("batch_size", batch_size), ("seq_len", seq_len), ("lr", lr), ("seed", seed), ("output", output)):
+        if value is not None:
+            params[key] = str(value)
+    params.update(_params(extra))
+    _submit("train", params, state_dir, cpus, gpus, detach, as_json)
+
+
+@click.command("eval")
+@click.argument("model")
+@click.option("--data", default=None, help="A corpus; default: the one the model was trained on.")
+@click.option("--split", type=click.Choice(["validation", "all"]), default=None, help="Which part of the corpus.")
+@_with_common
+def eval_command(model: str, data: str | None, split: str | None, extra: tuple[str, ...], cpus: float | None, gpus: float | None, detach: bool, state_dir: Path | None, as_json: bool) -> None:
+    """Perplexity of a checkpoint and a few greedy samples."""
+    params: dict[str, Any] = {"model": str(Path(model).absolute())}
+    if data:
+        params["data"] = data
+    if split:
+        params["split"] = split
+    params.update(_params(extra))
+    _submit("eval", params, state_dir, cpus, gpus, detach, as_json)
+
+

@@ -1,0 +1,312 @@
+"""The ``train`` and ``eval`` runners (imported only in worker processes: they import torch)."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import llmos
+from llmos.plugins.lm.checkpoint import (
+    CheckpointError,
+    file_sha256,
+    load_checkpoint,
+    save_checkpoint,
+)
+from llmos.plugins.lm.config import config_from_dict, config_from_preset
+from llmos.plugins.lm.model import Llama
+from llmos.plugins.lm.text import (
+    Tok,
+    bytes_tokenizer,
+    corpus_files,
+    documents,
+    load_tokenizer,
+    tokenize_corpus,
+    train_bpe,
+)
+
+
+def cache_dir() -> Path:
+    state = os.environ.get("LLMOS_STATE_DIR")
+    return (Path(state) if state else Path.home() / ".cache" / "llmos") / "cache" / "tokens"
+
+
+def pick_device(ctx: llmos.JobContext) -> torch.device:
+    return torch.device("cuda") if ctx.gpus and torch.cuda.is_available() else torch.device("cpu")
+
+
+def set_threads(ctx: llmos.JobContext, threads: int) -> None:
+    n = threads or max(1, int(ctx.resources.get("cpus") or 1))
+    torch.set_num_threads(n)
+
+
+def batch_at(tokens: np.ndarray, step: int, seed: int, batch_size: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch of ``step``: random windows drawn from a generator seeded by (seed, step), so a
+    resumed run sees exactly the batches an uninterrupted one would."""
+    gen = np.random.Generator(np.random.PCG64([seed, step]))
+    starts = gen.integers(0, len(tokens) - seq_len - 1, size=batch_size)
+    chunk = np.stack([np.asarray(tokens[s : s + seq_len + 1], dtype=np.int64) for s in starts])
+    data = torch.from_numpy(chunk)
+    return data[:, :-1], data[:, 1:]
+
+
+def lr_at(step: int, p: Any) -> float:
+    """Linear warmup, then cosine decay to ``min_lr_ratio * lr``."""
+    if step <= p.warmup_steps:
+        return p.lr * step / max(1, p.warmup_steps)
+    progress = (step - p.warmup_steps) / max(1, p.steps - p.warmup_steps)
+    return p.lr * (p.min_lr_ratio + (1 - p.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+@torch.no_grad()
+def evaluate(model: Llama, tokens: np.ndarray, seq_len: int, batches: int, batch_size: int, device: torch.device, amp: torch.dtype | None) -> float:
+    """Mean loss over fixed windows of ``tokens`` (the same windows every time)."""
+    model.eval()
+    n = len(tokens) - seq_len - 1
+    if n <= 0:
+        raise ValueError(f"the validation split has {len(tokens)} tokens, fewer than one sequence of {seq_len + 1}")
+    starts = np.linspace(0, n, num=min(batches * batch_size, n + 1), dtype=np.int64)
+    losses = []
+    for i in range(0, len(starts), batch_size):
+        chunk = np.stack([np.asarray(tokens[s : s + seq_len + 1], dtype=np.int64) for s in starts[i : i + batch_size]])
+        data = torch.from_numpy(chunk).to(device)
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            losses.append(model.loss(data[:, :-1], data[:, 1:]).item())
+    model.train()
+    return float(np.mean(losses))
+
+
+def _amp_dtype(choice: str, device: torch.device) -> torch.dtype | None:
+    if choice == "float32":
+        return None
+    if choice == "bfloat16":
+        return torch.bfloat16
+    # auto: bfloat16 where the hardware runs it natively (a GPU that supports it), else float32
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
+def _optimizer_state(opt: torch.optim.Optimizer, model: Llama) -> dict[str, torch.Tensor]:
+    names = {id(p): n for n, p in model.named_parameters()}
+    out = {}
+    for p, state in opt.state.items():
+        for key, value in state.items():
+            out[f"opt/{names[id(p)]}/{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    out["rng/torch"] = torch.get_rng_state()
+    return out
+
+
+def _load_optimizer_state(opt: torch.optim.Optimizer, model: Llama, tensors: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    for key, value in tensors.items():
+        if not key.startswith("opt/"):
+            continue
+        _, name, field = key.split("/", 2)
+        if name not in params:
+            raise CheckpointError(f"train state has optimizer state for unknown parameter {name}")
+        opt.state[params[name]][field] = value.to(params[name].device) if field != "step" else value
+    if "rng/torch" in tensors:
+        torch.set_rng_state(tensors["rng/torch"])
+
+
+class TrainRunner(llmos.Runner):
+    """Train a Llama-style model from text; checkpoints are Hugging Face directories."""
+
+    def setup(self, ctx: llmos.JobContext) -> None:
+        p = ctx.params
+        set_threads(ctx, p.threads)
+        self.device = pick_device(ctx)
+        torch.manual_seed(p.seed)
+        self.resume_state: dict[str, torch.Tensor] | None = None
+        self.start_step = 0
+        source = p.resume or p.init_from
+        manifest: dict[str, Any] = {}
+        if source:
+            self.model, manifest = load_checkpoint(source, device=self.device)
+            self.tok = load_tokenizer(source) if (Path(source) / "tokenizer.json").exists() else self._tokenizer(ctx)
+            if p.resume:
+                state_file = Path(p.resume) / "train_state.safetensors"
+                if not state_file.exists():
+                    raise CheckpointError(f"{p.resume} has no train_state.safetensors: it cannot be resumed (use init_from to fine-tune from it)")
+                from safetensors.torch import load_file
+
+                self.resume_state = load_file(str(state_file))
+                self.start_step = int(manifest.get("train_state", {}).get("step", 0))
+        else:
+            self.tok = self._tokenizer(ctx)
+        files = corpus_files(p.data, p.glob)
+        self.train_tokens, self.val_tokens, cached = tokenize_corpus(
+            files, self.tok, cache_dir(), text_field=p.text_field, max_bytes=p.max_bytes, val_fraction=p.val_fraction
+        )
+        ctx.log.info("corpus_ready", files=len(files), train_tokens=len(self.train_tokens), val_tokens=len(self.val_tokens), cached=cached)
+        if len(self.train_tokens) < p.seq_len + 2:
+            raise ValueError(f"the corpus has {len(self.train_tokens)} training tokens, fewer than one sequence of {p.seq_len + 1}")
+        if len(self.val_tokens) < p.seq_len + 2:
+            raise ValueError(f"the validation split has {len(self.val_tokens)} tokens, fewer than one sequence of {p.seq_len + 1}; lower seq_len or raise val_fraction")
+        if not source:
+            if p.config:
+                config = config_from_dict(p.config, vocab_size=self.tok.vocab_size)
+            else:
+                config = config_from_preset(p.preset, self.tok.vocab_size, max_position_embeddings=max(p.seq_len, 512))
+            if self.tok.eos_id is not None:
+                config = type(config)(**{**asdict(config), "eos_token_id": self.tok.eos_id, "bos_token_id": self.tok.eos_id})
+            self.model = Llama(config)
+            self.model.init_weights(p.seed)
+            self.model.to(self.device)
+        if self.model.config.vocab_size < self.tok.vocab_size:
+            raise ValueError(f"the model's vocabulary ({self.model.config.vocab_size}) is smaller than the tokenizer's ({self.tok.vocab_size})")
+        if p.seq_len > self.model.config.max_position_embeddings:
+            raise ValueError(f"seq_len {p.seq_len} is longer than the model's max_position_embeddings {self.model.config.max_position_embeddings}")
+        self.parent = {"path": str(source), "sha256": manifest.get("model_sha256") or _maybe_hash(source)} if source else None
+        self.amp = _amp_dtype(p.dtype, self.device)
+        decay = [q for n, q in self.model.named_parameters() if q.dim() >= 2]
+        no_decay = [q for n, q in self.model.named_parameters() if q.dim() < 2]
+        self.opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": p.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=p.lr, betas=(0.9, 0.95), eps=1e-8, fused=False, foreach=False,
+        )
+        if self.resume_state is not None:
+            _load_optimizer_state(self.opt, self.model, self.resume_state)
+        self.forward = torch.compile(self.model) if p.compile else self.model
+        self.out_dir = Path(p.output) if p.output else ctx.workdir / "checkpoint"
+
+    def _tokenizer(self, ctx: llmos.JobContext) -> Tok:
+        p = ctx.params
+        if p.tokenizer == "bytes":
+            return bytes_tokenizer()
+        if p.tokenizer == "bpe":
+            files = corpus_files(p.data, p.glob)
+            return train_bpe(documents(files, p.text_field, min(p.max_bytes, 20_000_000)), p.vocab_size)
+        return load_tokenizer(p.tokenizer)
+
+    def _save(self, ctx: llmos.JobContext, step: int, metrics: dict[str, Any], path: Path | None = None) -> Path:
+        p = ctx.params
+        path = path or self.out_dir
+        manifest = {
+            "produced_by": {"job_id": ctx.job_id, "kind": ctx.kind, "attempt": ctx.attempt},
+            "parent": self.parent,
+            "recipe": asdict(p),
+            "data": {"source": p.data, "glob": p.glob, "text_field": p.text_field, "max_bytes": p.max_bytes, "val_fraction": p.val_fraction},
+            "metrics": metrics,
+            "train_state": {"step": step},
+        }
+        save_checkpoint(path, self.model, self.tok.to_json(), manifest, extra_state=_optimizer_state(self.opt, self.model))
+        ctx.artifact(path, kind="checkpoint", step=step, **{k: v for k, v in metrics.items() if isinstance(v, int | float)})
+        return path
+
+    def run(self, ctx: llmos.JobContext) -> dict[str, Any]:
+        p = ctx.params
+        model, opt = self.model, self.opt
+        model.train()
+        tokens_per_step = p.batch_size * p.seq_len * p.grad_accum
+        step = self.start_step
+        last_loss = float("nan")
+        val_loss = None
+        metrics: dict[str, Any] = {}
+        t0 = time.perf_counter()
+        window_t, window_tokens = time.perf_counter(), 0
+        ctx.progress(step, p.steps, message="starting", parameters=self.model.config.num_parameters())
+        while step < p.steps:
+            if ctx.cancelled:
+                path = self._save(ctx, step, {"train_loss": last_loss, "val_loss": val_loss, "stopped": "cancelled"})
+                ctx.log.info("cancelled_checkpoint_saved", step=step, checkpoint=str(path))
+                return {"checkpoint": str(path), "steps": step, "cancelled": True}
+            step += 1
+            lr = lr_at(step, p)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            total = 0.0
+            for micro in range(p.grad_accum):
+                x, y = batch_at(self.train_tokens, step * p.grad_accum + micro, p.seed, p.batch_size, p.seq_len)
+                x, y = x.to(self.device), y.to(self.device)
+                with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+                    logits = self.forward(x)
+                loss = torch.nn.functional.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.reshape(-1)) / p.grad_accum
+                loss.backward()
+                total += loss.item()
+            if not math.isfinite(total):
+                good = self.out_dir if (self.out_dir / "model.safetensors").exists() else None
+                raise FloatingPointError(f"the loss became {total} at step {step}; last good checkpoint: {good or 'none (no checkpoint yet)'}")
+            if p.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), p.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            last_loss = total
+            window_tokens += tokens_per_step
+            ctx.metric("train_loss", total, step=step)
+            if step % p.log_every == 0 or step == p.steps:
+                now = time.perf_counter()
+                tps = window_tokens / max(now - window_t, 1e-9)
+                window_t, window_tokens = now, 0
+                eta = (p.steps - step) * tokens_per_step / max(tps, 1e-9)
+                ctx.progress(step, p.steps, loss=round(total, 4), lr=lr, tokens_per_s=round(tps, 1), eta_s=round(eta, 1))
+            if p.eval_every and (step % p.eval_every == 0 or step == p.steps):
+                val_loss = evaluate(model, self.val_tokens, p.seq_len, p.eval_batches, p.batch_size, self.device, self.amp)
+                ctx.metric("val_loss", val_loss, step=step)
+                ctx.metric("val_perplexity", math.exp(min(val_loss, 50)), step=step)
+                ctx.log.info("evaluated", step=step, val_loss=round(val_loss, 4), val_perplexity=round(math.exp(min(val_loss, 50)), 2))
+            if p.checkpoint_every and step % p.checkpoint_every == 0 and step != p.steps:
+                self._save(ctx, step, {"train_loss": total, "val_loss": val_loss})
+        if val_loss is None or not p.eval_every:
+            val_loss = evaluate(model, self.val_tokens, p.seq_len, p.eval_batches, p.batch_size, self.device, self.amp)
+        elapsed = time.perf_counter() - t0
+        trained = (step - self.start_step) * tokens_per_step
+        metrics = {"train_loss": last_loss, "val_loss": val_loss, "val_perplexity": math.exp(min(val_loss, 50)), "tokens": trained, "tokens_per_s": trained / max(elapsed, 1e-9)}
+        path = self._save(ctx, step, metrics)
+        return {"checkpoint": str(path), "steps": step, "parameters": self.model.config.num_parameters(), **metrics}
+
+
+def _maybe_hash(path: str) -> str | None:
+    f = Path(path) / "model.safetensors"
+    return file_sha256(f) if f.exists() else None
+
+
+class EvalRunner(llmos.Runner):
+    """Perplexity of a checkpoint on a corpus (or on its own validation split), and greedy samples."""
+
+    def run(self, ctx: llmos.JobContext) -> dict[str, Any]:
+        p = ctx.params
+        set_threads(ctx, p.threads)
+        device = pick_device(ctx)
+        model, manifest = load_checkpoint(p.model, device=device)
+        tok = load_tokenizer(p.model)
+        data = manifest.get("data", {})
+        source = p.data or data.get("source")
+        if not source:
+            raise ValueError(f"{p.model} does not say what it was trained on; give data=PATH or data=stdlib")
+        files = corpus_files(source, p.glob or data.get("glob", "**/*.txt"))
+        train, val, _ = tokenize_corpus(
+            files, tok, cache_dir(), text_field=data.get("text_field", "text"),
+            max_bytes=int(data.get("max_bytes", p.max_bytes)), val_fraction=float(data.get("val_fraction", 0.05)),
+        )
+        tokens = val if p.split == "validation" else np.concatenate([np.asarray(train), np.asarray(val)])
+        ctx.progress(0, 1, message="evaluating")
+        loss = evaluate(model, tokens, p.seq_len, p.batches, p.batch_size, device, None)
+        samples = []
+        for prompt in p.prompts:
+            ids = torch.tensor([tok.encode(prompt) or [tok.eos_id or 0]], device=device)
+            out = greedy(model, ids, p.max_new_tokens, tok.eos_id)
+            samples.append({"prompt": prompt, "completion": tok.decode(out[0, ids.shape[1]:].tolist())})
+        ctx.progress(1, 1, message="done")
+        return {"model": str(p.model), "split": p.split, "loss": loss, "perplexity": math.exp(min(loss, 50)), "tokens": len(tokens), "samples": samples}
+
+
+@torch.no_grad()
+def greedy(model: Llama, ids: torch.Tensor, max_new_tokens: int, eos_id: int | None) -> torch.Tensor:
+    """Greedy decoding without a cache (the inference engine does better; this is for eval samples)."""
+    model.eval()
+    limit = model.config.max_position_embeddings
+    for _ in range(max_new_tokens):
+        logits = model(ids[:, -limit:])
+        nxt = logits[:, -1].argmax(-1, keepdim=True)
+        ids = torch.cat([ids, nxt], dim=1)
+        if eos_id is not None and int(nxt) == eos_id:
+            break
+    return ids
