@@ -28,7 +28,8 @@ def llmos_register_job_kinds(register: Callable[[Any], None]) -> None:
     resources (:class:`llmos.Resources`) and a runner class or ``"module:Class"`` string. The kernel
     validates submitted parameters against the schema; the worker runs the runner.
 
-    :param register: takes one :class:`llmos.JobKind`; raises ValueError for a duplicate name.
+    :param register: takes one :class:`llmos.JobKind`. A name another plugin registered first
+        marks this plugin broken (reported by ``llmos plugins``), never the other one.
 
     Called in: kernel | worker | cli
     """
@@ -56,7 +57,7 @@ def llmos_register_commands(register: Callable[[Any], None]) -> None:
 
     :param register: takes one ``click.Command`` (or ``click.Group``).
 
-    Called in: cli
+    Called in: cli | kernel (to list each plugin's commands)
     """
 
 

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata as metadata
+import json
 import os
 import time
 import traceback
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pluggy
@@ -109,6 +111,13 @@ class Registry:
             res = Resources.parse(resources, base=entry.spec.resources)
         except ValidationError as exc:
             raise JobRejected(str(exc), kind=kind, field=exc.context.get("field")) from None
+        if entry.spec.check is not None:
+            try:
+                entry.spec.check(entry.spec.params(**full))
+            except (ValueError, TypeError, OSError) as exc:
+                raise JobRejected(f"{kind}: {exc}", kind=kind) from None
+            except Exception as exc:
+                raise JobRejected(f"{kind}: the plugin's check failed: {type(exc).__name__}: {exc}", kind=kind) from None
         return entry, full, res
 
     def describe_plugins(self) -> list[dict[str, Any]]:
@@ -162,14 +171,14 @@ def _entry_points() -> list[tuple[str, str, str | None, str | None, Callable[[],
 def load_plugins(
     *,
     extra: Sequence[tuple[str, Any]] = (),
-    disabled: Iterable[str] = (),
+    disabled: Iterable[str] | None = None,
     entry_points: bool = True,
 ) -> Registry:
     """Load every ``llmos`` entry point (and ``extra`` (name, module) pairs) and collect their
     registrations. Failures are recorded on the plugin, never raised."""
     pm = make_plugin_manager()
     reg = Registry(pm)
-    disabled = set(disabled)
+    disabled = set(disabled_plugins() if disabled is None else disabled)
     sources: list[tuple[str, str, str | None, str | None, Callable[[], Any]]] = []
     if entry_points:
         sources.extend(_entry_points())
@@ -177,11 +186,14 @@ def load_plugins(
         sources.append((name, getattr(module, "__name__", name), None, None, lambda m=module: m))
     for spec in os.environ.get("LLMOS_PLUGIN_MODULES", "").split(","):
         # "name=package.module" or "package.module": load a plugin that has no entry point
-        # (a plugin under development, or a test's throwaway plugin).
+        # (a plugin under development, or a test's throwaway plugin). One that is installed
+        # too is loaded once, through its entry point.
         spec = spec.strip()
         if spec:
             name, _, module_name = spec.rpartition("=")
             name = name or module_name.rsplit(".", 1)[-1]
+            if any(s[0] == name or s[1].split(":")[0] == module_name for s in sources):
+                continue
             sources.append((name, module_name, None, None, lambda m=module_name: importlib.import_module(m)))
     for name, value, dist, version, load in sources:
         record = PluginRecord(name=name, module=value, dist=dist, version=version, builtin=value.startswith(BUILTIN_PREFIX))
@@ -241,8 +253,20 @@ def api_problem(name: str, declared: str) -> str | None:
     return None
 
 
+def disabled_plugins(state_dir: Path | None = None) -> list[str]:
+    """The plugins disabled in the state dir's plugins.json (``llmos plugins disable``)."""
+    from llmos.paths import resolve_state_dir
+
+    path = resolve_state_dir(state_dir) / "plugins.json"
+    try:
+        return [str(n) for n in json.loads(path.read_text()).get("disabled", [])]
+    except (OSError, ValueError, AttributeError):
+        return []
+
+
 def _broken(record: PluginRecord, error: str, tb: str | None) -> None:
     record.status = "broken"
+    error = " ".join(error.split())  # one line, whatever the exception's text looked like
     record.error = error
     record.traceback = tb
     log.warning("plugin_broken", plugin=record.name, error=error, traceback=tb)
@@ -358,4 +382,4 @@ def call_broadcast(reg: Registry, hook_name: str, **kwargs: Any) -> None:
             log.warning("hook_failed", hook=hook_name, plugin=impl.plugin_name, error=f"{type(exc).__name__}: {exc}")
 
 
-__all__ = ["KindEntry", "PluginRecord", "Registry", "api_problem", "call_broadcast", "collect_commands", "load_plugins", "make_plugin_manager"]
+__all__ = ["KindEntry", "PluginRecord", "Registry", "api_problem", "call_broadcast", "collect_commands", "disabled_plugins", "load_plugins", "make_plugin_manager"]

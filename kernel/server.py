@@ -218,11 +218,9 @@ class Kernel:
         return registry
 
     def _disabled_plugins(self) -> list[str]:
-        path = self.state_dir / "plugins.json"
-        try:
-            return list(json.loads(path.read_text()).get("disabled", []))
-        except (OSError, ValueError, AttributeError):
-            return []
+        from llmos.kernel.plugins import disabled_plugins
+
+        return disabled_plugins(self.state_dir)
 
     def _take_lock(self) -> None:
         path = self.state_dir / "kernel.lock"

@@ -99,6 +99,8 @@ class Launcher:
             "--heartbeat", str(heartbeat),
             "--log-level", log_level,
         ]
+        # Workers find the state dir (plugins.json, caches) through the environment.
+        self.env = dict(os.environ, LLMOS_STATE_DIR=str(worker_dir.parent))
         self.zygote: subprocess.Popen[bytes] | None = None
         self.zygote_ready = False
         self._buf = b""
@@ -109,6 +111,7 @@ class Launcher:
     def _start_zygote(self) -> None:
         self.zygote = subprocess.Popen(
             [sys.executable, "-m", "llmos.kernel.worker", "--zygote", *self.common],
+            env=self.env,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=open(self.worker_dir / "zygote.log", "ab"),  # noqa: SIM115 - the child keeps it
@@ -171,6 +174,7 @@ class Launcher:
         with open(log_path, "ab") as out:
             child = subprocess.Popen(
                 [sys.executable, "-m", "llmos.kernel.worker", "--worker-id", worker_id, *self.common],
+                env=self.env,
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=out,

@@ -239,6 +239,7 @@ def run_job(bus: Bus, registry: Registry, assign: WorkerAssign) -> JobDone:
     os.environ.update(assign.env)
     workdir = Path(assign.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    os.chdir(workdir)  # relative paths a runner writes land in its own directory
     entry = registry.kinds.get(assign.kind)
     if entry is None:
         return JobDone(job_id=assign.job_id, attempt=assign.attempt, outcome="failed", error=f"job kind {assign.kind!r} is not registered in this worker")

@@ -124,8 +124,8 @@ def schema_of(cls: type) -> tuple[ParamField, ...]:
         if not required:
             try:
                 _check_value(field, default, coerce=False)
-            except ValueError as exc:
-                raise TypeError(f"{cls.__name__}.{f.name}: invalid default {default!r}: {exc}") from None
+            except ValueError:
+                raise TypeError(f"{cls.__name__}.{f.name}: invalid default {default!r} (expected {field.expected()})") from None
         out.append(field)
     return tuple(out)
 

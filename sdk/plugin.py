@@ -125,6 +125,9 @@ class JobKind:
     params: type = NoParams
     resources: Resources = field(default_factory=Resources)
     help: str = ""
+    #: Optional ``check(params) -> None`` run by the kernel at submit (torch-free): raise ValueError
+    #: to refuse the job with that message, for rules a schema cannot say (a path must exist).
+    check: Any = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name or any(c.isspace() for c in self.name):
@@ -146,6 +149,7 @@ class ServiceKind:
     resources: Resources = field(default_factory=Resources)
     help: str = ""
     autostart: bool = False
+    check: Any = None
 
     def __post_init__(self) -> None:
         JobKind.__post_init__(self)  # type: ignore[arg-type]

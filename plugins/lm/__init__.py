@@ -8,11 +8,12 @@ live in :mod:`llmos.plugins.lm.train` and run in workers.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import llmos
 from llmos import JobKind, Resources, param
-from llmos.plugins.lm.config import PRESETS
+from llmos.plugins.lm.config import PRESETS, config_from_dict
 
 LLMOS_API = ">=1,<2"
 
@@ -67,10 +68,38 @@ class EvalParams:
 
 
 
+def _check_data(data: str | None) -> None:
+    if data is not None and data != "stdlib" and not Path(data).expanduser().exists():
+        raise ValueError(f"data path {data} does not exist (give a file, a directory, or 'stdlib')")
+
+
+def _check_checkpoint(path: str | None, what: str) -> None:
+    if path is not None and not (Path(path).expanduser() / "config.json").is_file():
+        raise ValueError(f"{what} {path} is not a checkpoint directory (no config.json)")
+
+
+def check_train(p: TrainParams) -> None:
+    """What can be known at submit: the data exists, the shape is sound, checkpoints are checkpoints."""
+    _check_data(p.data)
+    if p.config is not None:
+        config_from_dict(p.config, vocab_size=p.config.get("vocab_size", p.vocab_size))
+    if p.init_from and p.resume:
+        raise ValueError("give init_from (fine-tune) or resume (continue), not both")
+    _check_checkpoint(p.init_from, "init_from")
+    _check_checkpoint(p.resume, "resume")
+    if p.tokenizer not in ("bpe", "bytes") and not Path(p.tokenizer).expanduser().exists():
+        raise ValueError(f"tokenizer {p.tokenizer} is neither 'bpe', 'bytes' nor an existing tokenizer.json")
+
+
+def check_eval(p: EvalParams) -> None:
+    _check_checkpoint(p.model, "model")
+    _check_data(p.data)
+
+
 @llmos.hookimpl
 def llmos_register_job_kinds(register) -> None:  # type: ignore[no-untyped-def]
-    register(JobKind("train", runner="llmos.plugins.lm.train:TrainRunner", params=TrainParams, resources=Resources(cpus=1), help="Train a Llama-style model from text."))
-    register(JobKind("eval", runner="llmos.plugins.lm.train:EvalRunner", params=EvalParams, resources=Resources(cpus=1), help="Perplexity and greedy samples of a checkpoint."))
+    register(JobKind("train", runner="llmos.plugins.lm.train:TrainRunner", params=TrainParams, resources=Resources(cpus=1), help="Train a Llama-style model from text.", check=check_train))
+    register(JobKind("eval", runner="llmos.plugins.lm.train:EvalRunner", params=EvalParams, resources=Resources(cpus=1), help="Perplexity and greedy samples of a checkpoint.", check=check_eval))
 
 
 @llmos.hookimpl

@@ -123,7 +123,7 @@ def _with_common(f: Any) -> Any:
 def train_command(data: str, preset: str | None, steps: int | None, batch_size: int | None, seq_len: int | None, lr: float | None, seed: int | None,
                   output: str | None, extra: tuple[str, ...], cpus: float | None, gpus: float | None, detach: bool, state_dir: Path | None, as_json: bool) -> None:
     """Train a Llama-style model on text and follow it (step, loss, tokens/s, ETA)."""
-    params: dict[str, Any] = {"data": data}
+    params: dict[str, Any] = {"data": str(Path(data).absolute()) if Path(data).exists() else data}
     for key, value in (("preset", preset), ("steps", steps), ("batch_size", batch_size), ("seq_len", seq_len), ("lr", lr), ("seed", seed), ("output", output)):
         if value is not None:
             params[key] = str(value)

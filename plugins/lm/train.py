@@ -253,7 +253,8 @@ class TrainRunner(llmos.Runner):
                 ctx.metric("val_perplexity", math.exp(min(val_loss, 50)), step=step)
                 ctx.log.info("evaluated", step=step, val_loss=round(val_loss, 4), val_perplexity=round(math.exp(min(val_loss, 50)), 2))
             if p.checkpoint_every and step % p.checkpoint_every == 0 and step != p.steps:
-                self._save(ctx, step, {"train_loss": total, "val_loss": val_loss})
+                # Periodic checkpoints sit beside the final one: <output>-step<N>.
+                self._save(ctx, step, {"train_loss": total, "val_loss": val_loss}, self.out_dir.with_name(f"{self.out_dir.name}-step{step}"))
         if val_loss is None or not p.eval_every:
             val_loss = evaluate(model, self.val_tokens, p.seq_len, p.eval_batches, p.batch_size, self.device, self.amp)
         elapsed = time.perf_counter() - t0

@@ -41,7 +41,12 @@ PLUGIN = textwrap.dedent(
 
     class Hello(llmos.Runner):
         def run(self, ctx):
-            return {"gpus": ctx.gpus, "workdir_exists": ctx.workdir.is_dir()}
+            return {"gpus": ctx.gpus, "workdir_exists": ctx.workdir.is_dir(), "model": ctx.load_model("weights.hooktest")}
+
+
+    @llmos.hookimpl
+    def llmos_load_model(path, device, dtype):
+        return {"loaded": path} if path.endswith(".hooktest") else None
 
 
     @llmos.hookimpl
@@ -108,7 +113,7 @@ def test_every_hook_is_called(tmp_path: Path, plugin_env: dict[str, str]) -> Non
             assert ticks == [1, 2, 3]
             # llmos_register_job_kinds, llmos_job_starting, llmos_job_finished
             job = c.submit("hooktest.hello", resources={"gpus": 1})
-            assert job.result(timeout=30) == {"gpus": [0], "workdir_exists": True}
+            assert job.result(timeout=30) == {"gpus": [0], "workdir_exists": True, "model": {"loaded": "weights.hooktest"}}
             logs = [e.body["event"] for e in job.logs(follow=False)]
             assert logs == ["hook_job_starting", "hook_job_finished"]
             kinds = {k["name"]: k for k in c.kinds()}

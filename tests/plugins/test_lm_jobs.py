@@ -1,0 +1,120 @@
+"""train and eval jobs through a real kernel: learning, exact resume, cancel, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import pytest
+
+import llmos
+from tests.conftest import KernelHandle
+
+torch = pytest.importorskip("torch")
+
+from llmos.plugins.lm.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from llmos.plugins.lm.config import config_from_preset  # noqa: E402
+from llmos.plugins.lm.model import Llama  # noqa: E402
+
+SMALL = dict(preset="nano", tokenizer="bytes", seq_len=32, batch_size=8, lr=3e-3, warmup_steps=5, eval_batches=4, log_every=5)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("corpus")
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa", "lambda", "mu"]
+    for i in range(40):
+        lines = [" ".join(words[(i + j + k) % len(words)] for k in range(6)) + "." for j in range(40)]
+        (root / f"doc{i:02}.txt").write_text("\n".join(lines))
+    return root
+
+
+def _train(c: llmos.Client, corpus: Path, **params) -> llmos.Job:
+    return c.submit("train", params={"data": str(corpus), **SMALL, **params})
+
+
+def _losses(job: llmos.Job, name: str = "train_loss") -> dict[int, float]:
+    return {e.body["step"]: e.body["value"] for e in job.events(follow=False) if e.type == "job.metric" and e.body["name"] == name}
+
+
+def test_training_lowers_validation_loss_and_eval_agrees(client: llmos.Client, corpus: Path) -> None:
+    job = _train(client, corpus, steps=60, eval_every=20)
+    result = job.result(timeout=300)
+    assert result["val_loss"] < math.log(257) - 1.5, result  # far below a uniform guess over bytes
+    val = _losses(job, "val_loss")
+    assert val[60] < val[20]
+    progress = [e.body for e in job.events(follow=False) if e.type == "job.progress"]
+    assert progress[-1]["step"] == 60 and {"loss", "lr", "tokens_per_s", "eta_s"} <= set(progress[-1]["fields"])
+    artifacts = [e.body for e in job.events(follow=False) if e.type == "job.artifact"]
+    assert artifacts[-1]["path"] == result["checkpoint"] and artifacts[-1]["kind"] == "checkpoint"
+    ck = Path(result["checkpoint"])
+    assert {"config.json", "model.safetensors", "tokenizer.json", "llmos.json"} <= {p.name for p in ck.iterdir()}
+    manifest = json.loads((ck / "llmos.json").read_text())
+    assert manifest["produced_by"]["job_id"] == job.id and manifest["metrics"]["val_loss"] == pytest.approx(result["val_loss"])
+    ev = client.submit("eval", params={"model": str(ck), "seq_len": 32, "batches": 4, "prompts": ["alpha"], "max_new_tokens": 8}).result(timeout=120)
+    assert ev["loss"] == pytest.approx(result["val_loss"], rel=0.05)
+    assert ev["perplexity"] == pytest.approx(math.exp(ev["loss"]))
+    assert ev["samples"][0]["prompt"] == "alpha" and len(ev["samples"][0]["completion"]) > 0
+
+
+def test_resume_continues_exactly(client: llmos.Client, corpus: Path, tmp_path: Path) -> None:
+    straight = _train(client, corpus, steps=30, eval_every=0, output=str(tmp_path / "a"))
+    straight.result(timeout=300)
+    first = _train(client, corpus, steps=30, eval_every=0, checkpoint_every=15, output=str(tmp_path / "b"))
+    first.result(timeout=300)
+    middle = tmp_path / "b-step15"
+    assert (middle / "train_state.safetensors").exists()
+    resumed = _train(client, corpus, steps=30, eval_every=0, resume=str(middle), output=str(tmp_path / "c"))
+    resumed.result(timeout=300)
+    expected, got = _losses(straight), _losses(resumed)
+    assert sorted(got) == list(range(16, 31))
+    assert [got[s] for s in range(16, 31)] == [expected[s] for s in range(16, 31)]
+
+
+def test_cancel_saves_a_loadable_checkpoint(client: llmos.Client, corpus: Path) -> None:
+    job = _train(client, corpus, steps=100_000, eval_every=0, log_every=1)
+    deadline = time.monotonic() + 120
+    while not [e for e in job.events(follow=False) if e.type == "job.progress" and e.body["step"] >= 3]:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    job.cancel()
+    assert job.wait(timeout=120).state == "cancelled"
+    path = [e.body["path"] for e in job.events(follow=False) if e.type == "job.artifact"][-1]
+    model, manifest = load_checkpoint(path)
+    assert manifest["train_state"]["step"] >= 3 and manifest["metrics"]["stopped"] == "cancelled"
+    assert model(torch.tensor([[1, 2, 3]])).shape == (1, 3, model.config.vocab_size)
+
+
+def test_bad_input_is_refused_before_training(client: llmos.Client, corpus: Path, tmp_path: Path) -> None:
+    with pytest.raises(llmos.JobRejected, match="does not exist"):
+        client.submit("train", params={"data": str(tmp_path / "nothing")})
+    with pytest.raises(llmos.JobRejected, match=r"must divide hidden_size \(30\)"):
+        client.submit("train", params={"data": str(corpus), "config": {"hidden_size": 30, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4}})
+    with pytest.raises(llmos.JobRejected, match="preset"):
+        client.submit("train", params={"data": str(corpus), "preset": "gigantic"})
+    with pytest.raises(llmos.JobRejected, match="not a checkpoint"):
+        client.submit("train", params={"data": str(corpus), "init_from": str(tmp_path)})
+    tiny = tmp_path / "tiny.txt"
+    tiny.write_text("too short")
+    info = client.submit("train", params={"data": str(tiny), **SMALL}).wait(timeout=120)
+    assert info.state == "failed" and "fewer than one sequence" in info.reason
+    (tmp_path / "empty").mkdir()
+    info = client.submit("train", params={"data": str(tmp_path / "empty"), **SMALL}).wait(timeout=120)
+    assert info.state == "failed" and "no files matching" in info.reason
+
+
+def test_nan_loss_stops_with_reason(client: llmos.Client, corpus: Path, tmp_path: Path) -> None:
+    model = Llama(config_from_preset("nano", 257))
+    with torch.no_grad():
+        model.model.embed_tokens.weight.fill_(float("nan"))
+    save_checkpoint(tmp_path / "nan", model, None, {})
+    info = _train(client, corpus, steps=5, init_from=str(tmp_path / "nan")).wait(timeout=120)
+    assert info.state == "failed" and "the loss became nan at step 1" in info.reason
+
+
+def test_train_cli_follows_with_progress(kernel: KernelHandle, corpus: Path) -> None:
+    proc = kernel.cli("train", "--data", str(corpus), "--steps", "10", "--seq-len", "32", "-p", "tokenizer=bytes", "-p", "log_every=5", timeout=300)
+    out = proc.stdout
+    assert "step 5/10" in out and "step 10/10" in out and "tok/s" in out and "succeeded" in out

@@ -1,0 +1,106 @@
+"""The lm plugin's model, checkpoints, tokenizers and corpora, without a kernel."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from llmos.plugins.lm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint  # noqa: E402
+from llmos.plugins.lm.config import PRESETS, LlamaConfig, config_from_dict, config_from_preset  # noqa: E402
+from llmos.plugins.lm.model import Llama  # noqa: E402
+from llmos.plugins.lm.text import bytes_tokenizer, corpus_files, tokenize_corpus, train_bpe  # noqa: E402
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_llmos_checkpoint_loads_in_transformers_with_same_logits(tmp_path: Path, tie: bool) -> None:
+    config = config_from_preset("nano", 300, tie_word_embeddings=tie)
+    model = Llama(config)
+    model.init_weights(seed=1)
+    model.eval()
+    save_checkpoint(tmp_path / "ck", model, bytes_tokenizer().to_json(), {"recipe": "test"})
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ck").eval()
+    ids = torch.randint(0, 300, (2, 23), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(model(ids), hf(ids).logits, atol=1e-4, rtol=0)
+    manifest = json.loads((tmp_path / "ck" / "llmos.json").read_text())
+    assert manifest["model_sha256"] and manifest["libraries"]["torch"] and manifest["recipe"] == "test"
+
+
+def test_transformers_checkpoint_loads_in_llmos_with_same_logits(tmp_path: Path) -> None:
+    hf_config = transformers.LlamaConfig(
+        vocab_size=211, hidden_size=48, intermediate_size=128, num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2,
+        max_position_embeddings=128, rope_theta=5000.0,
+    )
+    torch.manual_seed(3)
+    hf = transformers.LlamaForCausalLM(hf_config).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    model, manifest = load_checkpoint(tmp_path / "hf")
+    assert manifest == {}
+    ids = torch.randint(0, 211, (3, 17))
+    with torch.no_grad():
+        assert torch.allclose(model.eval()(ids), hf(ids).logits, atol=1e-4, rtol=0)
+
+
+def test_bad_checkpoints_say_what_is_wrong(tmp_path: Path) -> None:
+    model = Llama(config_from_preset("nano", 300))
+    save_checkpoint(tmp_path / "ck", model, None, {})
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "nope")
+    cfg = json.loads((tmp_path / "ck" / "config.json").read_text())
+    (tmp_path / "ck" / "config.json").write_text(json.dumps(dict(cfg, intermediate_size=100)))
+    with pytest.raises(CheckpointError, match=r"wrong shape.*mlp"):
+        load_checkpoint(tmp_path / "ck")
+    (tmp_path / "ck" / "config.json").write_text(json.dumps(dict(cfg, num_hidden_layers=3)))
+    with pytest.raises(CheckpointError, match=r"missing \d+ tensors \(first: model\.layers\.2"):
+        load_checkpoint(tmp_path / "ck")
+    (tmp_path / "ck" / "model.safetensors").write_bytes(b"garbage")
+    (tmp_path / "ck" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        load_checkpoint(tmp_path / "ck")
+
+
+def test_config_validation_and_presets() -> None:
+    with pytest.raises(ValueError, match=r"num_attention_heads \(4\) must divide hidden_size \(30\)"):
+        config_from_dict({"hidden_size": 30, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4}, vocab_size=100)
+    with pytest.raises(ValueError, match="unknown preset 'huge'; presets: nano"):
+        config_from_preset("huge", 100)
+    with pytest.raises(ValueError, match="unknown field 'hiden_size'"):
+        config_from_dict({"hiden_size": 3}, vocab_size=100)
+    assert config_from_preset("nano", 512).num_parameters() < 1_000_000
+    assert 8e6 < config_from_preset("micro", 8192).num_parameters() < 13e6
+    assert 110e6 < config_from_preset("small", 32000).num_parameters() < 140e6
+    big = config_from_preset("llama-3.1-8b", 128256)
+    assert 7.5e9 < big.num_parameters() < 8.5e9
+    assert set(PRESETS) >= {"nano", "micro", "small"}
+    roundtrip = LlamaConfig.from_hf_dict(config_from_preset("nano", 99).to_hf_dict())
+    assert roundtrip == config_from_preset("nano", 99)
+
+
+def test_tokenizers_and_corpus_cache(tmp_path: Path) -> None:
+    raw = bytes_tokenizer()
+    assert raw.vocab_size == 257 and raw.decode(raw.encode("héllo wörld")) == "héllo wörld"
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i in range(30):
+        (docs / f"{i:02}.txt").write_text(f"document {i} says the quick brown fox jumps over the lazy dog. " * 20)
+    files = corpus_files(str(docs), "*.txt")
+    tok = train_bpe(iter(p.read_text() for p in files), 300)
+    assert tok.vocab_size == 300
+    train, val, cached = tokenize_corpus(files, tok, tmp_path / "cache", max_bytes=10**9, val_fraction=0.2)
+    assert not cached and len(train) > len(val) > 0
+    train2, val2, cached2 = tokenize_corpus(files, tok, tmp_path / "cache", max_bytes=10**9, val_fraction=0.2)
+    assert cached2 and (train2 == train).all() and (val2 == val).all()
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        corpus_files(str(tmp_path / "missing"), "*.txt")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no files matching"):
+        corpus_files(str(tmp_path / "empty"), "*.txt")
+    (tmp_path / "blank.txt").write_text("   \n")
+    with pytest.raises(ValueError, match="the corpus is empty"):
+        tokenize_corpus([tmp_path / "blank.txt"], raw, tmp_path / "cache", max_bytes=10**9, val_fraction=0.1)
+    assert len(corpus_files("stdlib", "*")) > 100
