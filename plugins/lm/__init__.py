@@ -48,7 +48,8 @@ class TrainParams:
     init_from: str | None = param(None, help="Start from this checkpoint's weights (fine-tuning).")
     resume: str | None = param(None, help="Continue this checkpoint's run exactly (weights, optimizer, data order).")
     output: str | None = param(None, help="Where to write the checkpoint (default: the job's directory).")
-    threads: int = param(0, ge=0, le=1024, help="Torch CPU threads (0: the job's reserved cpus).")
+    threads: int = param(0, ge=0, le=1024, help="Torch CPU threads per rank (0: the job's reserved cpus / world_size).")
+    world_size: int = param(1, ge=1, le=1024, help="Ranks under torch.distributed (DDP; gloo on CPU, NCCL on GPUs); batch_size is the global batch.")
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,8 @@ def check_train(p: TrainParams) -> None:
     _check_data(p.data)
     if p.config is not None:
         config_from_dict(p.config, vocab_size=p.config.get("vocab_size", p.vocab_size))
+    if p.batch_size % p.world_size:
+        raise ValueError(f"batch_size {p.batch_size} (the global batch) must be a multiple of world_size {p.world_size}")
     if p.init_from and p.resume:
         raise ValueError("give init_from (fine-tune) or resume (continue), not both")
     _check_checkpoint(p.init_from, "init_from")

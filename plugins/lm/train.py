@@ -37,8 +37,8 @@ def cache_dir() -> Path:
     return (Path(state) if state else Path.home() / ".cache" / "llmos") / "cache" / "tokens"
 
 
-def pick_device(ctx: llmos.JobContext) -> torch.device:
-    return torch.device("cuda") if ctx.gpus and torch.cuda.is_available() else torch.device("cpu")
+def pick_device(ctx: llmos.JobContext, rank: int = 0) -> torch.device:
+    return torch.device("cuda", rank) if ctx.gpus and torch.cuda.is_available() else torch.device("cpu")
 
 
 def set_threads(ctx: llmos.JobContext, threads: int) -> None:
@@ -121,8 +121,13 @@ class TrainRunner(llmos.Runner):
 
     def setup(self, ctx: llmos.JobContext) -> None:
         p = ctx.params
-        set_threads(ctx, p.threads)
-        self.device = pick_device(ctx)
+        self.rank = int(os.environ.get("LLMOS_RANK", "0"))
+        self.world = p.world_size
+        self.ranks: list[Any] = []
+        if self.world > 1:
+            check_world(ctx, self.world, p.batch_size)
+        set_threads(ctx, p.threads or max(1, int(ctx.resources.get("cpus") or 1) // self.world))
+        self.device = pick_device(ctx, self.rank)
         torch.manual_seed(p.seed)
         self.resume_state: dict[str, torch.Tensor] | None = None
         self.start_step = 0
@@ -176,6 +181,72 @@ class TrainRunner(llmos.Runner):
             _load_optimizer_state(self.opt, self.model, self.resume_state)
         self.forward = torch.compile(self.model) if p.compile else self.model
         self.out_dir = Path(p.output) if p.output else ctx.workdir / "checkpoint"
+        if self.world > 1:
+            self.forward = self._distributed(ctx)
+
+    # -- torch.distributed: rank 0 is this worker; it starts the others in its process group --
+
+    def _distributed(self, ctx: llmos.JobContext) -> Any:
+        import datetime
+        import json as _json
+        import subprocess
+        import sys
+
+        import torch.distributed as dist
+        from torch.nn.parallel import DistributedDataParallel
+
+        if self.rank == 0:
+            addr, port = "127.0.0.1", _free_port()
+            os.environ.update(MASTER_ADDR=addr, MASTER_PORT=str(port))
+            tok_path = ctx.workdir / "tokenizer.json"
+            tok_path.write_text(self.tok.to_json())
+            spec = {
+                "params": {**asdict(ctx.params), "tokenizer": str(tok_path)},
+                "job_id": ctx.job_id, "kind": ctx.kind, "attempt": ctx.attempt,
+                "resources": ctx.resources, "placement": ctx.placement, "workdir": str(ctx.workdir),
+            }
+            for r in range(1, self.world):
+                env = dict(os.environ, LLMOS_RANK=str(r), LLMOS_RANK_SPEC=_json.dumps(spec))
+                self.ranks.append(subprocess.Popen([sys.executable, "-m", "llmos.plugins.lm.rank"], env=env, stdin=subprocess.DEVNULL))
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        dist.init_process_group(
+            backend, init_method=f"tcp://{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}",
+            rank=self.rank, world_size=self.world, timeout=datetime.timedelta(seconds=120),
+        )
+        if self.rank == 0:
+            ctx.log.info("distributed", backend=backend, world_size=self.world, master=f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}")
+        return DistributedDataParallel(self.forward, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+    def _mean_across_ranks(self, value: float) -> float:
+        import torch.distributed as dist
+
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return float(t.item()) / self.world
+
+    def _should_stop(self, ctx: llmos.JobContext) -> bool:
+        if self.world == 1:
+            return ctx.cancelled
+        import torch.distributed as dist
+
+        flag = torch.tensor([1.0 if ctx.cancelled else 0.0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def teardown(self, ctx: llmos.JobContext) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+            for proc in self.ranks:
+                try:
+                    proc.wait(timeout=60)
+                except Exception:
+                    proc.kill()
+            bad = [p.returncode for p in self.ranks if p.returncode]
+            if bad:
+                raise RuntimeError(f"{len(bad)} of {self.world - 1} other ranks failed (exit codes {bad})")
 
     def _tokenizer(self, ctx: llmos.JobContext) -> Tok:
         p = ctx.params
@@ -214,7 +285,9 @@ class TrainRunner(llmos.Runner):
         window_t, window_tokens = time.perf_counter(), 0
         ctx.progress(step, p.steps, message="starting", parameters=self.model.config.num_parameters())
         while step < p.steps:
-            if ctx.cancelled:
+            if self._should_stop(ctx):
+                if self.rank:
+                    return {"steps": step, "cancelled": True}
                 path = self._save(ctx, step, {"train_loss": last_loss, "val_loss": val_loss, "stopped": "cancelled"})
                 ctx.log.info("cancelled_checkpoint_saved", step=step, checkpoint=str(path))
                 return {"checkpoint": str(path), "steps": step, "cancelled": True}
@@ -225,12 +298,17 @@ class TrainRunner(llmos.Runner):
             total = 0.0
             for micro in range(p.grad_accum):
                 x, y = batch_at(self.train_tokens, step * p.grad_accum + micro, p.seed, p.batch_size, p.seq_len)
+                if self.world > 1:  # every rank draws the global batch and takes its share
+                    share = p.batch_size // self.world
+                    x, y = x[self.rank * share : (self.rank + 1) * share], y[self.rank * share : (self.rank + 1) * share]
                 x, y = x.to(self.device), y.to(self.device)
                 with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
                     logits = self.forward(x)
                 loss = torch.nn.functional.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.reshape(-1)) / p.grad_accum
                 loss.backward()
                 total += loss.item()
+            if self.world > 1:
+                total = self._mean_across_ranks(total)
             if not math.isfinite(total):
                 good = self.out_dir if (self.out_dir / "model.safetensors").exists() else None
                 raise FloatingPointError(f"the loss became {total} at step {step}; last good checkpoint: {good or 'none (no checkpoint yet)'}")
@@ -240,6 +318,8 @@ class TrainRunner(llmos.Runner):
             opt.zero_grad(set_to_none=True)
             last_loss = total
             window_tokens += tokens_per_step
+            if self.rank:
+                continue  # the other ranks only train; rank 0 reports, evaluates and saves
             ctx.metric("train_loss", total, step=step)
             if step % p.log_every == 0 or step == p.steps:
                 now = time.perf_counter()
@@ -255,6 +335,8 @@ class TrainRunner(llmos.Runner):
             if p.checkpoint_every and step % p.checkpoint_every == 0 and step != p.steps:
                 # Periodic checkpoints sit beside the final one: <output>-step<N>.
                 self._save(ctx, step, {"train_loss": total, "val_loss": val_loss}, self.out_dir.with_name(f"{self.out_dir.name}-step{step}"))
+        if self.rank:
+            return {"steps": step}
         if val_loss is None or not p.eval_every:
             val_loss = evaluate(model, self.val_tokens, p.seq_len, p.eval_batches, p.batch_size, self.device, self.amp)
         elapsed = time.perf_counter() - t0
@@ -262,6 +344,27 @@ class TrainRunner(llmos.Runner):
         metrics = {"train_loss": last_loss, "val_loss": val_loss, "val_perplexity": math.exp(min(val_loss, 50)), "tokens": trained, "tokens_per_s": trained / max(elapsed, 1e-9)}
         path = self._save(ctx, step, metrics)
         return {"checkpoint": str(path), "steps": step, "parameters": self.model.config.num_parameters(), **metrics}
+
+
+def check_world(ctx: llmos.JobContext, world: int, batch_size: int) -> None:
+    """A world_size the job's devices can hold, and a global batch it divides."""
+    if ctx.gpus:
+        if world > len(ctx.gpus):
+            raise ValueError(f"world_size {world} is larger than the {len(ctx.gpus)} GPU(s) granted; ask for --gpus {world}")
+    else:
+        cpus = float(ctx.resources.get("cpus") or 0)
+        if world > max(1, int(cpus)):
+            raise ValueError(f"world_size {world} is larger than the {cpus:g} CPU core(s) granted; ask for cpus >= {world}")
+    if batch_size % world:
+        raise ValueError(f"batch_size {batch_size} (the global batch) must be a multiple of world_size {world}")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def _maybe_hash(path: str) -> str | None:

@@ -118,3 +118,21 @@ def test_train_cli_follows_with_progress(kernel: KernelHandle, corpus: Path) -> 
     proc = kernel.cli("train", "--data", str(corpus), "--steps", "10", "--seq-len", "32", "-p", "tokenizer=bytes", "-p", "log_every=5", timeout=300)
     out = proc.stdout
     assert "step 5/10" in out and "step 10/10" in out and "tok/s" in out and "succeeded" in out
+
+
+def test_two_ranks_match_one(client: llmos.Client, corpus: Path) -> None:
+    base = dict(SMALL, data=str(corpus), steps=8, eval_every=0, threads=1)
+    one = client.submit("train", params=base, resources={"cpus": 2})
+    two = client.submit("train", params=dict(base, world_size=2), resources={"cpus": 2})
+    assert one.wait(timeout=300).state == "succeeded"
+    info = two.wait(timeout=300)
+    assert info.state == "succeeded", info.reason
+    a, b = _losses(one), _losses(two)
+    assert sorted(a) == sorted(b) == list(range(1, 9))
+    assert max(abs(a[s] - b[s]) for s in a) < 1e-4
+    logs = [e.body for e in two.logs(follow=False) if e.body["event"] == "distributed"]
+    assert logs and logs[0]["fields"]["world_size"] == 2 and logs[0]["fields"]["backend"] == "gloo"
+    too_many = client.submit("train", params=dict(base, world_size=2)).wait(timeout=120)
+    assert too_many.state == "failed" and "larger than the 1 CPU core(s) granted" in too_many.reason
+    with pytest.raises(llmos.JobRejected, match="multiple of world_size"):
+        client.submit("train", params=dict(base, world_size=3, batch_size=8), resources={"cpus": 2})
