@@ -23,7 +23,7 @@ class TrainParams:
     data: str = param(help="A text file, a directory of them (see glob), a .jsonl file (see text_field), or 'stdlib'.")
     glob: str = param("**/*.txt", help="Which files of a data directory to read.")
     text_field: str = param("text", help="The field holding the text in JSON-lines data.")
-    max_bytes: int = param(50_000_000, ge=1, help="Read at most this many characters of the corpus.")
+    max_bytes: int = param(10_000_000, ge=1, help="Read at most this many characters of the corpus.")
     val_fraction: float = param(0.05, gt=0, lt=1, help="The share of the corpus held out for validation.")
     preset: str = param("nano", choices=tuple(PRESETS), help="The model shape (ignored with config or init_from).")
     config: dict[str, Any] | None = param(None, help="A full model config (Hugging Face field names) instead of a preset.")

@@ -128,11 +128,17 @@ def documents(files: list[Path], text_field: str, max_bytes: int) -> Iterator[st
                 return
 
 
-def corpus_key(files: list[Path], tok: Tok, text_field: str, max_bytes: int, val_fraction: float) -> str:
+def files_signature(files: list[Path]) -> str:
+    """A hash of the files' paths, sizes and modification times (their content, for a cache)."""
     h = hashlib.sha256()
     for p in files:
         st = p.stat()
         h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def corpus_key(files: list[Path], tok: Tok, text_field: str, max_bytes: int, val_fraction: float) -> str:
+    h = hashlib.sha256(files_signature(files).encode())
     h.update(f"{tok.sha256()}|{text_field}|{max_bytes}|{val_fraction}".encode())
     return h.hexdigest()[:24]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import time
@@ -26,6 +27,7 @@ from llmos.plugins.lm.text import (
     bytes_tokenizer,
     corpus_files,
     documents,
+    files_signature,
     load_tokenizer,
     tokenize_corpus,
     train_bpe,
@@ -147,6 +149,8 @@ class TrainRunner(llmos.Runner):
         else:
             self.tok = self._tokenizer(ctx)
         files = corpus_files(p.data, p.glob)
+        if self.rank == 0:
+            ctx.progress(0, p.steps, message=f"reading the corpus ({len(files)} files)")
         self.train_tokens, self.val_tokens, cached = tokenize_corpus(
             files, self.tok, cache_dir(), text_field=p.text_field, max_bytes=p.max_bytes, val_fraction=p.val_fraction
         )
@@ -254,7 +258,18 @@ class TrainRunner(llmos.Runner):
             return bytes_tokenizer()
         if p.tokenizer == "bpe":
             files = corpus_files(p.data, p.glob)
-            return train_bpe(documents(files, p.text_field, min(p.max_bytes, 20_000_000)), p.vocab_size)
+            budget = min(p.max_bytes, 20_000_000)
+            key = hashlib.sha256(f"{files_signature(files)}|{p.text_field}|{budget}|{p.vocab_size}".encode()).hexdigest()[:24]
+            cached = cache_dir().parent / "tokenizers" / f"{key}.json"
+            if cached.exists():
+                return load_tokenizer(cached)
+            ctx.progress(0, p.steps, message=f"learning a {p.vocab_size}-token BPE vocabulary from the corpus")
+            tok = train_bpe(documents(files, p.text_field, budget), p.vocab_size)
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cached.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(tok.to_json())
+            tmp.replace(cached)
+            return tok
         return load_tokenizer(p.tokenizer)
 
     def _save(self, ctx: llmos.JobContext, step: int, metrics: dict[str, Any], path: Path | None = None) -> Path:
