@@ -247,3 +247,10 @@ def test_builtin_command_names_are_current() -> None:
     from llmos.kernel.cliutil import BUILTIN_COMMANDS
 
     assert set(group.commands) - {c for c in group.commands if c not in BUILTIN_COMMANDS} == BUILTIN_COMMANDS
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not EXAMPLE.exists(), reason="the example plugin is not in this checkout")
+def test_the_example_plugins_own_tests_pass() -> None:
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"], cwd=EXAMPLE, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

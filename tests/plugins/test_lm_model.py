@@ -104,3 +104,14 @@ def test_tokenizers_and_corpus_cache(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="the corpus is empty"):
         tokenize_corpus([tmp_path / "blank.txt"], raw, tmp_path / "cache", max_bytes=10**9, val_fraction=0.1)
     assert len(corpus_files("stdlib", "*")) > 100
+
+
+def test_json_lines_corpus(tmp_path: Path) -> None:
+    from llmos.plugins.lm.text import documents
+
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"text": "first doc"}\n\n{"text": "second doc", "id": 2}\n')
+    assert list(documents([data], "text", 10**9)) == ["first doc", "second doc"]
+    data.write_text('{"body": "x"}\n')
+    with pytest.raises(ValueError, match=r"data\.jsonl:1: expected a JSON object with a string field 'text'"):
+        list(documents([data], "text", 10**9))
