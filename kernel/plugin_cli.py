@@ -316,21 +316,25 @@ def _known_names() -> set[str]:
     return {ep.name for ep in metadata.entry_points(group="llmos")}
 
 
+def _toggle(name: str, state_dir: Path | None, as_json: bool, disabled: bool) -> None:
+    if disabled and name not in _known_names():
+        raise click.ClickException(f"no installed plugin named {name!r}; installed: {', '.join(sorted(_known_names()))}")
+    names = _set_disabled(state_dir, name, disabled)
+    change = _reload(state_dir)
+    if as_json:
+        echo_json({"disabled": names, "reload": change})
+    else:
+        click.echo(f"plugin {name} {'disabled' if disabled else 'enabled'}")
+        _say_reload(change)
+
+
 @plugins.command("disable")
 @click.argument("name")
 @state_dir_option
 @json_option
 def disable(name: str, state_dir: Path | None, as_json: bool) -> None:
     """Keep a plugin installed but do not load it (remembered in the state dir)."""
-    if name not in _known_names():
-        raise click.ClickException(f"no installed plugin named {name!r}; installed: {', '.join(sorted(_known_names()))}")
-    disabled = _set_disabled(state_dir, name, True)
-    change = _reload(state_dir)
-    if as_json:
-        echo_json({"disabled": disabled, "reload": change})
-    else:
-        click.echo(f"plugin {name} disabled")
-        _say_reload(change)
+    _toggle(name, state_dir, as_json, disabled=True)
 
 
 @plugins.command("enable")
@@ -339,13 +343,7 @@ def disable(name: str, state_dir: Path | None, as_json: bool) -> None:
 @json_option
 def enable(name: str, state_dir: Path | None, as_json: bool) -> None:
     """Load a disabled plugin again."""
-    disabled = _set_disabled(state_dir, name, False)
-    change = _reload(state_dir)
-    if as_json:
-        echo_json({"disabled": disabled, "reload": change})
-    else:
-        click.echo(f"plugin {name} enabled")
-        _say_reload(change)
+    _toggle(name, state_dir, as_json, disabled=False)
 
 
 @plugins.command("reload")

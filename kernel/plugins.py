@@ -331,7 +331,7 @@ def _register_one(reg: Registry, record: PluginRecord, what: str, item: Any) -> 
         record.message_types.append(name)
         return
     expected = ServiceKind if what == "service" else JobKind
-    if not isinstance(item, expected):
+    if not isinstance(item, expected) or (what != "service" and isinstance(item, ServiceKind)):
         raise TypeError(f"register() takes llmos.{expected.__name__}, got {type(item).__name__}")
     if item.name in reg.kinds:
         other = reg.kinds[item.name].plugin

@@ -89,6 +89,7 @@ from llmos.protocol import (
     pack_item,
     packb,
     stamp,
+    storable_problem,
     stream_of,
     type_name_of,
     unpackb,
@@ -1098,7 +1099,8 @@ class Kernel:
 
     # ------------------------------------------------------------------ reaping and timers
 
-    def _reap(self) -> None:
+    def _reap(self, quiet: bool = False) -> None:
+        """Collect every exited child; ``quiet`` (at shutdown) only notes the workers' ends."""
         while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
@@ -1106,7 +1108,13 @@ class Kernel:
                 return
             if pid == 0:
                 return
-            self._on_exit(pid, status)
+            if not quiet:
+                self._on_exit(pid, status)
+                continue
+            worker = self.worker_by_pid.pop(pid, None)
+            if worker is not None:
+                worker.exited = status
+                _kill_group(pid)
 
     def _on_exit(self, pid: int, status: int) -> None:
         if self._probe is not None and pid == self._probe.pid:
@@ -1121,11 +1129,7 @@ class Kernel:
             return  # an adopted grandchild of some worker
         worker.exited = status
         worker.exited_at = time.monotonic()
-        # Whatever the job left behind in its process group goes with it.
-        try:
-            os.killpg(pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+        _kill_group(pid)
         if worker.job_id is not None and not worker.assigned:
             # Died before it got its job: that try failed.
             job = self.jobs.get(worker.job_id)
@@ -1212,12 +1216,12 @@ class Kernel:
         self.launcher.close()
         deadline = time.monotonic() + 3
         while any(w.alive and w.pid for w in self.workers.values()) and time.monotonic() < deadline:
-            self._reap_quiet()
+            self._reap(quiet=True)
             time.sleep(0.01)
         for worker in self.workers.values():
             if worker.alive and worker.pid is not None:
                 worker.signal_group(signal.SIGKILL)
-        self._reap_quiet()
+        self._reap(quiet=True)
         if self._probe is not None and self._probe.poll() is None:
             self._probe.kill()
         try:
@@ -1241,34 +1245,17 @@ class Kernel:
             os.close(self._lock_fd)
         log.info("kernel_stopped")
 
-    def _reap_quiet(self) -> None:
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
-            worker = self.worker_by_pid.pop(pid, None)
-            if worker is not None:
-                worker.exited = status
-                try:
-                    os.killpg(pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
 
 
 _KERNEL_ONLY_TYPES = frozenset({"job.state"})
 
 
-def storable_problem(value: Any) -> str | None:
-    """None if ``value`` can be stored (JSON) and sent (msgpack), else what is wrong."""
+def _kill_group(pid: int) -> None:
+    """SIGKILL a reaped worker's process group: whatever its job left behind goes with it."""
     try:
-        json.dumps(value, allow_nan=False)
-        packb(value)
-    except Exception as exc:
-        return f"{type(exc).__name__}: {exc} (values must be JSON-like: maps, lists, strings, numbers within 64 bits)"
-    return None
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def _fast_check_for(type_name: str) -> Any:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import logging
 import os
 import queue
@@ -48,6 +47,7 @@ from llmos.protocol import (
     encode_control,
     pack_item,
     packb,
+    storable_problem,
 )
 
 log = structlog.get_logger(__name__)
@@ -224,14 +224,6 @@ class _BusLogHandler(logging.Handler):
             pass
 
 
-def _jsonable(result: Any) -> str | None:
-    """None if ``result`` can be stored and sent, else why not."""
-    try:
-        json.dumps(result, allow_nan=False)
-        packb(result)
-    except Exception as exc:
-        return f"the runner's result cannot be stored (it must be JSON-like: maps, lists, numbers, strings): {exc}"
-    return None
 
 
 def run_job(bus: Bus, registry: Registry, assign: WorkerAssign) -> JobDone:
@@ -286,9 +278,9 @@ def run_job(bus: Bus, registry: Registry, assign: WorkerAssign) -> JobDone:
     if outcome == "succeeded" and bus.cancel_event.is_set():
         outcome = "cancelled"
     if outcome == "succeeded":
-        problem = _jsonable(result)
+        problem = storable_problem(result)
         if problem:
-            outcome, error, result = "failed", problem, None
+            outcome, error, result = "failed", f"the runner's result cannot be stored: {problem}", None
     else:
         result = None
     if error:

@@ -140,19 +140,11 @@ class JobKind:
 
 
 @dataclass(frozen=True)
-class ServiceKind:
-    """A long-lived worker (a monitor, an inference server): a job kind the kernel may start at boot."""
+class ServiceKind(JobKind):
+    """A long-lived worker (a monitor, an inference server): a job kind that runs until cancelled,
+    is restarted when it fails, and with ``autostart`` is started by the kernel at boot."""
 
-    name: str
-    runner: type | str
-    params: type = NoParams
-    resources: Resources = field(default_factory=Resources)
-    help: str = ""
     autostart: bool = False
-    check: Any = None
-
-    def __post_init__(self) -> None:
-        JobKind.__post_init__(self)  # type: ignore[arg-type]
 
 
 __all__ = ["RESOURCE_KEYS", "JobKind", "Resources", "Runner", "ServiceKind", "hookimpl", "resolve_runner"]

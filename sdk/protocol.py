@@ -25,7 +25,9 @@ the global ``seq`` and the per-stream ``stream_seq`` by appending them to the wo
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import struct
 import time
 import types
 import typing
@@ -81,6 +83,16 @@ def pack_array(packed_items: Iterable[bytes], count: int) -> bytes:
 
 # ---------------------------------------------------------------------------------------------
 # topics
+
+
+def storable_problem(value: Any) -> str | None:
+    """None if ``value`` can be stored (JSON) and sent (msgpack), else what is wrong with it."""
+    try:
+        json.dumps(value, allow_nan=False)
+        packb(value)
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc} (values must be JSON-like: maps, lists, strings, numbers within 64 bits)"
+    return None
 
 
 def topic(*parts: object) -> str:
@@ -477,7 +489,7 @@ def stamp(item: bytes, seq: int, stream_seq: int) -> bytes:
     return b"\x95" + item[1:] + _STAMP.pack(0xCF, seq, 0xCF, stream_seq)
 
 
-_STAMP = __import__("struct").Struct(">BQBQ")
+_STAMP = struct.Struct(">BQBQ")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -892,6 +904,7 @@ __all__ = [
     "register_message_type",
     "spec_for",
     "stamp",
+    "storable_problem",
     "stream_of",
     "topic",
     "type_name_of",

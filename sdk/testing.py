@@ -33,7 +33,15 @@ from llmos.paths import pid_alive
 class KernelProcess:
     """A kernel booted for a test: its state dir, pid, a client factory and the CLI."""
 
-    def __init__(self, state_dir: Path, *, plugins: Sequence[str] = (), fake_gpus: str | None = None, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        state_dir: Path,
+        *,
+        plugins: Sequence[str] = (),
+        fake_gpus: str | None = None,
+        env: dict[str, str] | None = None,
+        boot_args: Sequence[str] = (),
+    ) -> None:
         self.state_dir = Path(state_dir)
         self.env = dict(os.environ, **(env or {}))
         if plugins:
@@ -41,11 +49,12 @@ class KernelProcess:
             current = self.env.get("LLMOS_PLUGIN_MODULES")
             self.env["LLMOS_PLUGIN_MODULES"] = f"{current},{extra}" if current else extra
         self.fake_gpus = fake_gpus
+        self.boot_args = tuple(boot_args)
         self.pid: int | None = None
 
     def boot(self) -> KernelProcess:
         """Start the kernel (``llmos boot --detach``) and wait until it answers."""
-        args = ["boot", "--detach", "--json"]
+        args = ["boot", "--detach", "--json", *self.boot_args]
         if self.fake_gpus:
             args += ["--fake-gpus", self.fake_gpus]
         proc = self.cli(*args)

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 import llmos
+from llmos.testing import KernelProcess
 
 LLMOS = [sys.executable, "-m", "llmos.kernel.cli"]
 
@@ -34,40 +35,15 @@ def cli_json(*args: str, state_dir: Path | None = None) -> object:
     return json.loads(cli(*args, "--json", state_dir=state_dir).stdout)
 
 
-class KernelHandle:
-    """A kernel booted with ``llmos boot --detach`` in its own state directory."""
+class KernelHandle(KernelProcess):
+    """A kernel booted with ``llmos boot --detach ARGS`` in its own state directory (the fixture
+    llmos ships for plugin authors, plus what the project's own tests need)."""
 
     def __init__(self, state_dir: Path, *boot_args: str, env: dict[str, str] | None = None) -> None:
-        self.state_dir = state_dir
-        self.boot_args = boot_args
-        self.env = env
-        self.pid: int | None = None
-
-    def boot(self) -> KernelHandle:
-        info = json.loads(cli("boot", "--detach", *self.boot_args, "--json", state_dir=self.state_dir, env=self.env).stdout)
-        self.pid = info["pid"]
-        return self
-
-    def client(self) -> llmos.Client:
-        return llmos.connect(self.state_dir)
-
-    def cli(self, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        return cli(*args, state_dir=self.state_dir, check=check, timeout=timeout)
+        super().__init__(state_dir, env=env, boot_args=boot_args)
 
     def cli_json(self, *args: str) -> object:
-        return cli_json(*args, state_dir=self.state_dir)
-
-    def shutdown(self) -> None:
-        if self.pid is None:
-            return
-        try:
-            with self.client() as c:
-                c.shutdown()
-        except llmos.KernelUnavailable:
-            pass
-        finally:
-            _wait_gone(self.pid)
-            self.pid = None
+        return json.loads(self.cli(*args, "--json").stdout)
 
     def kill(self) -> None:
         """SIGKILL the kernel, as a crash would."""
