@@ -8,6 +8,7 @@ kernel.
 
 from llmos._version import PLUGIN_API, __version__
 from llmos.client import Client, Job, JobInfo, connect
+from llmos.completion import Completion
 from llmos.context import JobContext
 from llmos.errors import (
     ConfigError,
@@ -31,6 +32,7 @@ from llmos.protocol import Event, message, topic
 __all__ = [
     "PLUGIN_API",
     "Client",
+    "Completion",
     "ConfigError",
     "Event",
     "Job",

@@ -25,6 +25,7 @@ from typing import Any
 
 import zmq
 
+from llmos.completion import Completion
 from llmos.errors import (
     JobCancelled,
     JobFailed,
@@ -293,6 +294,45 @@ class Client:
         """Job records, oldest first, optionally only those in ``state``."""
         reply = self.request(JobsRequest(state=state, limit=limit))
         return [JobInfo.from_dict(j) for j in reply.jobs]
+
+    # -- text generation --
+
+    def generate(
+        self,
+        model: str | os.PathLike[str],
+        prompt: str,
+        *,
+        stream: bool = False,
+        timeout: float | None = None,
+        resources: dict[str, Any] | None = None,
+        **sampling: Any,
+    ) -> Completion | Iterator[str]:
+        """Complete ``prompt`` with the checkpoint ``model``.
+
+        Returns a :class:`~llmos.completion.Completion`; with ``stream=True``, an iterator of text
+        pieces as they are made (the job's ``job.<id>.token`` events). Sampling options are the
+        ``generate`` job's parameters: ``max_new_tokens``, ``temperature`` (0 is greedy),
+        ``top_k``, ``top_p``, ``repetition_penalty``, ``seed``, ``stop``, ``stop_tokens``, ``dtype``.
+        Errors (an unknown model, values out of range) are raised before anything runs.
+        """
+        params = {"model": str(Path(model).absolute()) if Path(model).exists() else str(model), "prompts": [prompt], "stream": stream, **sampling}
+        job = self.submit("generate", params, resources)
+        if stream:
+            return self._stream_text(job, timeout)
+        result = job.result(timeout)
+        return Completion.from_dict(result["completions"][0])
+
+    def _stream_text(self, job: Job, timeout: float | None) -> Iterator[str]:
+        for event in job.events(follow=True, timeout=timeout):
+            if event.type == "generate.text":
+                yield event.body["text"]
+        info = job.info()
+        if info.state == "failed":
+            raise JobFailed(f"job {job.id} (generate) failed: {info.reason}", job_id=job.id, reason=info.reason, exit_code=info.exit_code)
+        if info.state == "cancelled":
+            raise JobCancelled(f"job {job.id} (generate) was cancelled: {info.reason}", job_id=job.id, reason=info.reason)
+        if not info.ended:
+            raise TimeoutError(f"job {job.id} (generate) is still {info.state} after {timeout}s")
 
     # -- the machine --
 

@@ -825,6 +825,16 @@ class JobArtifact:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
+@message("generate.text")
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GeneratedText:
+    """A piece of generated text, as it is made: prompt ``index``, the token id and its text."""
+
+    index: int
+    token: int
+    text: str
+
+
 @message("kernel.started")
 @dataclass(frozen=True, slots=True, kw_only=True)
 class KernelStarted:
@@ -855,6 +865,7 @@ __all__ = [
     "DevicesRequest",
     "ErrorReply",
     "Event",
+    "GeneratedText",
     "JobArtifact",
     "JobDone",
     "JobLog",

@@ -69,6 +69,35 @@ class EvalParams:
 
 
 
+@dataclass(frozen=True)
+class GenerateParams:
+    model: str = param(help="A checkpoint directory.")
+    prompts: list[str] | None = param(None, help="Prompts to complete.")
+    prompts_file: str | None = param(None, help="A JSON-lines file of prompts (see prompt_field).")
+    prompt_field: str = param("prompt", help="The field of a prompts_file line that holds the prompt.")
+    output: str | None = param(None, help="Where to write the completions (JSON lines; default: the job's directory).")
+    max_new_tokens: int = param(64, ge=0, le=1_000_000, help="Tokens to generate at most.")
+    temperature: float = param(1.0, ge=0, le=100, help="0 is greedy.")
+    top_k: int = param(0, ge=0, help="Keep the k most likely tokens (0: all).")
+    top_p: float = param(1.0, gt=0, le=1, help="Keep the smallest set of tokens whose probability reaches p.")
+    repetition_penalty: float = param(1.0, gt=0, le=100, help="Above 1 discourages repeating tokens already seen.")
+    seed: int | None = param(None, ge=0, help="Make sampling repeatable.")
+    stop: list[str] = param(default_factory=list, help="Stop at any of these strings (not included).")
+    stop_tokens: list[int] = param(default_factory=list, help="Stop at any of these token ids.")
+    dtype: Literal["float32", "bfloat16", "float16"] = param("float32", help="The weights' type while generating.")
+    batch_size: int = param(8, ge=1, le=4096, help="Prompts decoded together.")
+    stream: bool = param(False, help="Also send every text piece as a job.<id>.token event.")
+    threads: int = param(0, ge=0, le=1024, help="Torch CPU threads (0: the job's reserved cpus).")
+
+
+def check_generate(p: GenerateParams) -> None:
+    _check_checkpoint(p.model, "model")
+    if p.prompts_file is not None and not Path(p.prompts_file).expanduser().is_file():
+        raise ValueError(f"prompts_file {p.prompts_file} does not exist")
+    if not p.prompts and p.prompts_file is None:
+        raise ValueError("no prompts: give prompts or prompts_file")
+
+
 def _check_data(data: str | None) -> None:
     if data is not None and data != "stdlib" and not Path(data).expanduser().exists():
         raise ValueError(f"data path {data} does not exist (give a file, a directory, or 'stdlib')")
@@ -103,6 +132,7 @@ def check_eval(p: EvalParams) -> None:
 def llmos_register_job_kinds(register) -> None:  # type: ignore[no-untyped-def]
     register(JobKind("train", runner="llmos.plugins.lm.train:TrainRunner", params=TrainParams, resources=Resources(cpus=1), help="Train a Llama-style model from text.", check=check_train))
     register(JobKind("eval", runner="llmos.plugins.lm.train:EvalRunner", params=EvalParams, resources=Resources(cpus=1), help="Perplexity and greedy samples of a checkpoint.", check=check_eval))
+    register(JobKind("generate", runner="llmos.plugins.lm.train:GenerateRunner", params=GenerateParams, resources=Resources(cpus=1), help="Complete prompts with a checkpoint (KV cache, batched).", check=check_generate))
 
 
 @llmos.hookimpl
@@ -119,7 +149,8 @@ def llmos_load_model(path: str, device: Any, dtype: Any) -> Any:
 
 @llmos.hookimpl
 def llmos_register_commands(register) -> None:  # type: ignore[no-untyped-def]
-    from llmos.plugins.lm.cli import eval_command, train_command
+    from llmos.plugins.lm.cli import eval_command, generate_command, train_command
 
     register(train_command)
     register(eval_command)
+    register(generate_command)

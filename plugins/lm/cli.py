@@ -131,6 +131,43 @@ def train_command(data: str, preset: str | None, steps: int | None, batch_size: 
     _submit("train", params, state_dir, cpus, gpus, detach, as_json)
 
 
+@click.command("generate")
+@click.argument("model")
+@click.argument("prompt")
+@click.option("--stream/--no-stream", default=True, show_default=True, help="Print text as it is made.")
+@click.option("--max-new-tokens", type=int, default=None, help="Tokens to generate at most.")
+@click.option("--temperature", type=float, default=None, help="0 is greedy.")
+@click.option("--top-k", type=int, default=None)
+@click.option("--top-p", type=float, default=None)
+@click.option("--repetition-penalty", type=float, default=None)
+@click.option("--seed", type=int, default=None, help="Make sampling repeatable.")
+@click.option("--stop", multiple=True, help="Stop at this string (repeatable).")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None)
+@click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="The kernel's state directory.")
+@click.option("--json", "as_json", is_flag=True, help="Print the Completion as JSON.")
+def generate_command(model: str, prompt: str, stream: bool, max_new_tokens: int | None, temperature: float | None, top_k: int | None, top_p: float | None,
+                     repetition_penalty: float | None, seed: int | None, stop: tuple[str, ...], dtype: str | None, state_dir: Path | None, as_json: bool) -> None:
+    """Complete PROMPT with the checkpoint MODEL (streamed to the terminal by default)."""
+    sampling = {k: v for k, v in (("max_new_tokens", max_new_tokens), ("temperature", temperature), ("top_k", top_k), ("top_p", top_p),
+                                   ("repetition_penalty", repetition_penalty), ("seed", seed), ("dtype", dtype)) if v is not None}
+    if stop:
+        sampling["stop"] = list(stop)
+    try:
+        with llmos.connect(state_dir) as client:
+            if stream and not as_json:
+                for piece in client.generate(model, prompt, stream=True, **sampling):
+                    click.echo(piece, nl=False)
+                click.echo("")
+                return
+            completion = client.generate(model, prompt, **sampling)
+    except llmos.LlmosError as exc:
+        raise click.ClickException(str(exc)) from None
+    if as_json:
+        click.echo(json.dumps(completion.to_dict()))
+    else:
+        click.echo(completion.text)
+
+
 @click.command("eval")
 @click.argument("model")
 @click.option("--data", default=None, help="A corpus; default: the one the model was trained on.")

@@ -60,6 +60,40 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_heads)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
+    def forward_cached(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, layer: int, slots: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Attend new tokens (at ``positions`` of the sequences in cache ``slots``) over everything cached so far."""
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        k_all, v_all = cache.write(layer, slots, positions, k, v, mask.shape[-1])
+        out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class KVCache:
+    """Keys and values of up to ``slots`` sequences of up to ``length`` tokens, per layer.
+
+    Layout [slot, kv_head, position, head_dim]: a sequence owns a slot, its token at position p
+    sits at index p, so sequences of any lengths share one batch (continuous batching moves
+    sequences in and out of slots between steps).
+    """
+
+    def __init__(self, config: LlamaConfig, slots: int, length: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
+        shape = (slots, config.num_key_value_heads, length, config.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.length = length
+
+    def write(self, layer: int, slots: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor, upto: int) -> tuple[torch.Tensor, torch.Tensor]:
+        kc, vc = self.k[layer], self.v[layer]
+        index = (slots[:, None], slice(None), positions)  # -> [B, T, kv_head, head_dim]
+        kc[index] = k.transpose(1, 2).to(kc.dtype)
+        vc[index] = v.transpose(1, 2).to(vc.dtype)
+        return kc[slots, :, :upto], vc[slots, :, :upto]
+
 
 class MLP(nn.Module):
     def __init__(self, config: LlamaConfig) -> None:
@@ -82,6 +116,10 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+    def forward_cached(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, layer: int, slots: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn.forward_cached(self.input_layernorm(x), cos, sin, cache, layer, slots, positions, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -123,6 +161,20 @@ class Llama(nn.Module):
         cos, sin = rotary_tables(self.config, positions, x.dtype)
         for layer in self.model.layers:
             x = layer(x, cos, sin)
+        return self.lm_head(self.model.norm(x))
+
+    def forward_cached(self, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, cache: KVCache, last_only: bool = True) -> torch.Tensor:
+        """Logits for new tokens ([B, T]) at ``positions`` ([B, T]) of the sequences in ``slots``,
+        reading and extending ``cache``. With ``last_only``, only the last position's logits."""
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = rotary_tables(self.config, positions, x.dtype)
+        upto = int(positions.max()) + 1
+        keys = torch.arange(upto, device=input_ids.device)
+        mask = (keys[None, None, :] <= positions[:, :, None])[:, None]  # [B, 1, T, upto]
+        for i, layer in enumerate(self.model.layers):
+            x = layer.forward_cached(x, cos, sin, cache, i, slots, positions, mask)
+        if last_only:
+            x = x[:, -1:]
         return self.lm_head(self.model.norm(x))
 
     def loss(self, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

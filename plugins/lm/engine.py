@@ -1,0 +1,183 @@
+"""The inference engine: prefill and batched decode over a slotted KV cache, with sampling.
+
+Every sequence owns a cache slot; a step decodes one token for every active sequence at once,
+whatever their lengths (the attention mask keeps each to its own positions). Finished sequences
+leave, new ones can join between steps: the engine is built for continuous batching.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from llmos.completion import Completion
+from llmos.plugins.lm.model import KVCache, Llama
+from llmos.plugins.lm.text import Tok
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How to pick tokens. ``temperature=0`` is greedy; a ``seed`` makes sampling repeatable."""
+
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_tokens: tuple[int, ...] = ()
+
+    def validate(self) -> Sampling:
+        if self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if not 0 <= self.temperature <= 100:
+            raise ValueError(f"temperature must be between 0 and 100, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        return self
+
+
+@dataclass
+class _Seq:
+    prompt: list[int]
+    sampling: Sampling
+    slot: int
+    generator: torch.Generator | None
+    started: float
+    out: list[int] = field(default_factory=list)
+    first_token_at: float | None = None
+    finish: str | None = None
+    text: str = ""
+
+
+def sample_next(logits: torch.Tensor, seen: list[int], s: Sampling, gen: torch.Generator | None) -> int:
+    """One token from float32 ``logits`` [V] under the sampling settings."""
+    if s.repetition_penalty != 1.0 and seen:
+        idx = torch.tensor(sorted(set(seen)), dtype=torch.long)
+        picked = logits[idx]
+        logits[idx] = torch.where(picked > 0, picked / s.repetition_penalty, picked * s.repetition_penalty)
+    if s.temperature == 0:
+        return int(torch.argmax(logits))
+    logits = logits / s.temperature
+    if s.top_k:
+        kth = torch.topk(logits, min(s.top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if s.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = torch.softmax(sorted_logits, -1)
+        cut = probs.cumsum(-1) - probs > s.top_p  # keep the smallest set whose mass reaches top_p
+        sorted_logits[cut] = float("-inf")
+        logits = torch.full_like(logits, float("-inf")).scatter(0, order, sorted_logits)
+    probs = torch.softmax(logits, -1)
+    return int(torch.multinomial(probs, 1, generator=gen))
+
+
+class Engine:
+    """Generate from a Llama model with a KV cache; ``generate`` runs a batch to completion."""
+
+    def __init__(self, model: Llama, tok: Tok, dtype: str = "float32", device: str | torch.device = "cpu") -> None:
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        self.dtype = DTYPES[dtype]
+        self.device = torch.device(device)
+        self.model = model.to(device=self.device, dtype=self.dtype).eval()
+        self.tok = tok
+        self.eos = model.config.eos_token_id if model.config.eos_token_id is not None else tok.eos_id
+        self.context = model.config.max_position_embeddings
+
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        ids = list(prompt) if isinstance(prompt, list) else self.tok.encode(prompt)
+        if not ids:
+            ids = [self.eos if self.eos is not None else 0]
+        if len(ids) >= self.context:
+            raise ValueError(f"the prompt is {len(ids)} tokens; the model's context window is {self.context}")
+        return ids
+
+    @torch.inference_mode()
+    def generate(self, prompts: list[str | list[int]], sampling: Sampling | list[Sampling], on_token: Any = None) -> list[Completion]:
+        """Complete every prompt; ``on_token(index, token_id, text_piece)`` sees tokens as they come."""
+        samplings = sampling if isinstance(sampling, list) else [sampling] * len(prompts)
+        encoded = [self.encode(p) for p in prompts]
+        for s in samplings:
+            s.validate()
+        length = min(self.context, max(len(e) + s.max_new_tokens for e, s in zip(encoded, samplings)) + 1)
+        cache = KVCache(self.model.config, len(prompts), length, self.dtype, self.device)
+        seqs = []
+        for i, (ids, s) in enumerate(zip(encoded, samplings)):
+            gen = torch.Generator().manual_seed(s.seed) if s.seed is not None else None
+            seqs.append(_Seq(prompt=ids, sampling=s, slot=i, generator=gen, started=time.perf_counter()))
+        # Prefill each prompt on its own (lengths differ), then decode them all together.
+        for seq in seqs:
+            if seq.sampling.max_new_tokens == 0:
+                seq.finish = "length"
+                continue
+            ids = torch.tensor([seq.prompt], device=self.device)
+            logits = self.model.forward_cached(ids, torch.arange(len(seq.prompt), device=self.device)[None], torch.tensor([seq.slot], device=self.device), cache)
+            self._accept(seq, logits[0, -1].float(), on_token, len(seqs))
+        while True:
+            active = [q for q in seqs if q.finish is None]
+            if not active:
+                break
+            last = torch.tensor([[q.out[-1]] for q in active], device=self.device)
+            positions = torch.tensor([[len(q.prompt) + len(q.out) - 1] for q in active], device=self.device)
+            slots = torch.tensor([q.slot for q in active], device=self.device)
+            logits = self.model.forward_cached(last, positions, slots, cache)
+            for row, seq in enumerate(active):
+                self._accept(seq, logits[row, -1].float(), on_token, len(seqs))
+        done = time.perf_counter()
+        out = []
+        for seq in seqs:
+            decode_time = done - (seq.first_token_at or done)
+            out.append(
+                Completion(
+                    text=seq.text,
+                    tokens=seq.out,
+                    finish_reason=seq.finish or "length",
+                    prompt_tokens=len(seq.prompt),
+                    timings={
+                        "ttft_s": (seq.first_token_at or done) - seq.started,
+                        "total_s": done - seq.started,
+                        "tokens_per_s": (len(seq.out) - 1) / decode_time if len(seq.out) > 1 and decode_time > 0 else 0.0,
+                    },
+                )
+            )
+        return out
+
+    def _accept(self, seq: _Seq, logits: torch.Tensor, on_token: Any, n: int) -> None:
+        s = seq.sampling
+        token = sample_next(logits, seq.prompt + seq.out if s.repetition_penalty != 1.0 else [], s, seq.generator)
+        if seq.first_token_at is None:
+            seq.first_token_at = time.perf_counter()
+        if token in s.stop_tokens:
+            seq.finish = "stop"
+            return
+        if self.eos is not None and token == self.eos:
+            seq.finish = "eos"
+            return
+        seq.out.append(token)
+        text = self.tok.decode(seq.out)
+        piece = text[len(seq.text):]
+        for stop in s.stop:
+            at = text.find(stop)
+            if at != -1:
+                seq.text, seq.finish = text[:at], "stop"
+                piece = seq.text[len(text) - len(piece):] if at >= len(text) - len(piece) else ""
+                if on_token and piece:
+                    on_token(seq.slot, token, piece)
+                return
+        seq.text = text
+        if on_token and piece:
+            on_token(seq.slot, token, piece)
+        total = len(seq.prompt) + len(seq.out)
+        if len(seq.out) >= s.max_new_tokens or total >= self.context:
+            seq.finish = "length"
