@@ -69,7 +69,14 @@ from llmos.protocol import (
     PluginsReply,
     PluginsRequest,
     ReplayRequest,
+    ServiceCall,
+    ServiceCancel,
     ServiceQuarantined,
+    ServiceRegister,
+    ServiceRequest,
+    ServiceResponse,
+    ServicesReply,
+    ServicesRequest,
     ShutdownRequest,
     StatusReply,
     StatusRequest,
@@ -153,6 +160,8 @@ class Kernel:
         self._service_crashes: dict[str, list[float]] = {}
         self._service_restarts: list[tuple[float, str, dict[str, Any], dict[str, Any]]] = []
         self.quarantined: dict[str, str] = {}
+        self.services: dict[str, list[str]] = {}  # name -> replica worker ids
+        self.calls: dict[str, tuple[bytes, str, str]] = {}  # request id -> (caller, worker, service)
         self._signals: list[int] = []
         self._lock_fd: int | None = None
         self._probe: subprocess.Popen[bytes] | None = None
@@ -880,6 +889,82 @@ class Kernel:
                 record.status = "quarantined"
                 record.error = self.quarantined[name]
 
+    # -- services: requests routed to a replica, replies routed back (the Majordomo pattern) --
+
+    def _on_service_register(self, identity: bytes, msg: ServiceRegister) -> None:
+        worker = self.workers.get(msg.worker_id)
+        if worker is None or identity != msg.worker_id.encode() or worker.job_id is None:
+            raise ProtocolError(f"service.register from {msg.worker_id!r}, which is not a worker running a job")
+        if not msg.name or " " in msg.name:
+            raise ValidationError(f"service name {msg.name!r} must be non-empty without spaces")
+        replicas = self.services.setdefault(msg.name, [])
+        if worker.id not in replicas:
+            replicas.append(worker.id)
+        worker.services.add(msg.name)
+        log.info("service_registered", service=msg.name, worker=worker.id, job_id=worker.job_id, replicas=len(replicas))
+        return None
+
+    def _on_service_request(self, identity: bytes, msg: ServiceRequest) -> None:
+        from llmos.errors import ServiceUnavailable
+
+        replicas = [w for w in self.services.get(msg.service, []) if w in self.workers and self.workers[w].alive]
+        if not replicas:
+            running = ", ".join(sorted(n for n, r in self.services.items() if r)) or "none"
+            raise ServiceUnavailable(f"no service named {msg.service!r} is running (running services: {running})", service=msg.service)
+        load = {w: 0 for w in replicas}
+        for _, w, _ in self.calls.values():
+            if w in load:
+                load[w] += 1
+        worker_id = min(replicas, key=lambda w: load[w])
+        request_id = self._current_parent or ""
+        self.calls[request_id] = (identity, worker_id, msg.service)
+        self._out_control.append((worker_id.encode(), encode_control(ServiceCall(request_id=request_id, body=msg.body), "kernel")))
+        return None
+
+    def _on_service_response(self, identity: bytes, msg: ServiceResponse) -> None:
+        call = self.calls.get(msg.request_id)
+        if call is None or call[1].encode() != identity:
+            return None  # the caller cancelled or is gone
+        caller = call[0]
+        if msg.done or msg.error:
+            del self.calls[msg.request_id]
+        self._out_control.append((caller, encode_control(msg, "kernel", parent_id=msg.request_id)))
+        return None
+
+    def _on_service_cancel(self, identity: bytes, msg: ServiceCancel) -> None:
+        call = self.calls.get(msg.request_id)
+        if call is not None and call[0] == identity:
+            del self.calls[msg.request_id]
+            self._out_control.append((call[1].encode(), encode_control(msg, "kernel")))
+        return None
+
+    def _on_services(self, identity: bytes, msg: ServicesRequest) -> ServicesReply:
+        out = []
+        for name, replicas in sorted(self.services.items()):
+            alive = [w for w in replicas if w in self.workers and self.workers[w].alive]
+            if not alive:
+                continue
+            out.append({
+                "name": name,
+                "replicas": [{"worker": w, "job_id": self.workers[w].job_id, "pid": self.workers[w].pid} for w in alive],
+                "in_flight": sum(1 for _, w, s in self.calls.values() if s == name),
+            })
+        return ServicesReply(services=out)
+
+    def _drop_replica(self, worker: WorkerProc, why: str) -> None:
+        """A replica is gone: its requests in flight fail at their callers, never hang."""
+        from llmos.errors import ServiceError
+
+        for name in worker.services:
+            if worker.id in self.services.get(name, []):
+                self.services[name].remove(worker.id)
+        worker.services.clear()
+        for request_id, (caller, w, service) in list(self.calls.items()):
+            if w == worker.id:
+                del self.calls[request_id]
+                err = ServiceResponse(request_id=request_id, done=True, error=f"service {service!r}: its replica stopped ({why})", code=ServiceError.code)
+                self._out_control.append((caller, encode_control(err, "kernel", parent_id=request_id)))
+
     def _on_shutdown(self, identity: bytes, msg: ShutdownRequest) -> OkReply:
         self.stopping = "shutdown requested"
         return OkReply()
@@ -896,6 +981,11 @@ class Kernel:
         StatusRequest: _on_status,
         ReplayRequest: _on_replay,
         PluginsReloadRequest: _on_plugins_reload,
+        ServiceRegister: _on_service_register,
+        ServiceRequest: _on_service_request,
+        ServiceResponse: _on_service_response,
+        ServiceCancel: _on_service_cancel,
+        ServicesRequest: _on_services,
         ShutdownRequest: _on_shutdown,
     }
     _current_parent: str | None = None
@@ -1059,6 +1149,8 @@ class Kernel:
         self._release_worker(worker)
 
     def _release_worker(self, worker: WorkerProc) -> None:
+        if worker.services:
+            self._drop_replica(worker, "its job ended")
         worker.job_id = None
         if worker.exited is None:
             # Its job is over; the process exits by itself. Make sure it does.
@@ -1130,6 +1222,8 @@ class Kernel:
         worker.exited = status
         worker.exited_at = time.monotonic()
         _kill_group(pid)
+        if worker.services:
+            self._drop_replica(worker, describe_status(status)[0])
         if worker.job_id is not None and not worker.assigned:
             # Died before it got its job: that try failed.
             job = self.jobs.get(worker.job_id)

@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
@@ -66,6 +66,7 @@ class WorkerProc:
     done_at: float | None = None  # when its job_done arrived
     lost: bool = False  # killed for missing heartbeats
     generation: int = 0  # the plugin set it was started with (see Kernel.reload_plugins)
+    services: set[str] = field(default_factory=set)  # the services it answers for
 
     @property
     def alive(self) -> bool:

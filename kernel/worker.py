@@ -37,6 +37,8 @@ from llmos.kernel.plugins import Registry, call_broadcast, load_plugins
 from llmos.plugin import resolve_runner
 from llmos.protocol import (
     JobDone,
+    ServiceCall,
+    ServiceCancel,
     WorkerAssign,
     WorkerCancel,
     WorkerExit,
@@ -79,6 +81,9 @@ class Bus:
         self._closing = False
         self._counter = 0
         self.ctx: JobContext | None = None
+        self.calls: queue.Queue[ServiceCall] = queue.Queue()
+        self.cancelled_calls: set[str] = set()
+        self._control_out: collections.deque[Any] = collections.deque()
         self._ctx = zmq.Context()
         self._dealer = self._ctx.socket(zmq.DEALER)
         self._dealer.setsockopt(zmq.IDENTITY, worker_id.encode())
@@ -106,6 +111,11 @@ class Bus:
                 os.write(self._wake_w, b"x")
             except OSError:
                 pass
+
+    def send_control(self, msg: Any) -> None:
+        """Queue a control message (service registration, responses) for the bus thread."""
+        self._control_out.append(msg)
+        self.emit_wake()
 
     def close(self, timeout: float = 10.0) -> None:
         """Send everything queued, then stop the thread and close the sockets (waiting for delivery)."""
@@ -175,6 +185,8 @@ class Bus:
                     pass
                 self._wake_pending = False
                 self._flush()
+                while self._control_out:
+                    self._send_control(self._control_out.popleft())
             if self._dealer in events:
                 while True:
                     try:
@@ -206,6 +218,10 @@ class Bus:
                 self.cancel_event.set()
         elif isinstance(msg, WorkerExit):
             self.assignments.put(None)
+        elif isinstance(msg, ServiceCall):
+            self.calls.put(msg)
+        elif isinstance(msg, ServiceCancel):
+            self.cancelled_calls.add(msg.request_id)
 
 
 class _BusLogHandler(logging.Handler):
@@ -251,6 +267,7 @@ def run_job(bus: Bus, registry: Registry, assign: WorkerAssign) -> JobDone:
         cancel_event=bus.cancel_event,
     )
     ctx.cancel_reason = bus.cancel_reason
+    ctx._services = bus
     ctx._model_loader = lambda path, device, dtype: registry.pm.hook.llmos_load_model(path=path, device=device, dtype=dtype)
     bus.ctx = ctx
     outcome, error, tb, result = "succeeded", None, None, None

@@ -49,6 +49,9 @@ from llmos.protocol import (
     JobsRequest,
     PluginsRequest,
     ReplayRequest,
+    ServiceCancel,
+    ServiceRequest,
+    ServicesRequest,
     ShutdownRequest,
     StatusRequest,
     SubmitRequest,
@@ -333,6 +336,43 @@ class Client:
             raise JobCancelled(f"job {job.id} (generate) was cancelled: {info.reason}", job_id=job.id, reason=info.reason)
         if not info.ended:
             raise TimeoutError(f"job {job.id} (generate) is still {info.state} after {timeout}s")
+
+    # -- services --
+
+    def call(self, service: str, body: dict[str, Any] | None = None, *, timeout: float | None = None) -> Iterator[dict[str, Any]]:
+        """Send a request to a running service and yield the bodies of its responses until it is
+        done. ServiceUnavailable (no such service), ServiceError (it failed or its replica died),
+        TimeoutError (no response for ``timeout`` seconds: the request is cancelled)."""
+        frames = encode_control(ServiceRequest(service=service, body=dict(body or {})), self._sender)
+        request_id = unpackb(frames[0])["id"]
+        self._sock.send_multipart(frames)
+        wait = self.timeout if timeout is None else timeout
+        finished = False
+        try:
+            while True:
+                if not self._sock.poll(int(wait * 1000)):
+                    self._check_alive()
+                    raise TimeoutError(f"service {service!r} did not answer within {wait}s")
+                header, reply = decode_control(self._sock.recv_multipart())
+                if header.get("parent_id") != request_id:
+                    continue
+                if isinstance(reply, ErrorReply):
+                    finished = True
+                    raise error_from_reply(reply.ename, reply.evalue, reply.code, reply.context)
+                if reply.error:
+                    finished = True
+                    raise error_from_reply("ServiceError", reply.error, reply.code or 600, {"service": service})
+                yield reply.body
+                if reply.done:
+                    finished = True
+                    return
+        finally:
+            if not finished:  # the caller stopped early: free the replica's slot
+                self._sock.send_multipart(encode_control(ServiceCancel(request_id=request_id), self._sender))
+
+    def services(self) -> list[dict[str, Any]]:
+        """Running services with their replicas and the requests in flight."""
+        return self.request(ServicesRequest()).services
 
     # -- the machine --
 

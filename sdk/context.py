@@ -101,6 +101,7 @@ class JobContext:
         self.cancel_reason: str | None = None
         self.log = make_bus_logger(emit, name=kind)
         self._model_loader: Callable[[str, Any, Any], Any] | None = None
+        self._services: Any = None
 
     # -- what the runner reports --
 
@@ -130,6 +131,38 @@ class JobContext:
         type_name, body = type_name_of(msg), _body(msg)
         validate_body(type_name, body)
         self._emit(suffix, type_name, body)
+
+    # -- services: answer requests routed by the kernel --
+
+    def register_service(self, name: str) -> None:
+        """Answer requests to service ``name`` (``client.call(name, ...)``) from this job."""
+        from llmos.protocol import ServiceRegister
+
+        self._bus().send_control(ServiceRegister(worker_id=self._services.worker_id, name=name))
+
+    def next_request(self, timeout: float | None = None) -> Any:
+        """The next :class:`~llmos.protocol.ServiceCall` (``request_id``, ``body``), or None after ``timeout``."""
+        import queue
+
+        try:
+            return self._bus().calls.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def respond(self, request_id: str, body: dict[str, Any] | None = None, *, done: bool = True, error: str | None = None, code: int | None = None) -> None:
+        """Send (a piece of) the answer to a request; ``done`` ends it, ``error`` fails it."""
+        from llmos.protocol import ServiceResponse
+
+        self._bus().send_control(ServiceResponse(request_id=request_id, body=body or {}, done=done, error=error, code=code))
+
+    def request_cancelled(self, request_id: str) -> bool:
+        """True once the caller of ``request_id`` went away (stop working on it)."""
+        return request_id in self._bus().cancelled_calls
+
+    def _bus(self) -> Any:
+        if self._services is None:
+            raise LlmosError("this context is not connected to a kernel")
+        return self._services
 
     # -- models --
 

@@ -11,6 +11,9 @@
       KernelError          the kernel answered a request with an error it could not classify
       PluginError          import/registration failures, keeps .plugin
       ResourceError        cannot fit now / can never fit, with what was asked and what exists
+      ServiceError         a service request failed
+        ServiceUnavailable no service of that name is running
+        ServiceBusy        its queue is full
       JobError             anything about one job, keeps .job_id
         JobNotFound
         JobRejected        refused at submit: unknown kind, bad parameters, never fits
@@ -92,6 +95,24 @@ class PluginError(LlmosError):
     code = 300
 
 
+class ServiceError(LlmosError):
+    """A service request failed: no such service, the service is busy, or its replica died."""
+
+    code = 600
+
+
+class ServiceUnavailable(ServiceError):
+    """No running service has that name."""
+
+    code = 601
+
+
+class ServiceBusy(ServiceError):
+    """The service's queue is full; try again later."""
+
+    code = 602
+
+
 class ResourceError(LlmosError):
     """A resource request that cannot be met; ``.requested`` and ``.available`` say why."""
 
@@ -164,6 +185,9 @@ __all__ = [
     "PluginError",
     "ProtocolError",
     "ResourceError",
+    "ServiceBusy",
+    "ServiceError",
+    "ServiceUnavailable",
     "UnknownMessageType",
     "ValidationError",
     "error_from_reply",

@@ -1,0 +1,95 @@
+"""Named services: requests routed by the kernel to a replica, responses streamed back."""
+
+from __future__ import annotations
+
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+import llmos
+from llmos.errors import ServiceError, ServiceUnavailable
+from tests.conftest import KernelHandle
+
+ECHO = textwrap.dedent(
+    """
+    import llmos
+
+    class Echo(llmos.Runner):
+        def run(self, ctx):
+            ctx.register_service("echo")
+            while not ctx.cancelled:
+                call = ctx.next_request(timeout=0.1)
+                if call is None:
+                    continue
+                if call.body.get("die"):
+                    import os, signal
+                    os.kill(os.getpid(), signal.SIGKILL)
+                for i in range(call.body.get("n", 3)):
+                    if ctx.request_cancelled(call.request_id):
+                        break
+                    ctx.respond(call.request_id, {"i": i, "text": call.body.get("text", "")}, done=False)
+                ctx.respond(call.request_id, {"end": True})
+            return {"ok": True}
+
+    @llmos.hookimpl
+    def llmos_register_services(register):
+        register(llmos.ServiceKind("echo.service", runner=Echo, resources=llmos.Resources(cpus=0)))
+    """
+)
+
+
+@pytest.fixture
+def echo_kernel(tmp_path: Path):
+    (tmp_path / "plug").mkdir()
+    (tmp_path / "plug" / "echo_plugin.py").write_text(ECHO)
+    env = {"PYTHONPATH": str(tmp_path / "plug"), "LLMOS_PLUGIN_MODULES": "echo=echo_plugin"}
+    handle = KernelHandle(tmp_path / "state", env=env).boot()
+    try:
+        yield handle
+    finally:
+        handle.shutdown()
+
+
+def _wait_service(c: llmos.Client, name: str, replicas: int = 1) -> None:
+    deadline = time.monotonic() + 30
+    while not any(s["name"] == name and len(s["replicas"]) >= replicas for s in c.services()):
+        assert time.monotonic() < deadline, c.services()
+        time.sleep(0.05)
+
+
+def test_requests_stream_back_and_replicas_share(echo_kernel: KernelHandle) -> None:
+    with echo_kernel.client() as c:
+        with pytest.raises(ServiceUnavailable, match="no service named 'echo'"):
+            list(c.call("echo", {"text": "x"}))
+        jobs = [c.submit("echo.service"), c.submit("echo.service")]
+        _wait_service(c, "echo", replicas=2)
+        replies = list(c.call("echo", {"text": "hi", "n": 4}))
+        assert [r.get("i") for r in replies] == [0, 1, 2, 3, None] and replies[-1] == {"end": True}
+        assert all(r["text"] == "hi" for r in replies[:-1])
+        # Stopping early cancels the request at the replica.
+        stream = c.call("echo", {"n": 1000})
+        next(stream)
+        stream.close()
+        # A replica that dies mid-request turns the request into an error, not a hang.
+        with pytest.raises(ServiceError, match="replica stopped"):
+            list(c.call("echo", {"die": True}))
+        # The other replica still answers.
+        assert list(c.call("echo", {"n": 1}))[-1] == {"end": True}
+        deadline = time.monotonic() + 10
+        while "failed" not in [j.info().state for j in jobs]:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert sorted(j.info().state for j in jobs) == ["failed", "running"]
+        listed = c.services()
+        assert listed[0]["name"] == "echo" and len(listed[0]["replicas"]) == 1
+        # (a failed service is started again after a backoff: wait for it, then stop everything)
+        _wait_service(c, "echo", replicas=2)
+        jobs = [j for j in c.jobs(state="running") if j.kind == "echo.service"]
+        for j in jobs:
+            c.job(j.id).cancel()
+        for j in jobs:
+            c.job(j.id).wait(timeout=30)
+        with pytest.raises(ServiceUnavailable):
+            list(c.call("echo", {}))
