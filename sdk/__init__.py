@@ -23,6 +23,9 @@ from llmos.errors import (
     PluginError,
     ProtocolError,
     ResourceError,
+    ServiceBusy,
+    ServiceError,
+    ServiceUnavailable,
     ValidationError,
 )
 from llmos.params import param
@@ -52,7 +55,10 @@ __all__ = [
     "ResourceError",
     "Resources",
     "Runner",
+    "ServiceBusy",
+    "ServiceError",
     "ServiceKind",
+    "ServiceUnavailable",
     "ValidationError",
     "__version__",
     "connect",

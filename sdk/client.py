@@ -34,6 +34,7 @@ from llmos.errors import (
     LlmosError,
     MessageTooLarge,
     ProtocolError,
+    ServiceError,
     ValidationError,
     error_from_reply,
 )
@@ -318,12 +319,24 @@ class Client:
         ``top_k``, ``top_p``, ``repetition_penalty``, ``seed``, ``stop``, ``stop_tokens``, ``dtype``.
         Errors (an unknown model, values out of range) are raised before anything runs.
         """
-        params = {"model": str(Path(model).absolute()) if Path(model).exists() else str(model), "prompts": [prompt], "stream": stream, **sampling}
+        if not Path(model).exists():
+            # Not a checkpoint here: a running service of that name (``llmos serve``).
+            return self._generate_with_service(str(model), prompt, stream, timeout, sampling)
+        params = {"model": str(Path(model).absolute()), "prompts": [prompt], "stream": stream, **sampling}
         job = self.submit("generate", params, resources)
         if stream:
             return self._stream_text(job, timeout)
         result = job.result(timeout)
         return Completion.from_dict(result["completions"][0])
+
+    def _generate_with_service(self, service: str, prompt: str, stream: bool, timeout: float | None, sampling: dict[str, Any]) -> Completion | Iterator[str]:
+        replies = self.call(service, {"prompt": prompt, "sampling": sampling, "stream": stream}, timeout=timeout)
+        if stream:
+            return (r["text"] for r in replies if "text" in r)
+        for reply in replies:
+            if "completion" in reply:
+                return Completion.from_dict(reply["completion"])
+        raise ServiceError(f"service {service!r} ended without a completion", service=service)
 
     def _stream_text(self, job: Job, timeout: float | None) -> Iterator[str]:
         for event in job.events(follow=True, timeout=timeout):

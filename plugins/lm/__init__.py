@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import llmos
-from llmos import JobKind, Resources, param
+from llmos import JobKind, Resources, ServiceKind, param
 from llmos.plugins.lm.config import PRESETS, config_from_dict
 
 LLMOS_API = ">=1,<2"
@@ -90,6 +90,21 @@ class GenerateParams:
     threads: int = param(0, ge=0, le=1024, help="Torch CPU threads (0: the job's reserved cpus).")
 
 
+@dataclass(frozen=True)
+class ServeParams:
+    model: str = param(help="A checkpoint directory.")
+    name: str | None = param(None, help="The service name (default: the checkpoint directory's name).")
+    max_seqs: int = param(16, ge=1, le=4096, help="Sequences decoded together (continuous batching).")
+    max_len: int = param(1024, ge=2, help="Tokens per sequence the KV cache holds (prompt and completion).")
+    max_queue: int = param(64, ge=0, le=100_000, help="Requests that may wait for a slot; past that, 'busy'.")
+    dtype: Literal["float32", "bfloat16", "float16"] = param("float32", help="The weights' type.")
+    threads: int = param(0, ge=0, le=1024, help="Torch CPU threads (0: the job's reserved cpus).")
+
+
+def check_serve(p: ServeParams) -> None:
+    _check_checkpoint(p.model, "model")
+
+
 def check_generate(p: GenerateParams) -> None:
     _check_checkpoint(p.model, "model")
     if p.prompts_file is not None and not Path(p.prompts_file).expanduser().is_file():
@@ -136,6 +151,11 @@ def llmos_register_job_kinds(register) -> None:  # type: ignore[no-untyped-def]
 
 
 @llmos.hookimpl
+def llmos_register_services(register) -> None:  # type: ignore[no-untyped-def]
+    register(ServiceKind("serve", runner="llmos.plugins.lm.serve:ServeRunner", params=ServeParams, resources=Resources(cpus=1), help="Serve a checkpoint: generation requests with continuous batching and streaming.", check=check_serve))
+
+
+@llmos.hookimpl
 def llmos_load_model(path: str, device: Any, dtype: Any) -> Any:
     from pathlib import Path
 
@@ -149,8 +169,13 @@ def llmos_load_model(path: str, device: Any, dtype: Any) -> Any:
 
 @llmos.hookimpl
 def llmos_register_commands(register) -> None:  # type: ignore[no-untyped-def]
-    from llmos.plugins.lm.cli import eval_command, generate_command, train_command
+    from llmos.plugins.lm.cli import (
+        eval_command,
+        generate_command,
+        serve_command,
+        services_command,
+        train_command,
+    )
 
-    register(train_command)
-    register(eval_command)
-    register(generate_command)
+    for command in (train_command, eval_command, generate_command, serve_command, services_command):
+        register(command)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -166,6 +167,71 @@ def generate_command(model: str, prompt: str, stream: bool, max_new_tokens: int 
         click.echo(json.dumps(completion.to_dict()))
     else:
         click.echo(completion.text)
+
+
+@click.command("serve")
+@click.argument("model")
+@click.option("--name", default=None, help="The service name (default: the checkpoint directory's name).")
+@click.option("--replicas", type=click.IntRange(1, 64), default=1, show_default=True, help="Workers behind the one name.")
+@click.option("--max-seqs", type=int, default=None, help="Sequences decoded together per replica.")
+@click.option("--cpus", type=float, default=None, help="CPU cores per replica.")
+@click.option("--gpus", type=float, default=None, help="GPUs per replica.")
+@click.option("--follow", is_flag=True, help="Stay attached and print the replicas' logs (Ctrl-C detaches).")
+@click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="The kernel's state directory.")
+@click.option("--json", "as_json", is_flag=True, help="Print the service as JSON.")
+def serve_command(model: str, name: str | None, replicas: int, max_seqs: int | None, cpus: float | None, gpus: float | None, follow: bool, state_dir: Path | None, as_json: bool) -> None:
+    """Serve the checkpoint MODEL; returns once every replica answers requests."""
+    from llmos.plugins.lm.serve import service_name
+
+    service = service_name(model, name)
+    params: dict[str, Any] = {"model": str(Path(model).absolute()), "name": service}
+    if max_seqs is not None:
+        params["max_seqs"] = max_seqs
+    resources = {k: v for k, v in (("cpus", cpus), ("gpus", gpus)) if v is not None}
+    try:
+        with llmos.connect(state_dir) as client:
+            jobs = [client.submit("serve", params, resources) for _ in range(replicas)]
+            deadline = time.monotonic() + 300
+            while True:
+                entry = next((s for s in client.services() if s["name"] == service), None)
+                if entry and len(entry["replicas"]) >= replicas:
+                    break
+                failed = [j.info() for j in jobs if j.info().ended]
+                if failed:
+                    raise click.ClickException(f"a replica of {service!r} ended before it answered: job {failed[0].id} {failed[0].state}: {failed[0].reason}")
+                if time.monotonic() > deadline:
+                    raise click.ClickException(f"service {service!r} did not come up within 300s")
+                time.sleep(0.1)
+            if as_json:
+                click.echo(json.dumps(entry))
+            else:
+                click.echo(f"serving {model} as {service!r} ({replicas} replica(s): jobs {', '.join(str(j.id) for j in jobs)}); try: llmos generate {service} \"hello\"")
+            if follow:
+                for event in client.events("job.", follow=True):
+                    if event.topic.split(".")[1] in {str(j.id) for j in jobs} and event.type in ("job.log", "job.state"):
+                        click.echo(f"job {event.topic.split('.')[1]}: {event.type} {json.dumps(event.body)}")
+    except llmos.LlmosError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@click.command("services")
+@click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="The kernel's state directory.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def services_command(state_dir: Path | None, as_json: bool) -> None:
+    """List running services, their replicas and requests in flight."""
+    try:
+        with llmos.connect(state_dir) as client:
+            services = client.services()
+    except llmos.LlmosError as exc:
+        raise click.ClickException(str(exc)) from None
+    if as_json:
+        click.echo(json.dumps(services))
+        return
+    if not services:
+        click.echo("no services are running")
+    for s in services:
+        jobs = ", ".join(str(r["job_id"]) for r in s["replicas"])
+        click.echo(f"{s['name']}: {len(s['replicas'])} replica(s) (jobs {jobs}), {s['in_flight']} request(s) in flight")
 
 
 @click.command("eval")

@@ -58,6 +58,7 @@ class _Seq:
     first_token_at: float | None = None
     finish: str | None = None
     text: str = ""
+    emitted: int = 0  # characters of text already handed to on_token
 
 
 def sample_next(logits: torch.Tensor, seen: list[int], s: Sampling, gen: torch.Generator | None) -> int:
@@ -103,81 +104,101 @@ class Engine:
             raise ValueError(f"the prompt is {len(ids)} tokens; the model's context window is {self.context}")
         return ids
 
+    def new_cache(self, slots: int, length: int) -> KVCache:
+        """A cache for ``slots`` sequences of up to ``length`` tokens (prompt and completion)."""
+        return KVCache(self.model.config, slots, min(length, self.context), self.dtype, self.device)
+
+    def start(self, prompt: str | list[int], sampling: Sampling, slot: int) -> _Seq:
+        """A sequence for ``prompt`` in cache ``slot`` (not run yet: see :meth:`prefill`)."""
+        sampling.validate()
+        gen = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
+        return _Seq(prompt=self.encode(prompt), sampling=sampling, slot=slot, generator=gen, started=time.perf_counter())
+
     @torch.inference_mode()
+    def prefill(self, seq: _Seq, cache: KVCache, on_token: Any = None) -> None:
+        """Run the prompt through the model and pick the first token."""
+        if seq.sampling.max_new_tokens == 0:
+            seq.finish = "length"
+            return
+        if len(seq.prompt) + 1 > cache.length:
+            raise ValueError(f"the prompt is {len(seq.prompt)} tokens; this cache holds {cache.length} per sequence")
+        ids = torch.tensor([seq.prompt], device=self.device)
+        positions = torch.arange(len(seq.prompt), device=self.device)[None]
+        logits = self.model.forward_cached(ids, positions, torch.tensor([seq.slot], device=self.device), cache)
+        self._accept(seq, logits[0, -1].float(), on_token, cache.length)
+
+    @torch.inference_mode()
+    def decode(self, seqs: list[_Seq], cache: KVCache, on_token: Any = None) -> None:
+        """One token for every unfinished sequence in ``seqs``, in one batched step."""
+        active = [q for q in seqs if q.finish is None]
+        if not active:
+            return
+        last = torch.tensor([[q.out[-1]] for q in active], device=self.device)
+        positions = torch.tensor([[len(q.prompt) + len(q.out) - 1] for q in active], device=self.device)
+        slots = torch.tensor([q.slot for q in active], device=self.device)
+        logits = self.model.forward_cached(last, positions, slots, cache)
+        for row, seq in enumerate(active):
+            self._accept(seq, logits[row, -1].float(), on_token, cache.length)
+
+    def completion(self, seq: _Seq) -> Completion:
+        done = time.perf_counter()
+        decode_time = done - (seq.first_token_at or done)
+        return Completion(
+            text=seq.text,
+            tokens=seq.out,
+            finish_reason=seq.finish or "length",
+            prompt_tokens=len(seq.prompt),
+            timings={
+                "ttft_s": (seq.first_token_at or done) - seq.started,
+                "total_s": done - seq.started,
+                "tokens_per_s": (len(seq.out) - 1) / decode_time if len(seq.out) > 1 and decode_time > 0 else 0.0,
+            },
+        )
+
     def generate(self, prompts: list[str | list[int]], sampling: Sampling | list[Sampling], on_token: Any = None) -> list[Completion]:
         """Complete every prompt; ``on_token(index, token_id, text_piece)`` sees tokens as they come."""
         samplings = sampling if isinstance(sampling, list) else [sampling] * len(prompts)
-        encoded = [self.encode(p) for p in prompts]
-        for s in samplings:
-            s.validate()
-        length = min(self.context, max(len(e) + s.max_new_tokens for e, s in zip(encoded, samplings)) + 1)
-        cache = KVCache(self.model.config, len(prompts), length, self.dtype, self.device)
-        seqs = []
-        for i, (ids, s) in enumerate(zip(encoded, samplings)):
-            gen = torch.Generator().manual_seed(s.seed) if s.seed is not None else None
-            seqs.append(_Seq(prompt=ids, sampling=s, slot=i, generator=gen, started=time.perf_counter()))
-        # Prefill each prompt on its own (lengths differ), then decode them all together.
-        for seq in seqs:
-            if seq.sampling.max_new_tokens == 0:
-                seq.finish = "length"
-                continue
-            ids = torch.tensor([seq.prompt], device=self.device)
-            logits = self.model.forward_cached(ids, torch.arange(len(seq.prompt), device=self.device)[None], torch.tensor([seq.slot], device=self.device), cache)
-            self._accept(seq, logits[0, -1].float(), on_token, len(seqs))
-        while True:
-            active = [q for q in seqs if q.finish is None]
-            if not active:
-                break
-            last = torch.tensor([[q.out[-1]] for q in active], device=self.device)
-            positions = torch.tensor([[len(q.prompt) + len(q.out) - 1] for q in active], device=self.device)
-            slots = torch.tensor([q.slot for q in active], device=self.device)
-            logits = self.model.forward_cached(last, positions, slots, cache)
-            for row, seq in enumerate(active):
-                self._accept(seq, logits[row, -1].float(), on_token, len(seqs))
-        done = time.perf_counter()
-        out = []
-        for seq in seqs:
-            decode_time = done - (seq.first_token_at or done)
-            out.append(
-                Completion(
-                    text=seq.text,
-                    tokens=seq.out,
-                    finish_reason=seq.finish or "length",
-                    prompt_tokens=len(seq.prompt),
-                    timings={
-                        "ttft_s": (seq.first_token_at or done) - seq.started,
-                        "total_s": done - seq.started,
-                        "tokens_per_s": (len(seq.out) - 1) / decode_time if len(seq.out) > 1 and decode_time > 0 else 0.0,
-                    },
-                )
-            )
-        return out
+        seqs = [self.start(p, s, i) for i, (p, s) in enumerate(zip(prompts, samplings))]
+        length = max(len(q.prompt) + q.sampling.max_new_tokens for q in seqs) + 1
+        cache = self.new_cache(len(seqs), length)
+        for seq in seqs:  # prompts differ in length: prefill each, then decode all together
+            self.prefill(seq, cache, on_token)
+        while any(q.finish is None for q in seqs):
+            self.decode(seqs, cache, on_token)
+        return [self.completion(q) for q in seqs]
 
-    def _accept(self, seq: _Seq, logits: torch.Tensor, on_token: Any, n: int) -> None:
+    def _accept(self, seq: _Seq, logits: torch.Tensor, on_token: Any, cache_length: int) -> None:
         s = seq.sampling
         token = sample_next(logits, seq.prompt + seq.out if s.repetition_penalty != 1.0 else [], s, seq.generator)
         if seq.first_token_at is None:
             seq.first_token_at = time.perf_counter()
         if token in s.stop_tokens:
-            seq.finish = "stop"
+            self._finish(seq, "stop", token, on_token)
             return
         if self.eos is not None and token == self.eos:
-            seq.finish = "eos"
+            self._finish(seq, "eos", token, on_token)
             return
         seq.out.append(token)
         text = self.tok.decode(seq.out)
-        piece = text[len(seq.text):]
         for stop in s.stop:
             at = text.find(stop)
             if at != -1:
-                seq.text, seq.finish = text[:at], "stop"
-                piece = seq.text[len(text) - len(piece):] if at >= len(text) - len(piece) else ""
-                if on_token and piece:
-                    on_token(seq.slot, token, piece)
+                seq.text = text[:at]
+                self._finish(seq, "stop", token, on_token)
                 return
         seq.text = text
-        if on_token and piece:
-            on_token(seq.slot, token, piece)
+        # A character split across tokens decodes as U+FFFD until its last byte arrives: hold it.
+        if on_token and not text.endswith("\ufffd") and len(text) > seq.emitted:
+            on_token(seq.slot, token, text[seq.emitted :])
+            seq.emitted = len(text)
         total = len(seq.prompt) + len(seq.out)
-        if len(seq.out) >= s.max_new_tokens or total >= self.context:
-            seq.finish = "length"
+        if len(seq.out) >= s.max_new_tokens or total >= min(self.context, cache_length):
+            self._finish(seq, "length", token, on_token)
+
+    @staticmethod
+    def _finish(seq: _Seq, reason: str, token: int, on_token: Any) -> None:
+        """End the sequence; whatever text was held back goes out now."""
+        seq.finish = reason
+        if on_token and len(seq.text) > seq.emitted:
+            on_token(seq.slot, token, seq.text[seq.emitted :])
+        seq.emitted = len(seq.text)

@@ -104,3 +104,85 @@ def test_generate_job_sdk_and_cli(kernel: KernelHandle, checkpoint: Path, engine
         assert too_long.state == "failed" and "context window" in too_long.reason
     out = kernel.cli("generate", str(checkpoint), PROMPTS[3], "--max-new-tokens", "12", "--temperature", "0").stdout
     assert out.rstrip("\n") == expected[3].text.rstrip("\n") or out.startswith(expected[3].text[:5])
+
+
+def _wait_replicas(c: llmos.Client, name: str, n: int = 1, timeout: float = 60) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not any(s["name"] == name and len(s["replicas"]) >= n for s in c.services()):
+        assert time.monotonic() < deadline, c.services()
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_serve_continuous_batching_streams_and_recovers(kernel: KernelHandle, checkpoint: Path, engine: Engine) -> None:
+    import os
+    import signal
+    import threading
+
+    out = kernel.cli("serve", str(checkpoint), "--name", "tiny", "--max-seqs", "3", timeout=120).stdout
+    assert "serving" in out and "'tiny'" in out
+    listed = kernel.cli_json("services")
+    assert listed[0]["name"] == "tiny" and len(listed[0]["replicas"]) == 1
+    prompts = [f"request {i}: " for i in range(8)]
+    expected = {p: engine.generate([p], Sampling(max_new_tokens=20, temperature=0))[0] for p in prompts}
+    with kernel.client() as c:
+        solo = c.generate("tiny", prompts[0], max_new_tokens=20, temperature=0)
+        assert solo.tokens == expected[prompts[0]].tokens and solo.timings["ttft_s"] > 0
+        # Eight concurrent streaming clients on three slots: each gets its own complete, ordered text.
+        got: dict[str, str] = {}
+
+        def client_thread(prompt: str) -> None:
+            with kernel.client() as cc:
+                got[prompt] = "".join(cc.generate("tiny", prompt, stream=True, max_new_tokens=20, temperature=0))
+
+        threads = [threading.Thread(target=client_thread, args=(p,)) for p in prompts]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert got == {p: expected[p].text for p in prompts}
+        with pytest.raises(llmos.ValidationError, match="top_p"):
+            c.generate("tiny", "x", top_p=5)
+        with pytest.raises(llmos.ServiceUnavailable, match="no service named 'nope'"):
+            c.generate("nope", "x")
+        # Kill the replica mid-stream: the caller gets an error, not a hang; the service comes back.
+        stream = c.generate("tiny", "long one: ", stream=True, max_new_tokens=400, temperature=0)
+        next(stream)
+        pid = c.services()[0]["replicas"][0]["pid"]
+        os.kill(pid, signal.SIGKILL)
+        with pytest.raises(llmos.ServiceError, match="replica stopped"):
+            for _ in stream:
+                pass
+        _wait_replicas(c, "tiny")
+        assert c.generate("tiny", prompts[1], max_new_tokens=20, temperature=0).tokens == expected[prompts[1]].tokens
+        for job in c.jobs(state="running"):
+            if job.kind == "serve":
+                c.job(job.id).cancel()
+
+
+@pytest.mark.slow
+def test_serve_says_busy_past_its_queue(kernel: KernelHandle, checkpoint: Path) -> None:
+    import threading
+
+    with kernel.client() as c:
+        job = c.submit("serve", params={"model": str(checkpoint), "name": "narrow", "max_seqs": 1, "max_queue": 0})
+        _wait_replicas(c, "narrow")
+        errors: list[str] = []
+
+        def hammer() -> None:
+            with kernel.client() as cc:
+                try:
+                    cc.generate("narrow", "busy? ", max_new_tokens=200, temperature=0)
+                except llmos.ServiceBusy as exc:
+                    errors.append(str(exc))
+
+        threads = [threading.Thread(target=hammer) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert errors and "is busy" in errors[0]
+        job.cancel()
+        assert job.wait(timeout=30).state == "cancelled"
