@@ -14,7 +14,7 @@ import click
 import llmos
 
 #: The built-in commands of ``llmos`` (a plugin command may not take these names).
-BUILTIN_COMMANDS = frozenset({"boot", "cancel", "devices", "events", "job", "jobs", "logs", "plugins", "shutdown", "status", "submit"})
+BUILTIN_COMMANDS = frozenset({"acct", "boot", "cancel", "devices", "events", "job", "jobs", "logs", "plugins", "shutdown", "status", "submit"})
 
 
 def state_dir_option(f: Callable[..., Any]) -> Callable[..., Any]:

@@ -50,6 +50,8 @@ from llmos.protocol import (
     END_STATES,
     JOB_STATES,
     MAX_FRAME_BYTES,
+    AcctReply,
+    AcctRequest,
     CancelRequest,
     DevicesReply,
     DevicesRequest,
@@ -364,6 +366,23 @@ class Kernel:
         if not self.devices.probing:
             self._fail_never_fitting()
         self.store.commit()
+
+    def _account(self, worker: WorkerProc | None) -> None:
+        """Record a try's usage once both its end and its worker's exit are known."""
+        if worker is None or worker.attempt is None or len(worker.attempt) < 6 or worker.rusage is None:
+            return
+        job_id, attempt, started, ended, gpu_share, gpu_memory = worker.attempt  # type: ignore[misc]
+        usage = worker.rusage
+        cpu = usage.ru_utime + usage.ru_stime
+        self.store.record_attempt(job_id, attempt, started, ended, cpu, usage.ru_maxrss * 1024, gpu_share * max(0.0, ended - started), gpu_memory)
+        worker.attempt = None
+
+    def _on_acct(self, identity: bytes, msg: AcctRequest) -> AcctReply:
+        rows = self.store.accounting(msg.since, max(1, min(msg.limit, 100_000)))
+        for row in rows:
+            entry = self.registry.kinds.get(row["kind"])
+            row["plugin"] = entry.plugin if entry else None
+        return AcctReply(jobs=rows)
 
     def _kill_orphan(self, job: JobRecord) -> None:
         if not job.worker_pid:
@@ -986,6 +1005,7 @@ class Kernel:
         ServiceResponse: _on_service_response,
         ServiceCancel: _on_service_cancel,
         ServicesRequest: _on_services,
+        AcctRequest: _on_acct,
         ShutdownRequest: _on_shutdown,
     }
     _current_parent: str | None = None
@@ -1076,6 +1096,7 @@ class Kernel:
         job = self.jobs.get(worker.job_id) if worker.job_id is not None else None
         if job is None or job.state != "running" or worker.assigned:
             return
+        worker.attempt = (job.id, job.attempts, job.started_at or time.time())
         job.worker_pid = worker.pid
         try:
             job.worker_create_time = psutil.Process(worker.pid).create_time() if worker.pid else None
@@ -1157,8 +1178,13 @@ class Kernel:
             worker.done_at = worker.done_at or time.monotonic()
 
     def _end_job(self, job: JobRecord, state: str, reason: str, exit_code: int | None, *, retry: bool = True) -> None:
-        self.devices.release(job.id)
         worker = self.workers.get(job.worker_id) if job.worker_id else None
+        if worker is not None and worker.attempt and worker.attempt[0] == job.id:
+            # What the try held, for accounting (its CPU and memory come when the worker is reaped).
+            gpus = (job.placement or {}).get("gpus", [])
+            worker.attempt = (*worker.attempt[:3], time.time(), sum(g["share"] for g in gpus), max((g["memory"] for g in gpus), default=0))  # type: ignore[assignment]
+            self._account(worker)
+        self.devices.release(job.id)
         if worker is not None and worker.job_id == job.id:
             worker.job_id = None
         job.worker_id = None
@@ -1195,13 +1221,17 @@ class Kernel:
         """Collect every exited child; ``quiet`` (at shutdown) only notes the workers' ends."""
         while True:
             try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
+                pid, status, usage = os.wait4(-1, os.WNOHANG)
             except ChildProcessError:
                 return
             if pid == 0:
                 return
             if not quiet:
+                worker = self.worker_by_pid.get(pid)
+                if worker is not None:
+                    worker.rusage = usage
                 self._on_exit(pid, status)
+                self._account(worker)
                 continue
             worker = self.worker_by_pid.pop(pid, None)
             if worker is not None:

@@ -41,6 +41,17 @@ CREATE TABLE IF NOT EXISTS events (
 );
 CREATE INDEX IF NOT EXISTS events_stream ON events(stream, seq);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS attempts (
+    job_id INTEGER NOT NULL,
+    attempt INTEGER NOT NULL,
+    started_at REAL,
+    ended_at REAL,
+    cpu_seconds REAL,
+    max_rss INTEGER,
+    gpu_seconds REAL,
+    gpu_memory INTEGER,
+    PRIMARY KEY (job_id, attempt)
+);
 """
 
 _JSON_COLUMNS = ("params", "resources", "result", "placement")
@@ -169,6 +180,43 @@ class Store:
 
     def count_jobs(self) -> dict[str, int]:
         return {row[0]: row[1] for row in self.db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state")}
+
+    # -- accounting: one row per attempt, summed per job --
+
+    def record_attempt(self, job_id: int, attempt: int, started_at: float | None, ended_at: float, cpu_seconds: float | None, max_rss: int | None, gpu_seconds: float, gpu_memory: int) -> None:
+        self.begin()
+        self.db.execute(
+            "INSERT OR REPLACE INTO attempts VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (job_id, attempt, started_at, ended_at, cpu_seconds, max_rss, gpu_seconds, gpu_memory),
+        )
+
+    def accounting(self, since: float | None, limit: int) -> list[dict[str, Any]]:
+        """Finished jobs (ended after ``since``) with their summed usage, oldest first."""
+        rows = self.db.execute(
+            "SELECT j.id, j.kind, j.state, j.reason, j.attempts, j.submitted_at, j.started_at, j.ended_at, j.result, j.resources,"
+            " SUM(a.cpu_seconds), MAX(a.max_rss), SUM(a.gpu_seconds), MAX(a.gpu_memory), SUM(a.ended_at - a.started_at)"
+            " FROM jobs j LEFT JOIN attempts a ON a.job_id = j.id"
+            " WHERE j.state IN ('succeeded', 'failed', 'cancelled') AND j.ended_at >= ?"
+            " GROUP BY j.id ORDER BY j.ended_at DESC LIMIT ?",
+            (since or 0.0, limit),
+        ).fetchall()
+        out = []
+        for r in reversed(rows):
+            result = json.loads(r[8]) if r[8] else None
+            tokens = result.get("tokens") if isinstance(result, dict) and isinstance(result.get("tokens"), int) else None
+            resources = json.loads(r[9])
+            out.append({
+                "id": r[0], "kind": r[1], "state": r[2], "reason": r[3], "attempts": r[4],
+                "submitted_at": r[5], "started_at": r[6], "ended_at": r[7],
+                "wall_seconds": (r[7] - r[6]) if r[6] and r[7] else 0.0,
+                "run_seconds": r[14] or 0.0,
+                "cpu_seconds": r[10], "max_rss": r[11],
+                "gpu_seconds": r[12] if resources.get("gpus") else None,
+                "gpu_memory": r[13] if resources.get("gpus") else None,
+                "tokens": tokens,
+                "reserved": resources,
+            })
+        return out
 
     # -- the journal --
 

@@ -10,6 +10,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -67,6 +68,8 @@ class WorkerProc:
     lost: bool = False  # killed for missing heartbeats
     generation: int = 0  # the plugin set it was started with (see Kernel.reload_plugins)
     services: set[str] = field(default_factory=set)  # the services it answers for
+    rusage: Any = None  # os.wait4's resource usage, once reaped
+    attempt: tuple[int, int, float] | None = None  # (job id, attempt, start) of the try it ran, until accounted
 
     @property
     def alive(self) -> bool:

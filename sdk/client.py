@@ -42,6 +42,7 @@ from llmos.paths import pid_alive, read_kernel_info, resolve_state_dir
 from llmos.protocol import (
     END_STATES,
     MAX_FRAME_BYTES,
+    AcctRequest,
     CancelRequest,
     DevicesRequest,
     ErrorReply,
@@ -382,6 +383,12 @@ class Client:
         finally:
             if not finished:  # the caller stopped early: free the replica's slot
                 self._sock.send_multipart(encode_control(ServiceCancel(request_id=request_id), self._sender))
+
+    def acct(self, since: float | None = None, limit: int = 1000) -> list[dict[str, Any]]:
+        """Accounting of finished jobs (ended after ``since``, epoch seconds): one map per job with
+        ``id``, kind, plugin, state, reason, wall_seconds, cpu_seconds, max_rss (bytes), gpu_seconds
+        and gpu_memory (None without a GPU), tokens (when the job reported them)."""
+        return self.request(AcctRequest(since=since, limit=limit)).jobs
 
     def services(self) -> list[dict[str, Any]]:
         """Running services with their replicas and the requests in flight."""

@@ -689,6 +689,24 @@ class ServiceQuarantined:
     reason: str
 
 
+@message("kernel.acct_request")
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AcctRequest:
+    """Accounting of finished jobs that ended after ``since`` (epoch seconds)."""
+
+    since: float | None = None
+    limit: int = 1000
+
+
+@message("kernel.acct_reply")
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AcctReply:
+    """One row per finished job: kind, plugin, state, wall and CPU time, peak memory, GPU use, tokens."""
+
+    status: str = "ok"
+    jobs: list[dict[str, Any]]
+
+
 @message("kernel.shutdown_request")
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ShutdownRequest:
@@ -923,6 +941,8 @@ __all__ = [
     "JOB_STATES",
     "MAX_FRAME_BYTES",
     "PROTOCOL_VERSION",
+    "AcctReply",
+    "AcctRequest",
     "CancelRequest",
     "DevicesReply",
     "DevicesRequest",
