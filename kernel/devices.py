@@ -27,6 +27,7 @@ class Device:
     share_reserved: float = 0.0
     memory_reserved: int = 0
     holders: dict[int, tuple[float, int]] = field(default_factory=dict)
+    used: dict[str, Any] = field(default_factory=dict)  # what the monitor measured last
 
     @property
     def share_free(self) -> float:
@@ -48,6 +49,7 @@ class Device:
             "memory_reserved": self.memory_reserved,
             "share_reserved": round(self.share_reserved, 9),
             "jobs": sorted(self.holders),
+            "used": dict(self.used),
         }
 
 

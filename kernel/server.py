@@ -53,15 +53,18 @@ from llmos.protocol import (
     AcctReply,
     AcctRequest,
     CancelRequest,
+    DeviceMetrics,
     DevicesReply,
     DevicesRequest,
     ErrorReply,
     JobDone,
+    JobLog,
     JobReply,
     JobRequest,
     JobsReply,
     JobsRequest,
     JobStateChanged,
+    JobUsage,
     KernelStarted,
     KernelStopping,
     OkReply,
@@ -83,6 +86,7 @@ from llmos.protocol import (
     StatusReply,
     StatusRequest,
     SubmitRequest,
+    UsageReport,
     WorkerAssign,
     WorkerCancel,
     WorkerExit,
@@ -213,6 +217,7 @@ class Kernel:
         )
         if self.launcher.zygote_fd is not None:
             self.poller.register(self.launcher.zygote_fd, zmq.POLLIN)
+        self._start_exporter()
         self._recover()
         self._autostart_services()
         self.emit("kernel.started", KernelStarted(version=__version__, pid=os.getpid()))
@@ -228,6 +233,20 @@ class Kernel:
         registry = load_plugins(disabled=self._disabled_plugins())
         collect_commands(registry, set(BUILTIN_COMMANDS))  # so `plugins list` shows them
         return registry
+
+    def _start_exporter(self) -> None:
+        from llmos.kernel.metrics import Exporter
+
+        self.exporter = Exporter(self)
+        address = self.settings["monitor"]["exporter"]
+        if not address:
+            return
+        try:
+            self.exporter.start(address)
+        except ConfigError as exc:
+            if not self.settings["monitor"]["exporter_optional"]:
+                raise
+            log.warning("exporter_not_started", error=str(exc))
 
     def _disabled_plugins(self) -> list[str]:
         from llmos.kernel.plugins import disabled_plugins
@@ -376,6 +395,45 @@ class Kernel:
         cpu = usage.ru_utime + usage.ru_stime
         self.store.record_attempt(job_id, attempt, started, ended, cpu, usage.ru_maxrss * 1024, gpu_share * max(0.0, ended - started), gpu_memory)
         worker.attempt = None
+
+    def _on_usage_report(self, identity: bytes, msg: UsageReport) -> None:
+        worker = self.workers.get(identity.decode(errors="replace"))
+        job = self.jobs.get(worker.job_id) if worker and worker.job_id is not None else None
+        if job is None or job.kind != "monitor":
+            raise ProtocolError("usage reports come from the monitor service only")
+        self.devices.cpu.used = {k: v for k, v in msg.node.items() if isinstance(v, int | float)}
+        self.emit("device.cpu.metrics", DeviceMetrics(used=self.devices.cpu.used))
+        by_index = {g.index: g for g in self.devices.gpus if not g.fake}
+        for sample in msg.gpus:
+            dev = by_index.get(sample.get("index"))
+            if dev is not None:
+                dev.used = {k: v for k, v in sample.items() if k != "index" and isinstance(v, int | float)}
+                self.emit(f"device.{dev.id}.metrics", DeviceMetrics(used=dev.used))
+        factor = float(self.settings["monitor"]["gpu_overuse_stop"])
+        for key, usage in msg.jobs.items():
+            running = self.jobs.get(int(key)) if key.isdigit() else None
+            if running is None or running.state != "running":
+                continue  # it ended since the sample: skipped, not an error
+            body = JobUsage(
+                cpu_percent=float(usage.get("cpu_percent", 0.0)), rss=int(usage.get("rss", 0)),
+                processes=int(usage.get("processes", 0)), gpu_memory=usage.get("gpu_memory"),
+            )
+            running.usage = encode_body(body)
+            self.emit(f"job.{running.id}.usage", body)
+            self._check_gpu_overuse(running, body, factor)
+        return None
+
+    def _check_gpu_overuse(self, job: JobRecord, usage: JobUsage, factor: float) -> None:
+        reserved = sum(g["memory"] for g in (job.placement or {}).get("gpus", []))
+        if usage.gpu_memory is None or usage.gpu_memory <= reserved:
+            return
+        from llmos.units import format_size
+
+        what = f"job {job.id} uses {format_size(usage.gpu_memory)} of GPU memory; it reserved {format_size(reserved)}"
+        log.warning("gpu_memory_overuse", job_id=job.id, used=usage.gpu_memory, reserved=reserved)
+        self.emit(f"job.{job.id}.log", JobLog(level="warning", event="gpu_memory_overuse", logger="llmos.kernel", fields={"used": usage.gpu_memory, "reserved": reserved}))
+        if factor > 0 and usage.gpu_memory > reserved * factor:
+            self._stop_job(job, f"stopped: {what}", "failed")
 
     def _on_acct(self, identity: bytes, msg: AcctRequest) -> AcctReply:
         rows = self.store.accounting(msg.since, max(1, min(msg.limit, 100_000)))
@@ -598,6 +656,10 @@ class Kernel:
                 if check is None or not check(body):
                     validate_body(type_name, body)  # raises the precise error (or fills the cache)
                     fast_ok[type_name] = _fast_check_for(type_name)
+                if type_name == "job.progress":
+                    running = jobs.get(job_id)
+                    if running is not None:
+                        running.progress = body  # for `llmos top` and job records
                 # _journal, inlined.
                 last = known.get(stream)
                 if last is None:
@@ -773,9 +835,12 @@ class Kernel:
         """Start every ``autostart`` service that is not already queued or running."""
         active = {j.kind for j in self.jobs.values()} | {r[1] for r in self._service_restarts}
         for name, entry in sorted(self.registry.kinds.items()):
+            if name == "monitor" and not self.settings["monitor"]["autostart"]:
+                continue
             if entry.service and getattr(entry.spec, "autostart", False) and name not in active and name not in self.quarantined:
                 try:
-                    _, params, res = self.registry.validate(name, {}, {})
+                    defaults = {"interval": float(self.settings["monitor"]["interval"])} if name == "monitor" else {}
+                    _, params, res = self.registry.validate(name, defaults, {})
                     self.devices.check(res)
                 except LlmosError as exc:
                     log.warning("service_not_started", service=name, error=str(exc))
@@ -791,13 +856,14 @@ class Kernel:
         return job
 
     def _on_job(self, identity: bytes, msg: JobRequest) -> JobReply:
-        return JobReply(job=self._get_job(msg.id).to_dict())
+        return JobReply(job=self._get_job(msg.id).to_dict())  # (an active job comes from memory)
 
     def _on_jobs(self, identity: bytes, msg: JobsRequest) -> JobsReply:
         if msg.state is not None and msg.state not in JOB_STATES:
             raise ValidationError(f"unknown job state {msg.state!r}; expected one of {', '.join(JOB_STATES)}", field="state")
         limit = max(1, min(msg.limit, 100_000))
-        return JobsReply(jobs=[j.to_dict() for j in self.store.list_jobs(msg.state, limit)])
+        # Running jobs come from memory: their records carry the last progress and measured usage.
+        return JobsReply(jobs=[self.jobs.get(j.id, j).to_dict() for j in self.store.list_jobs(msg.state, limit)])
 
     def _on_cancel(self, identity: bytes, msg: CancelRequest) -> JobReply:
         job = self._get_job(msg.id)
@@ -831,6 +897,7 @@ class Kernel:
                 "busy": sum(1 for w in alive if w.job_id is not None),
             },
             last_seq=self.seq,
+            metrics_url=self.exporter.url,
             stats=dict(self.stats, gpus_probing=int(self.devices.probing), zygote=int(self.launcher.zygote is not None)),
         )
 
@@ -1006,6 +1073,7 @@ class Kernel:
         ServiceCancel: _on_service_cancel,
         ServicesRequest: _on_services,
         AcctRequest: _on_acct,
+        UsageReport: _on_usage_report,
         ShutdownRequest: _on_shutdown,
     }
     _current_parent: str | None = None
@@ -1208,6 +1276,8 @@ class Kernel:
             self.emit_state(job)
             self.jobs.pop(job.id, None)
             self._ended_counts[state] = self._ended_counts.get(state, 0) + 1
+            if job.started_at:
+                self.exporter.durations.labels(job.kind, state).observe(max(0.0, job.ended_at - job.started_at))
             if state == "failed" and reason != "kernel restarted":
                 self._service_failed(job)
             # The stream is complete: forget its counter (a later event would look it up again).
@@ -1348,6 +1418,8 @@ class Kernel:
         self._reap(quiet=True)
         if self._probe is not None and self._probe.poll() is None:
             self._probe.kill()
+        if getattr(self, "exporter", None) is not None:
+            self.exporter.stop()
         try:
             self.store.close()
         except Exception:

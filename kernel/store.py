@@ -87,6 +87,8 @@ class JobRecord:
     stop_stage: int = field(default=0, repr=False)  # 0 none, 1 asked, 2 SIGTERM, 3 SIGKILL
     stop_at: float | None = field(default=None, repr=False)
     deadline: float | None = field(default=None, repr=False)
+    progress: dict[str, Any] | None = field(default=None, repr=False)  # its last job.progress body
+    usage: dict[str, Any] | None = field(default=None, repr=False)  # what the monitor measured last
 
     PUBLIC = (
         "id", "kind", "state", "params", "resources", "priority", "max_retries", "timeout", "reason",
@@ -94,7 +96,11 @@ class JobRecord:
     )
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self.PUBLIC}
+        out = {k: getattr(self, k) for k in self.PUBLIC}
+        if self.state == "running":
+            out["progress"] = self.progress
+            out["usage"] = self.usage
+        return out
 
 
 _ROW_FIELDS = (

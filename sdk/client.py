@@ -87,6 +87,8 @@ class JobInfo:
     started_at: float | None = None
     ended_at: float | None = None
     worker_pid: int | None = None
+    progress: dict[str, Any] | None = None  # a running job's last progress event body
+    usage: dict[str, Any] | None = None  # a running job's last measured usage
 
     @property
     def ended(self) -> bool:

@@ -159,6 +159,10 @@ class JobContext:
         """True once the caller of ``request_id`` went away (stop working on it)."""
         return request_id in self._bus().cancelled_calls
 
+    def send_to_kernel(self, msg: Any) -> None:
+        """Send a control message to the kernel (the kernel decides whether this job may)."""
+        self._bus().send_control(msg)
+
     def _bus(self) -> Any:
         if self._services is None:
             raise LlmosError("this context is not connected to a kernel")

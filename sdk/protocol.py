@@ -620,6 +620,7 @@ class StatusReply:
     jobs: dict[str, int]
     workers: dict[str, int]
     last_seq: int
+    metrics_url: str | None = None
     stats: dict[str, int] = field(default_factory=dict)
 
 
@@ -687,6 +688,36 @@ class ServiceQuarantined:
     crashes: int
     window: float
     reason: str
+
+
+@message("monitor.usage_report")
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UsageReport:
+    """From the monitor service to the kernel: what the node, each GPU (by index) and each
+    running job (by id) use now. Fields a device cannot report are absent, never zero."""
+
+    node: dict[str, Any]
+    gpus: list[dict[str, Any]] = field(default_factory=list)
+    jobs: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+@message("device.metrics")
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DeviceMetrics:
+    """A device's measured use (published on ``device.<id>.metrics``)."""
+
+    used: dict[str, Any]
+
+
+@message("job.usage")
+@dataclass(frozen=True, slots=True, kw_only=True)
+class JobUsage:
+    """A running job's measured use: CPU %, resident memory of its process tree, GPU memory."""
+
+    cpu_percent: float
+    rss: int
+    processes: int = 0
+    gpu_memory: int | None = None
 
 
 @message("kernel.acct_request")
@@ -944,6 +975,7 @@ __all__ = [
     "AcctReply",
     "AcctRequest",
     "CancelRequest",
+    "DeviceMetrics",
     "DevicesReply",
     "DevicesRequest",
     "ErrorReply",
@@ -957,6 +989,7 @@ __all__ = [
     "JobReply",
     "JobRequest",
     "JobStateChanged",
+    "JobUsage",
     "JobsReply",
     "JobsRequest",
     "KernelStarted",
@@ -982,6 +1015,7 @@ __all__ = [
     "StatusReply",
     "StatusRequest",
     "SubmitRequest",
+    "UsageReport",
     "WorkerAssign",
     "WorkerCancel",
     "WorkerExit",

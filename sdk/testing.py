@@ -43,7 +43,8 @@ class KernelProcess:
         boot_args: Sequence[str] = (),
     ) -> None:
         self.state_dir = Path(state_dir)
-        self.env = dict(os.environ, **(env or {}))
+        # No monitor service by default: a plugin's tests see only their own jobs.
+        self.env = {"LLMOS_MONITOR_AUTOSTART": "0", **os.environ, **(env or {})}
         if plugins:
             extra = ",".join(plugins)
             current = self.env.get("LLMOS_PLUGIN_MODULES")

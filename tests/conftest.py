@@ -40,7 +40,9 @@ class KernelHandle(KernelProcess):
     llmos ships for plugin authors, plus what the project's own tests need)."""
 
     def __init__(self, state_dir: Path, *boot_args: str, env: dict[str, str] | None = None) -> None:
-        super().__init__(state_dir, env=env, boot_args=boot_args)
+        # The monitor service journals samples every few seconds: tests that compare journals or
+        # job lists run without it; the monitoring tests turn it on.
+        super().__init__(state_dir, env={"LLMOS_MONITOR_AUTOSTART": "0", **(env or {})}, boot_args=boot_args)
 
     def cli_json(self, *args: str) -> object:
         return json.loads(self.cli(*args, "--json").stdout)
