@@ -20,6 +20,7 @@ import click
 
 import llmos
 from llmos.client import Client, JobInfo
+from llmos.console import ProgressPrinter
 from llmos.errors import ConfigError, LlmosError
 from llmos.kernel.cliutil import _table, _ts, echo_json, json_option, state_dir_option, with_client
 from llmos.paths import KERNEL_FILE, resolve_state_dir
@@ -274,8 +275,10 @@ def submit(client: Client, kind: str, params: tuple[str, ...], cpus: float | Non
             click.echo(f"job {job.id} submitted ({kind})")
         return
     if follow:
+        printer = ProgressPrinter()
         for event in job.events(follow=True):
-            _print_event(event, as_json, job_view=True)
+            _show(printer, event, as_json)
+        printer.close()
     info = job.wait()
     if not follow:
         if as_json:
@@ -380,11 +383,14 @@ def _format_event(event: Event, job_view: bool) -> str:
     return f"{_ts(event.ts)} {where}{event.type} {json.dumps(b, default=str)}"
 
 
-def _print_event(event: Event, as_json: bool, job_view: bool = False) -> None:
+def _show(printer: ProgressPrinter, event: Event, as_json: bool) -> None:
+    """One of a job's events: JSON, an in-place progress bar on a terminal, or a line."""
     if as_json:
         echo_json(event.to_dict())
+    elif event.type == "job.progress" and printer.tty:
+        printer.progress(event.body)
     else:
-        click.echo(_format_event(event, job_view))
+        printer.line(_format_event(event, job_view=True))
 
 
 @cli.command()
@@ -398,10 +404,12 @@ def logs(client: Client, job_id: int, follow: bool, since: int, level: str | Non
     """Print a job's log: its log records, progress and state changes, oldest first."""
     job = client.job(job_id)
     floor = _LEVELS.get(level or "debug", 10)
+    printer = ProgressPrinter()
     for event in job.events(since=since, follow=follow):
         if event.type == "job.log" and _LEVELS.get(str(event.body.get("level")), 20) < floor:
             continue
-        _print_event(event, as_json, job_view=True)
+        _show(printer, event, as_json)
+    printer.close()
 
 
 @cli.command()

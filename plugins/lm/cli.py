@@ -11,6 +11,7 @@ from typing import Any
 import click
 
 import llmos
+from llmos.console import ProgressPrinter
 
 
 def _params(pairs: tuple[str, ...]) -> dict[str, str]:
@@ -23,45 +24,21 @@ def _params(pairs: tuple[str, ...]) -> dict[str, str]:
     return out
 
 
-def _bar(step: float, total: float | None, width: int = 24) -> str:
-    if not total:
-        return ""
-    done = int(width * min(1.0, step / total))
-    return "[" + "=" * done + ">" * (done < width) + " " * (width - done - 1) + "]"
-
-
 def follow(job: llmos.Job, as_json: bool) -> llmos.JobInfo:
     """Print the job's progress: one updating line on a terminal, plain lines when piped."""
-    tty = sys.stdout.isatty() and not as_json
+    printer = ProgressPrinter()
     for event in job.events(follow=True):
         if as_json:
             continue
         b = event.body
         if event.type == "job.progress":
-            f = b.get("fields", {})
-            parts = [f"step {b['step']:g}/{b['total']:g}" if b.get("total") else f"step {b['step']:g}"]
-            if "loss" in f:
-                parts.append(f"loss {f['loss']:.4f}")
-            if "lr" in f:
-                parts.append(f"lr {f['lr']:.2e}")
-            if "tokens_per_s" in f:
-                parts.append(f"{f['tokens_per_s']:,.0f} tok/s")
-            if "eta_s" in f:
-                parts.append(f"ETA {f['eta_s']:.0f}s")
-            if b.get("message"):
-                parts.append(str(b["message"]))
-            line = f"{_bar(b['step'], b.get('total'))} " + "  ".join(parts)
-            if tty:
-                click.echo("\r" + line.ljust(100), nl=False)
-            else:
-                click.echo(line)
-        elif event.type == "job.log" and b.get("event") in ("evaluated", "corpus_ready", "runner_failed"):
+            printer.progress(b)
+        elif event.type == "job.log" and b.get("event") in ("evaluated", "corpus_ready", "runner_failed", "distributed"):
             fields = " ".join(f"{k}={v}" for k, v in b.get("fields", {}).items() if k != "traceback")
-            click.echo(("\n" if tty else "") + f"{b['event']} {fields}")
+            printer.line(f"{b['event']} {fields}")
         elif event.type == "job.artifact":
-            click.echo(("\n" if tty else "") + f"checkpoint {b['path']}")
-    if tty:
-        click.echo("")
+            printer.line(f"{b.get('kind', 'artifact')} {b['path']}")
+    printer.close()
     return job.wait()
 
 
