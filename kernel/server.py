@@ -419,6 +419,8 @@ class Kernel:
                 processes=int(usage.get("processes", 0)), gpu_memory=usage.get("gpu_memory"),
             )
             running.usage = encode_body(body)
+            if body.gpu_memory is not None:
+                running.peak_gpu_memory = max(running.peak_gpu_memory or 0, int(body.gpu_memory))
             self.emit(f"job.{running.id}.usage", body)
             self._check_gpu_overuse(running, body, factor)
         return None
@@ -1250,7 +1252,9 @@ class Kernel:
         if worker is not None and worker.attempt and worker.attempt[0] == job.id:
             # What the try held, for accounting (its CPU and memory come when the worker is reaped).
             gpus = (job.placement or {}).get("gpus", [])
-            worker.attempt = (*worker.attempt[:3], time.time(), sum(g["share"] for g in gpus), max((g["memory"] for g in gpus), default=0))  # type: ignore[assignment]
+            # Peak GPU memory: as measured by the monitor where it could (NVML), else what was reserved.
+            gpu_memory = job.peak_gpu_memory if job.peak_gpu_memory is not None else max((g["memory"] for g in gpus), default=0)
+            worker.attempt = (*worker.attempt[:3], time.time(), sum(g["share"] for g in gpus), gpu_memory)  # type: ignore[assignment]
             self._account(worker)
         self.devices.release(job.id)
         if worker is not None and worker.job_id == job.id:

@@ -89,6 +89,7 @@ class JobRecord:
     deadline: float | None = field(default=None, repr=False)
     progress: dict[str, Any] | None = field(default=None, repr=False)  # its last job.progress body
     usage: dict[str, Any] | None = field(default=None, repr=False)  # what the monitor measured last
+    peak_gpu_memory: int | None = field(default=None, repr=False)  # the most GPU memory it was seen using
 
     PUBLIC = (
         "id", "kind", "state", "params", "resources", "priority", "max_retries", "timeout", "reason",
