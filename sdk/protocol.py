@@ -5,7 +5,7 @@ Decoding checks the header, looks the type up, and validates each field's name a
 failure is a :class:`~llmos.errors.ProtocolError` subclass, so a receiver answers an error and
 keeps serving.
 
-Frames (all msgpack; no pickle anywhere):
+Frames (all msgpack; Python object serialization is never used, on the wire or on disk):
 
 * **control** (DEALER -> kernel ROUTER and back): ``[header, body]``, two maps.
 * **ingest** (worker PUSH -> kernel PULL): one frame holding an array of items, each item a
