@@ -155,7 +155,14 @@ def _wheel_for(spec: str, workdir: Path) -> Path:
     if path.suffix == ".whl" and path.is_file():
         return path
     args = ["wheel", "--no-deps", "-q", "-w", str(workdir)]
-    if path.exists():
+    if path.is_dir():
+        # Build from a copy: building leaves build/ and *.egg-info behind in the project otherwise.
+        import shutil
+
+        source = workdir / "source"
+        shutil.copytree(path, source, ignore=shutil.ignore_patterns("build", "*.egg-info", ".git", "__pycache__", ".pytest_cache"))
+        args += ["--no-build-isolation", str(source)]
+    elif path.exists():
         args += ["--no-build-isolation", str(path.absolute())]
     else:
         args.append(spec)
