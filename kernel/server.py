@@ -511,8 +511,10 @@ class Kernel:
             for identity, frames in out:
                 try:
                     self.control.send_multipart([identity, *frames], _NOBLOCK)
-                except zmq.ZMQError:
-                    pass  # the peer is gone or not keeping up: a reply is never worth blocking the kernel
+                except zmq.ZMQError as exc:
+                    # The peer is gone or not keeping up: a reply is never worth blocking the kernel.
+                    if exc.errno == zmq.EHOSTUNREACH and self.calls:
+                        self._caller_gone(identity)
 
     def reply(self, identity: bytes, msg: Any, parent_id: str | None) -> None:
         self._out_control.append((identity, encode_control(msg, "kernel", parent_id=parent_id)))
@@ -1025,6 +1027,13 @@ class Kernel:
             del self.calls[msg.request_id]
             self._out_control.append((call[1].encode(), encode_control(msg, "kernel")))
         return None
+
+    def _caller_gone(self, identity: bytes) -> None:
+        """A caller disconnected mid-stream: cancel its requests so the replicas free their slots."""
+        for request_id, (caller, worker_id, _service) in list(self.calls.items()):
+            if caller == identity:
+                del self.calls[request_id]
+                self._out_control.append((worker_id.encode(), encode_control(ServiceCancel(request_id=request_id), "kernel")))
 
     def _on_services(self, identity: bytes, msg: ServicesRequest) -> ServicesReply:
         out = []

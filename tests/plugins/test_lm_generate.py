@@ -186,3 +186,32 @@ def test_serve_says_busy_past_its_queue(kernel: KernelHandle, checkpoint: Path) 
         assert errors and "is busy" in errors[0]
         job.cancel()
         assert job.wait(timeout=30).state == "cancelled"
+
+
+@pytest.mark.slow
+def test_a_caller_that_dies_frees_its_slot(kernel: KernelHandle, checkpoint: Path) -> None:
+    import subprocess
+    import sys
+    import time
+
+    with kernel.client() as c:
+        job = c.submit("serve", params={"model": str(checkpoint), "name": "solo", "max_seqs": 1, "max_queue": 0})
+        _wait_replicas(c, "solo")
+        code = (
+            "import llmos, os\n"
+            f"c = llmos.connect({str(kernel.state_dir)!r})\n"
+            "s = c.generate('solo', 'x', stream=True, max_new_tokens=100000, temperature=0)\n"
+            "next(s)\n"
+            "os._exit(0)\n"  # gone without closing the stream
+        )
+        subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+        deadline = time.monotonic() + 30
+        while True:  # the one slot comes free once the kernel finds the caller gone
+            try:
+                assert c.generate("solo", "y", max_new_tokens=3, temperature=0).finish_reason in ("length", "eos")
+                break
+            except llmos.ServiceBusy:
+                assert time.monotonic() < deadline, "the dead caller's slot was never freed"
+                time.sleep(0.2)
+        job.cancel()
+        job.wait(timeout=30)
