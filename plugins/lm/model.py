@@ -60,7 +60,7 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_heads)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
-    def forward_cached(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, layer: int, slots: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward_cached(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, layer: int, slots: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, span: slice | None = None) -> torch.Tensor:
         """Attend new tokens (at ``positions`` of the sequences in cache ``slots``) over everything cached so far."""
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
@@ -68,7 +68,7 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
-        k_all, v_all = cache.write(layer, slots, positions, k, v, mask.shape[-1])
+        k_all, v_all = cache.write(layer, slots, positions, k, v, mask.shape[-1], span)
         out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
@@ -87,11 +87,17 @@ class KVCache:
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
         self.length = length
 
-    def write(self, layer: int, slots: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor, upto: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def write(self, layer: int, slots: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor, upto: int, span: slice | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new keys and values; return every sequence's keys and values up to ``upto``.
+
+        ``span``: when the slots are a contiguous range, the views of it (no copy of the cache).
+        """
         kc, vc = self.k[layer], self.v[layer]
         index = (slots[:, None], slice(None), positions)  # -> [B, T, kv_head, head_dim]
         kc[index] = k.transpose(1, 2).to(kc.dtype)
         vc[index] = v.transpose(1, 2).to(vc.dtype)
+        if span is not None:
+            return kc[span, :, :upto], vc[span, :, :upto]
         return kc[slots, :, :upto], vc[slots, :, :upto]
 
 
@@ -118,8 +124,8 @@ class DecoderLayer(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin)
         return x + self.mlp(self.post_attention_layernorm(x))
 
-    def forward_cached(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, layer: int, slots: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn.forward_cached(self.input_layernorm(x), cos, sin, cache, layer, slots, positions, mask)
+    def forward_cached(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, layer: int, slots: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, span: slice | None = None) -> torch.Tensor:
+        x = x + self.self_attn.forward_cached(self.input_layernorm(x), cos, sin, cache, layer, slots, positions, mask, span)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -171,8 +177,11 @@ class Llama(nn.Module):
         upto = int(positions.max()) + 1
         keys = torch.arange(upto, device=input_ids.device)
         mask = (keys[None, None, :] <= positions[:, :, None])[:, None]  # [B, 1, T, upto]
+        first, count = int(slots[0]), slots.numel()
+        # Slots first..first+count-1 in order (batch 1, or a full batch): read the cache as views.
+        span = slice(first, first + count) if int(slots[-1]) - first == count - 1 and (count == 1 or bool((slots.diff() == 1).all())) else None
         for i, layer in enumerate(self.model.layers):
-            x = layer.forward_cached(x, cos, sin, cache, i, slots, positions, mask)
+            x = layer.forward_cached(x, cos, sin, cache, i, slots, positions, mask, span)
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.model.norm(x))
