@@ -130,7 +130,7 @@ class Engine:
     @torch.inference_mode()
     def decode(self, seqs: list[_Seq], cache: KVCache, on_token: Any = None) -> None:
         """One token for every unfinished sequence in ``seqs``, in one batched step."""
-        active = [q for q in seqs if q.finish is None]
+        active = sorted((q for q in seqs if q.finish is None), key=lambda q: q.slot)  # contiguous slots read as views
         if not active:
             return
         last = torch.tensor([[q.out[-1]] for q in active], device=self.device)

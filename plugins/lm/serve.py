@@ -92,7 +92,8 @@ class ServeRunner(llmos.Runner):
             # Join: new requests take free slots at this step.
             while free and waiting:
                 request_id, prompt, sampling, stream = waiting.popleft()
-                slot = free.pop()
+                free.sort()
+                slot = free.pop(0)  # the lowest free slot: active slots stay contiguous (cache views)
                 seq = engine.start(prompt, sampling, slot)
                 try:
                     engine.prefill(seq, cache, piece_sender(request_id, stream))
