@@ -268,12 +268,14 @@ class Loop:
         self.step = 0
         self.rec = Steps({}, {}, {}, set())
 
-    def run(self, until: int, limit: float) -> None:
-        """Train up to step ``until``, or for ``limit`` seconds."""
+    def run(self, until: int, limit: float = math.inf) -> None:
+        """Train up to step ``until``; start no step that would likely end after ``limit`` seconds."""
         p, model, opt = self.p, self.model, self.opt
         deadline = time.perf_counter() + limit
         first = True
-        while self.step < until:
+        last = 0.0
+        while self.step < until and time.perf_counter() + 1.5 * last < deadline:
+            t0 = time.perf_counter()
             step = self.step = self.step + 1
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, p)
@@ -290,15 +292,15 @@ class Loop:
             if not first and step > self.warmup:
                 self.rec.counted.add(step)
             first = False
-            if self.rec.ends[step] > deadline:
-                break
+            last = self.rec.ends[step] - t0
 
 
 def interleaved(client: llmos.Client, params: dict[str, Any], threads: int, loop: Loop, warmup: int, block: int, budget_end: float) -> dict[str, Any]:
     """Run the job and the loop in alternating blocks of the same steps (see the module doc).
 
-    The job trains ``warmup`` steps; then, each time it has finished a block, its worker is paused
-    while the loop trains up to the same step, and resumed. Past ``budget_end`` (``perf_counter``)
+    The loop has trained its ``warmup`` steps already; the job trains its own; then, each time it
+    has finished a block, its worker is paused while the loop trains up to the same step, and
+    resumed. Past ``budget_end`` (``perf_counter``)
     the job is cancelled instead, with what was measured kept (once a block was measured, or at
     twice the time)."""
     total = int(params["steps"])
@@ -311,7 +313,7 @@ def interleaved(client: llmos.Client, params: dict[str, Any], threads: int, loop
     corpus: dict[str, Any] = {}
     t_running = t_model = None
     worker = 0
-    stop_at = warmup
+    stop_at = warmup + block
     cancelled = False
     stopped = False
     try:
@@ -335,8 +337,11 @@ def interleaved(client: llmos.Client, params: dict[str, Any], threads: int, loop
                     stopped, t_stop = True, time.time()
                     loop.run(min(step, total), PAUSE_LIMIT)
                     t_cont = time.time()
-                    os.kill(worker, signal.SIGCONT)
                     stopped = False
+                    try:
+                        os.kill(worker, signal.SIGCONT)
+                    except ProcessLookupError:
+                        break  # the worker is gone: the job's record says why
                     pauses.append((t_stop, t_cont))
                     stop_at = step + block
             elif event.type == "job.progress":
@@ -355,7 +360,8 @@ def interleaved(client: llmos.Client, params: dict[str, Any], threads: int, loop
                 os.kill(worker, signal.SIGCONT)
     info = job.wait(timeout=60)
     if info.state != "succeeded" and not (cancelled and info.state == "cancelled"):
-        raise RuntimeError(f"train job {job.id} {info.state}: {info.reason}")
+        longest = max((b - a for a, b in pauses), default=0.0)
+        raise RuntimeError(f"train job {job.id} {info.state}: {info.reason} ({len(pauses)} pauses, the longest {longest:.1f} s)")
     # A job step counts if neither it nor the step before it overlaps a pause (the first whole
     # step after a resume runs on caches the loop has just used).
     ends = rec.ends
@@ -496,6 +502,7 @@ def main(argv: list[str] | None = None) -> int:
         mm = matmul_rates(threads)
         say(f"- matmul 2048 x 2048 float32: best {max(mm):.1f} GFLOP/s")
         loop = Loop(p, config, train_tokens, threads, load, warmup)
+        loop.run(warmup)  # the loop's warm-up, before the job starts: no pause needed
         waited += load.wait_quiet(5.0)
         say(f"- {p.steps} steps: job and loop alternating in blocks of {block} ...")
         job = interleaved(client, job_params, threads, loop, warmup, block, time.perf_counter() + phase_limit)
@@ -579,7 +586,7 @@ def main(argv: list[str] | None = None) -> int:
             " parameter groups and hyper-parameters (torch's default implementation, on CPU the same per-parameter loop the job asks"
             f" for), `lr_at`, `clip_grad_norm_({p.grad_clip})` and `batch_at` batches, timed with `perf_counter` after each step's"
             " `loss.item()`.",
-            f"- Alternation: the job trains steps 1-{warmup} (warm-up), then blocks of {block}; after each, its worker is stopped"
+            f"- Alternation: the loop, then the job, train steps 1-{warmup} (warm-up); then the job trains blocks of {block}; after each, its worker is stopped"
             f" (SIGSTOP) while the loop trains up to the same step (at most {PAUSE_LIMIT:.0f} s), then continued: {len(job['pauses'])} pauses,"
             f" {paused:.0f} s in all. Counted: a block's steps after its first (the job's after its first two), past the warm-up,"
             f" during which processes foreign to the benchmark used under {QUIET} cores: the machine's busy time minus this"
