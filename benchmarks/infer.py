@@ -48,9 +48,7 @@ import os
 import platform
 import re
 import shutil
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -63,15 +61,14 @@ from typing import Any
 import psutil
 import torch
 import torch.nn.functional as F
+from _benchkernel import Kernel
 
 import llmos
-from llmos.paths import pid_alive, read_kernel_info
 from llmos.plugins.lm.checkpoint import load_checkpoint, save_checkpoint
 from llmos.plugins.lm.config import config_from_preset
 from llmos.plugins.lm.engine import Engine, Sampling
 from llmos.plugins.lm.model import Llama
 from llmos.plugins.lm.text import EOS, Tok
-from llmos.protocol import ShutdownRequest
 
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "benchmarks.md"
@@ -425,60 +422,6 @@ def in_process(ckpt: Path, cfg: dict[str, Any], load: Load, notes: list[str]) ->
 # the service
 
 
-def llmos_cmd() -> list[str]:
-    exe = shutil.which("llmos")
-    return [exe] if exe else [sys.executable, "-m", "llmos.kernel.cli"]
-
-
-class Kernel:
-    """A kernel booted with ``llmos boot --detach`` in a temporary state dir; stopped on exit."""
-
-    def __init__(self) -> None:
-        self.dir = Path(tempfile.mkdtemp(prefix="llmos-bench-infer-"))
-        self.pid: int | None = None
-        self.client: llmos.Client | None = None
-
-    def __enter__(self) -> Kernel:
-        try:
-            proc = subprocess.run([*llmos_cmd(), "boot", "--detach", "--state-dir", str(self.dir)], capture_output=True, text=True, timeout=60)
-            if proc.returncode != 0:
-                raise RuntimeError(f"llmos boot failed ({proc.returncode}): {proc.stderr.strip() or proc.stdout.strip()}")
-            self.client = llmos.connect(self.dir)
-            self.pid = int(self.client.status()["pid"])
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def stop(self) -> None:
-        """Shut the kernel down: politely, else SIGTERM, else SIGKILL; then remove the state dir."""
-        pid = self.pid
-        if pid is None:
-            with contextlib.suppress(Exception):
-                pid = int(read_kernel_info(self.dir)["pid"])
-        if self.client is not None:
-            with contextlib.suppress(Exception):
-                self.client.request(ShutdownRequest(), timeout=10)
-            with contextlib.suppress(Exception):
-                self.client.close()
-            self.client = None
-        if pid is not None:
-            for sig, wait in ((None, 20.0), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
-                if sig is not None:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, sig)
-                deadline = time.monotonic() + wait
-                while pid_alive(pid) and time.monotonic() < deadline:
-                    time.sleep(0.02)
-                if not pid_alive(pid):
-                    break
-            self.pid = None
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
 @dataclass
 class Request:
     sent: float
@@ -662,7 +605,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(("bfloat16 greedy tokens equal to float32's", f"{r['same_bf16']} of {r['prompts']} prompts", "-", f"target: most (> {r['prompts'] // 2})", verdict(r["same_bf16"] > r["prompts"] // 2)))
         rows.append(("bfloat16 vs float32 last-position logits, max relative L2 error", f"{max(r['errors']):.1e}", f"{max(r['rounded_errors']):.1e} bfloat16-rounded weights, float32 math", "target <= 1e-2", verdict(max(r["errors"]) <= 1e-2)))
 
-        with Kernel() as kernel:
+        with Kernel("llmos-bench-infer-") as kernel:
             s = timed(f"serve service: 1 stream, then {STREAMS} at once", lambda: serve_load(kernel, ckpt, cfg, load, threads, notes))
         ratio = s["multi_rate"] / s["single_rate"]
         rows.append((f"`serve`: aggregate tokens/s, {STREAMS} concurrent streams (`max_seqs=16`, float32)", f"{s['multi_rate']:.1f} tokens/s", f"{s['single_rate']:.1f} tokens/s one stream", f"{ratio:.2f}x (target >= 4x)", verdict(ratio >= 4)))

@@ -23,14 +23,12 @@ Targets (from the issue) are reported as PASS/FAIL; a missed target does not cha
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as dt
 import multiprocessing as mp
 import os
 import platform
 import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -41,13 +39,11 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
-import psutil
 import zmq
+from _benchkernel import Kernel
 
 import llmos
 from llmos import client as llmos_client
-from llmos.paths import pid_alive, read_kernel_info
-from llmos.protocol import ShutdownRequest
 
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "benchmarks.md"
@@ -83,69 +79,6 @@ def pct(values: list[float], q: float) -> float:
 
 # ---------------------------------------------------------------------------------------------
 # the kernel under test
-
-
-def llmos_cmd() -> list[str]:
-    exe = shutil.which("llmos")
-    return [exe] if exe else [sys.executable, "-m", "llmos.kernel.cli"]
-
-
-class Kernel:
-    """A kernel booted with ``llmos boot --detach`` in a temporary state dir; stopped on exit."""
-
-    def __init__(self) -> None:
-        self.dir = Path(tempfile.mkdtemp(prefix="llmos-bench-"))
-        self.pid: int | None = None
-        self.client: llmos.Client | None = None
-        self.boot_s = 0.0
-        self.ready_s = 0.0
-
-    def __enter__(self) -> Kernel:
-        try:
-            t0 = time.perf_counter()
-            proc = subprocess.run([*llmos_cmd(), "boot", "--detach", "--state-dir", str(self.dir)], capture_output=True, text=True, timeout=60)
-            self.boot_s = time.perf_counter() - t0
-            if proc.returncode != 0:
-                raise RuntimeError(f"llmos boot failed ({proc.returncode}): {proc.stderr.strip() or proc.stdout.strip()}")
-            self.client = llmos.connect(self.dir)
-            self.pid = int(self.client.status()["pid"])
-            self.ready_s = time.perf_counter() - t0
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def stop(self) -> None:
-        """Shut the kernel down: politely, else SIGTERM, else SIGKILL; then remove the state dir."""
-        pid = self.pid
-        if pid is None:
-            with contextlib.suppress(Exception):
-                pid = int(read_kernel_info(self.dir)["pid"])
-        if self.client is not None:
-            with contextlib.suppress(Exception):
-                self.client.request(ShutdownRequest(), timeout=10)
-            with contextlib.suppress(Exception):
-                self.client.close()
-            self.client = None
-        if pid is not None:
-            for sig, wait in ((None, 15.0), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
-                if sig is not None:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, sig)
-                deadline = time.monotonic() + wait
-                while pid_alive(pid) and time.monotonic() < deadline:
-                    time.sleep(0.02)
-                if not pid_alive(pid):
-                    break
-            self.pid = None
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-    def rss(self) -> int:
-        assert self.pid is not None
-        return psutil.Process(self.pid).memory_info().rss
 
 
 # ---------------------------------------------------------------------------------------------
@@ -497,7 +430,7 @@ def llmos_echo_load(kernel: Kernel, total: int, clients: int) -> dict[str, Any]:
 def measure_boots(times: int) -> list[dict[str, float]]:
     out = []
     for _ in range(times):
-        with Kernel() as k:
+        with Kernel("llmos-bench-") as k:
             assert k.client is not None
             t0 = time.perf_counter()
             k.client.submit("diag.echo", params={"message": "first"}).result(timeout=60)
@@ -573,7 +506,7 @@ def main(argv: list[str] | None = None) -> int:
     notes: list[str] = []
     scratch = Path(tempfile.mkdtemp(prefix="llmos-raw-"))
     try:
-        with Kernel() as kernel:
+        with Kernel("llmos-bench-") as kernel:
             client = kernel.client
             assert client is not None
             rss_boot = kernel.rss()

@@ -42,12 +42,9 @@ import math
 import os
 import platform
 import re
-import shutil
 import signal
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -55,15 +52,14 @@ from typing import Any
 
 import psutil
 import torch
+from _benchkernel import Kernel
 
 import llmos
-from llmos.paths import pid_alive, read_kernel_info
 from llmos.plugins.lm import TrainParams
 from llmos.plugins.lm.config import LlamaConfig, config_from_preset
 from llmos.plugins.lm.model import Llama
 from llmos.plugins.lm.text import bytes_tokenizer, corpus_files, tokenize_corpus
 from llmos.plugins.lm.train import batch_at, lr_at
-from llmos.protocol import ShutdownRequest
 
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "benchmarks.md"
@@ -79,60 +75,6 @@ def say(*parts: object) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # the kernel under test
-
-
-def llmos_cmd() -> list[str]:
-    exe = shutil.which("llmos")
-    return [exe] if exe else [sys.executable, "-m", "llmos.kernel.cli"]
-
-
-class Kernel:
-    """A kernel booted with ``llmos boot --detach`` in a temporary state dir; stopped on exit."""
-
-    def __init__(self) -> None:
-        self.dir = Path(tempfile.mkdtemp(prefix="llmos-bench-train-"))
-        self.pid: int | None = None
-        self.client: llmos.Client | None = None
-
-    def __enter__(self) -> Kernel:
-        try:
-            proc = subprocess.run([*llmos_cmd(), "boot", "--detach", "--state-dir", str(self.dir)], capture_output=True, text=True, timeout=60)
-            if proc.returncode != 0:
-                raise RuntimeError(f"llmos boot failed ({proc.returncode}): {proc.stderr.strip() or proc.stdout.strip()}")
-            self.client = llmos.connect(self.dir)
-            self.pid = int(self.client.status()["pid"])
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def stop(self) -> None:
-        """Shut the kernel down: politely, else SIGTERM, else SIGKILL; then remove the state dir."""
-        pid = self.pid
-        if pid is None:
-            with contextlib.suppress(Exception):
-                pid = int(read_kernel_info(self.dir)["pid"])
-        if self.client is not None:
-            with contextlib.suppress(Exception):
-                self.client.request(ShutdownRequest(), timeout=10)
-            with contextlib.suppress(Exception):
-                self.client.close()
-            self.client = None
-        if pid is not None:
-            for sig, wait in ((None, 15.0), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
-                if sig is not None:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, sig)
-                deadline = time.monotonic() + wait
-                while pid_alive(pid) and time.monotonic() < deadline:
-                    time.sleep(0.02)
-                if not pid_alive(pid):
-                    break
-            self.pid = None
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -480,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     when = dt.datetime.now(dt.UTC)
     say(f"llmos training benchmarks ({'quick' if q else 'full'}): {machine()}; {threads} threads")
-    with Kernel() as kernel:
+    with Kernel("llmos-bench-train-") as kernel:
         client = kernel.client
         assert client is not None and kernel.pid is not None
         load = Load(kernel.pid)
