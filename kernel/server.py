@@ -157,6 +157,7 @@ class Kernel:
         self._out_control: list[tuple[bytes, list[bytes]]] = []
         self._out_events: dict[str, list[bytes]] = {}  # stream -> stamped items, in order
         self._stream_seq: dict[str, int] = {}
+        self._journaled: dict[str, int] = {}  # stream -> events of this turn already journaled
         self._schedule_needed = True
         self._ingest_more = False
         self._sigchld = False
@@ -472,7 +473,6 @@ class Kernel:
         last += 1
         self._stream_seq[stream] = last
         stamped = stamp(item, self.seq, last)
-        self._rows.append((self.seq, stream, last, topic_name, stamped))
         out = self._out_events.get(stream)
         if out is None:
             self._out_events[stream] = [stamped]
@@ -486,18 +486,28 @@ class Kernel:
             JobStateChanged(state=job.state, reason=job.reason, exit_code=job.exit_code, attempts=job.attempts, placement=job.placement),
         )
 
-    _rows: list[tuple[int, str, int, str, bytes]]
+    def _write_journal(self) -> None:
+        """Journal this turn's events not written yet: one row per stream (and 1,000 events), the
+        same items one PUB message carries. A replay in mid-turn writes them early."""
+        done, append = self._journaled, self.store.append_batch
+        for stream, items in self._out_events.items():
+            start = done.get(stream, 0)
+            if start < len(items):
+                for i in range(start, len(items), 1000):
+                    append(stream, items[i : i + 1000])
+                done[stream] = len(items)
 
     def _flush_out(self) -> None:
         """Commit, then publish the turn's events and send its replies."""
-        if self._rows:
-            self.store.append_events(self._rows)
-            self._rows = []
+        streams = self._out_events
+        if streams:
+            self._write_journal()
+            self._journaled = {}
+            self._out_events = {}
         self.store.commit()
-        if self._out_events:
+        if streams:
             # One PUB message per stream and turn, topic "<stream>.": SUB prefixes of whole streams
             # ("job.7.", "job.", "") match it; the SDK filters finer prefixes itself.
-            streams, self._out_events = self._out_events, {}
             for stream, items in streams.items():
                 topic_frame = (stream + ".").encode()
                 for i in range(0, len(items), 1000):
@@ -530,7 +540,6 @@ class Kernel:
     # ------------------------------------------------------------------ the loop
 
     def run(self) -> None:
-        self._rows = []
         self.boot()
         try:
             while self.stopping is None:
@@ -627,7 +636,7 @@ class Kernel:
 
     def _ingest_batch(self, items: list[Any]) -> None:
         """Validate, stamp and queue a worker's events: the hot path, so written out flat."""
-        workers, jobs, known, rows, out = self.workers, self.jobs, self._stream_seq, self._rows, self._out_events
+        workers, jobs, known, out = self.workers, self.jobs, self._stream_seq, self._out_events
         fast_ok, bad, journaled = self._fast_checks, 0, 0
         for raw in items:
             try:
@@ -672,7 +681,6 @@ class Kernel:
                 last += 1
                 known[stream] = last
                 stamped = stamp(raw, self.seq, last)
-                rows.append((self.seq, stream, last, topic_name, stamped))
                 queue = out.get(stream)
                 if queue is None:
                     out[stream] = [stamped]
@@ -907,9 +915,7 @@ class Kernel:
 
     def _on_replay(self, identity: bytes, msg: ReplayRequest) -> None:
         limit = max(1, min(msg.limit, 10_000))
-        if self._rows:  # events of this turn are not in the database yet
-            self.store.append_events(self._rows)
-            self._rows = []
+        self._write_journal()  # events of this turn are not in the database yet
         rows = self.store.replay(msg.prefix, max(0, msg.since), msg.until, limit)
         more = len(rows) == limit
         # Build the reply around the stored, already-packed items: no unpack, no repack.

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import heapq
 import json
 import sqlite3
-from collections.abc import Iterable
+import sys
+from array import array
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,14 +35,19 @@ CREATE TABLE IF NOT EXISTS jobs (
     worker_create_time REAL
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
-CREATE TABLE IF NOT EXISTS events (
-    seq INTEGER PRIMARY KEY,
+-- The event journal: one row per stream and kernel turn (what one PUB message carries), holding
+-- the stamped msgpack items back to back and their end offsets (uint32, little-endian). Batches of
+-- different streams interleave in seq; ``meta.journal_max_span`` bounds last_seq - first_seq.
+CREATE TABLE IF NOT EXISTS journal (
+    first_seq INTEGER PRIMARY KEY,
+    last_seq INTEGER NOT NULL,
     stream TEXT NOT NULL,
-    stream_seq INTEGER NOT NULL,
-    topic TEXT NOT NULL,
-    item BLOB NOT NULL
+    last_stream_seq INTEGER NOT NULL,
+    n INTEGER NOT NULL,
+    items BLOB NOT NULL,
+    ends BLOB NOT NULL
 );
-CREATE INDEX IF NOT EXISTS events_stream ON events(stream, seq);
+CREATE INDEX IF NOT EXISTS journal_stream ON journal(stream, first_seq);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS attempts (
     job_id INTEGER NOT NULL,
@@ -129,6 +137,9 @@ class Store:
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(SCHEMA)
         self._in_tx = False
+        row = self.db.execute("SELECT value FROM meta WHERE key='journal_max_span'").fetchone()
+        self.max_span = int(row[0]) if row else 0
+        self._migrate_events_table()
 
     def close(self) -> None:
         self.commit()
@@ -228,42 +239,113 @@ class Store:
     # -- the journal --
 
     def last_seq(self) -> int:
-        row = self.db.execute("SELECT MAX(seq) FROM events").fetchone()
+        row = self.db.execute(
+            "SELECT MAX(last_seq) FROM journal WHERE first_seq >= (SELECT MAX(first_seq) FROM journal) - ?", (self.max_span,)
+        ).fetchone()
         return int(row[0] or 0)
 
     def last_stream_seq(self, stream: str) -> int:
-        row = self.db.execute("SELECT stream_seq FROM events WHERE stream=? ORDER BY seq DESC LIMIT 1", (stream,)).fetchone()
+        row = self.db.execute("SELECT last_stream_seq FROM journal WHERE stream=? ORDER BY first_seq DESC LIMIT 1", (stream,)).fetchone()
         return int(row[0]) if row else 0
 
-    def append_events(self, rows: Iterable[tuple[int, str, int, str, bytes]]) -> None:
-        """Journal (seq, stream, stream_seq, topic, item) rows; item is the stamped msgpack event."""
+    def append_batch(self, stream: str, items: Sequence[bytes]) -> None:
+        """Journal one stream's stamped items (consecutive in stream_seq, rising in seq) as one row."""
+        if not items:
+            return
+        first, last = seq_of(items[0]), seq_of(items[-1])
+        ends = array("I")
+        end = 0
+        for item in items:
+            end += len(item)
+            ends.append(end)
+        if sys.byteorder != "little":
+            ends.byteswap()
         self.begin()
-        self.db.executemany("INSERT INTO events (seq, stream, stream_seq, topic, item) VALUES (?, ?, ?, ?, ?)", rows)
+        self.db.execute(
+            "INSERT INTO journal (first_seq, last_seq, stream, last_stream_seq, n, items, ends) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (first, last, stream, stream_seq_of(items[-1]), len(items), b"".join(items), ends.tobytes()),
+        )
+        if last - first > self.max_span:
+            self.max_span = last - first
+            self.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('journal_max_span', ?)", (str(self.max_span),))
 
     def replay(self, prefix: str, since: int, until: int | None, limit: int) -> list[tuple[int, bytes]]:
-        """(seq, packed item) of events with seq in (since, until] whose topic starts with prefix."""
+        """(seq, packed item) of events with seq in (since, until] whose topic starts with prefix,
+        in seq order, at most ``limit``."""
         until = until if until is not None else (1 << 62)
+        low = since - self.max_span  # no batch starting at or below this holds a seq above since
         parts = prefix.split(".")
         if len(parts) >= 3 and parts[0] in ("job", "device", "service", "worker") and parts[1]:
-            # The prefix names one stream: use the (stream, seq) index.
-            stream = parts[0] + "." + parts[1]
+            # The prefix names one stream: use the (stream, first_seq) index.
             rows = self.db.execute(
-                "SELECT seq, item FROM events WHERE stream=? AND seq>? AND seq<=? AND substr(topic, 1, ?)=? ORDER BY seq LIMIT ?",
-                (stream, since, until, len(prefix), prefix, limit),
-            )
-            return [(seq, item) for seq, item in rows]
-        if prefix:
-            rows = self.db.execute(
-                "SELECT seq, item FROM events WHERE seq>? AND seq<=? AND substr(topic, 1, ?)=? ORDER BY seq LIMIT ?",
-                (since, until, len(prefix), prefix, limit),
+                "SELECT first_seq, items, ends FROM journal WHERE stream=? AND first_seq>? AND first_seq<=? ORDER BY first_seq",
+                (parts[0] + "." + parts[1], low, until),
             )
         else:
-            rows = self.db.execute("SELECT seq, item FROM events WHERE seq>? AND seq<=? ORDER BY seq LIMIT ?", (since, until, limit))
-        return [(seq, item) for seq, item in rows]
+            rows = self.db.execute("SELECT first_seq, items, ends FROM journal WHERE first_seq>? AND first_seq<=? ORDER BY first_seq", (low, until))
+        want = prefix.encode()
+        out: list[tuple[int, bytes]] = []
+        heap: list[tuple[int, bytes]] = []  # batches of different streams interleave: merge by seq
+        for first, blob, ends in rows:
+            while heap and heap[0][0] < first:  # every later batch starts after it: final
+                out.append(heapq.heappop(heap))
+                if len(out) >= limit:
+                    return out
+            for item in _split(blob, ends):
+                seq = seq_of(item)
+                if since < seq <= until and (not want or topic_of(item).startswith(want)):
+                    heapq.heappush(heap, (seq, item))
+        while heap and len(out) < limit:
+            out.append(heapq.heappop(heap))
+        return out
 
     def count_events(self) -> int:
-        row = self.db.execute("SELECT COUNT(*) FROM events").fetchone()
-        return int(row[0])
+        row = self.db.execute("SELECT SUM(n) FROM journal").fetchone()
+        return int(row[0] or 0)
+
+    def _migrate_events_table(self) -> None:
+        """State dirs of llmos before the batched journal had one row per event: move them over."""
+        if self.db.execute("SELECT name FROM sqlite_master WHERE type='table' AND name='events'").fetchone() is None:
+            return
+        self.begin()
+        for stream, seq, item in self.db.execute("SELECT stream, seq, item FROM events ORDER BY seq").fetchall():
+            if not self.db.execute("SELECT 1 FROM journal WHERE first_seq=?", (seq,)).fetchone():
+                self.append_batch(stream, [item])
+        self.db.execute("DROP TABLE events")
+        self.commit()
+
+
+def seq_of(item: bytes) -> int:
+    """The global seq of a stamped item (see ``llmos.protocol.stamp``: it ends in two uint64s)."""
+    return int.from_bytes(item[-17:-9], "big")
+
+
+def stream_seq_of(item: bytes) -> int:
+    return int.from_bytes(item[-8:], "big")
+
+
+def topic_of(item: bytes) -> bytes:
+    """The topic of a packed ``[topic, ...]`` item, read off its first element."""
+    head = item[1]
+    if 0xA0 <= head <= 0xBF:
+        return item[2 : 2 + head - 0xA0]
+    if head == 0xD9:
+        return item[3 : 3 + item[2]]
+    if head == 0xDA:
+        return item[4 : 4 + int.from_bytes(item[2:4], "big")]
+    return b""
+
+
+def _split(blob: bytes, ends: bytes) -> Iterator[bytes]:
+    offsets = array("I")
+    offsets.frombytes(ends)
+    if sys.byteorder != "little":
+        offsets.byteswap()
+    start = 0
+    view = memoryview(blob)
+    for end in offsets:
+        yield bytes(view[start:end])
+        start = end
 
 
 __all__ = ["JobRecord", "Store"]
