@@ -635,9 +635,16 @@ class Kernel:
         self._ingest_more = True  # come back at once for the rest
 
     def _ingest_batch(self, items: list[Any]) -> None:
-        """Validate, stamp and queue a worker's events: the hot path, so written out flat."""
+        """Validate, stamp and queue a worker's events: the hot path, so written out flat.
+
+        A frame's items normally all come from one worker on a handful of topics: the sender's
+        lookup and each topic's checks are done once and reused while they stay the same."""
         workers, jobs, known, out = self.workers, self.jobs, self._stream_seq, self._out_events
         fast_ok, bad, journaled = self._fast_checks, 0, 0
+        last_sender: Any = None
+        job_id = 0
+        stream = ""
+        topics: dict[str, str] = {}  # topic -> its stream, for topics checked in this frame
         for raw in items:
             try:
                 if type(raw) is not bytes:
@@ -648,25 +655,32 @@ class Kernel:
                 topic_name, header, body = item
                 check_event_header(header)
                 sender = header["sender"]
-                worker = workers.get(sender)
-                if worker is None or worker.job_id is None or not worker.assigned:
-                    raise ProtocolError(f"event from {sender!r}, which is not a worker running a job")
-                job_id = worker.job_id
-                stream = f"job.{job_id}"
-                if type(topic_name) is not str or not (topic_name.startswith(stream) and topic_name[len(stream) : len(stream) + 1] == "."):
-                    raise ProtocolError(f"worker {sender} may only send events on {stream}.<name>, not {topic_name!r}")
-                if topic_name.count(".") != 2 or topic_name.endswith("."):
-                    raise ProtocolError(f"worker {sender} may only send events on {stream}.<name>, not {topic_name!r}")
+                if sender != last_sender:
+                    last_sender = None
+                    topics.clear()
+                    worker = workers.get(sender)
+                    if worker is None or worker.job_id is None or not worker.assigned:
+                        raise ProtocolError(f"event from {sender!r}, which is not a worker running a job")
+                    job_id = worker.job_id
+                    stream = f"job.{job_id}"
+                    last_sender = sender
+                if type(topic_name) is not str or topic_name not in topics:
+                    if type(topic_name) is not str or not (topic_name.startswith(stream) and topic_name[len(stream) : len(stream) + 1] == "."):
+                        raise ProtocolError(f"worker {sender} may only send events on {stream}.<name>, not {topic_name!r}")
+                    if topic_name.count(".") != 2 or topic_name.endswith("."):
+                        raise ProtocolError(f"worker {sender} may only send events on {stream}.<name>, not {topic_name!r}")
+                    topics[topic_name] = stream
                 type_name = header["type"]
-                if type_name == "worker.job_done":
-                    job = jobs.get(job_id)
-                    if job is not None:
-                        self._on_job_done(worker, job, decode_body(type_name, body))
-                    continue
-                if type_name in _KERNEL_ONLY_TYPES or type_name.startswith(("kernel.", "worker.")):
-                    raise ProtocolError(f"worker {sender} may not send {type_name} events; only the kernel does")
                 check = fast_ok.get(type_name)
                 if check is None or not check(body):
+                    if type_name == "worker.job_done":
+                        job = jobs.get(job_id)
+                        if job is not None:
+                            self._on_job_done(worker, job, decode_body(type_name, body))
+                        last_sender = None  # the worker's state changed: look it up again
+                        continue
+                    if type_name in _KERNEL_ONLY_TYPES or type_name.startswith(("kernel.", "worker.")):
+                        raise ProtocolError(f"worker {sender} may not send {type_name} events; only the kernel does")
                     validate_body(type_name, body)  # raises the precise error (or fills the cache)
                     fast_ok[type_name] = _fast_check_for(type_name)
                 if type_name == "job.progress":

@@ -92,3 +92,35 @@ def test_pack_array_matches_msgpack() -> None:
 def test_errors_keep_their_class_across_the_wire() -> None:
     err = error_from_reply("JobFailed", "job 3 failed", JobFailed.code, {"job_id": 3})
     assert isinstance(err, JobFailed) and err.job_id == 3 and str(err) == "job 3 failed"
+
+
+def test_generated_fast_checks_agree_with_the_field_checkers():
+    """The kernel's per-event check is generated source; it must say exactly what the checkers say."""
+    import random
+
+    from llmos.protocol import _MISSING, _fast_check, message_types, spec_for
+
+    samples = [None, True, False, 0, -3, 2**70, 1.5, "", "s", b"b", [], [1, "a"], (), {}, {"a": 1}, {"a": "b"}, {1: 2}, {b"k": 1}]
+    rng = random.Random(7)
+    for name in message_types():
+        spec = spec_for(name)
+        fast = _fast_check(spec)
+
+        def reference(b, spec=spec):
+            if type(b) is not dict or not (b.keys() <= spec.names):
+                return False
+            for f in spec.fields:
+                v = b.get(f.name, _MISSING)
+                if v is _MISSING:
+                    if f.required:
+                        return False
+                elif not f.check(v):
+                    return False
+            return True
+
+        for _ in range(150):
+            body = {f.name: rng.choice(samples) for f in spec.fields if rng.random() < 0.8}
+            if rng.random() < 0.05:
+                body["unknown_field"] = 1
+            assert fast(body) == reference(body), (name, body)
+        assert fast([]) is False and fast(None) is False
