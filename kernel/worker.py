@@ -27,6 +27,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import structlog
 import zmq
 
@@ -36,6 +37,7 @@ from llmos.kernel.logs import configure_logging
 from llmos.kernel.plugins import Registry, call_broadcast, load_plugins
 from llmos.plugin import resolve_runner
 from llmos.protocol import (
+    PROTOCOL_VERSION,
     JobDone,
     ServiceCall,
     ServiceCancel,
@@ -55,6 +57,16 @@ from llmos.protocol import (
 log = structlog.get_logger(__name__)
 
 _MAX_BATCH = 256
+_ITEM_PACKER = msgpack.Packer(use_bin_type=True, autoreset=True)
+_TS_KEY = _ITEM_PACKER.pack("ts")
+
+
+def _item_head(topic_name: str, type_name: str, sender: str) -> bytes:
+    """The packed start of ``[topic, {v, type, sender, parent_id, id: ..., ts: ...}, body]`` up to the
+    id's value: the same bytes as ``pack_item`` of that header, keys in another order."""
+    p = _ITEM_PACKER.pack
+    return b"\x93" + p(topic_name) + b"\x86" + p("v") + p(PROTOCOL_VERSION) + p("type") + p(type_name) + p("sender") + p(sender) + p("parent_id") + p(None) + p("id")
+
 _MAX_BATCH_BYTES = 1 << 20  # a frame holds at most about this much (plus one item)
 _MAX_ITEM_BYTES = 8 << 20  # an event larger than this is replaced by an error record
 
@@ -80,6 +92,7 @@ class Bus:
         self._wake_pending = False
         self._closing = False
         self._counter = 0
+        self._heads: dict[tuple[str, str], bytes] = {}  # (suffix, type) -> packed item start, per job
         self.ctx: JobContext | None = None
         self.calls: queue.Queue[ServiceCall] = queue.Queue()
         self.cancelled_calls: set[str] = set()
@@ -137,23 +150,30 @@ class Bus:
     def _flush(self) -> None:
         outbox = self._outbox
         sender = self.worker_id
+        heads = self._heads
+        pack = _ITEM_PACKER.pack
         while outbox:
             items: list[bytes] = []
             size = 0
             while outbox and len(items) < _MAX_BATCH and size < _MAX_BATCH_BYTES:
                 suffix, type_name, body, ts = outbox.popleft()
                 self._counter += 1
-                header = {"v": 1, "type": type_name, "id": f"{sender}-{self._counter}", "ts": ts, "sender": sender, "parent_id": None}
-                topic_name = f"job.{self.job_id}.{suffix}"
+                # [topic, header, body] packed by hand around the parts that never change.
+                head = heads.get((suffix, type_name))
+                if head is None:
+                    head = heads[(suffix, type_name)] = _item_head(f"job.{self.job_id}.{suffix}", type_name, sender)
                 try:
-                    item = pack_item(topic_name, header, body)
+                    item = head + pack(f"{sender}-{self._counter}") + _TS_KEY + pack(ts) + pack(body)
                 except Exception as exc:  # an unencodable value must not stop the bus thread
-                    item = self._replacement(topic_name, header, type_name, f"could not be encoded: {type(exc).__name__}: {exc}")
+                    item = self._replacement(f"job.{self.job_id}.{suffix}", self._header(type_name, ts), type_name, f"could not be encoded: {type(exc).__name__}: {exc}")
                 if len(item) > _MAX_ITEM_BYTES:
-                    item = self._replacement(topic_name, header, type_name, f"was {len(item)} bytes; at most {_MAX_ITEM_BYTES} go on the bus")
+                    item = self._replacement(f"job.{self.job_id}.{suffix}", self._header(type_name, ts), type_name, f"was {len(item)} bytes; at most {_MAX_ITEM_BYTES} go on the bus")
                 items.append(item)
                 size += len(item)
             self._push.send(packb(items))
+
+    def _header(self, type_name: str, ts: float) -> dict[str, Any]:
+        return {"v": 1, "type": type_name, "id": f"{self.worker_id}-{self._counter}", "ts": ts, "sender": self.worker_id, "parent_id": None}
 
     @staticmethod
     def _replacement(topic_name: str, header: dict[str, Any], type_name: str, why: str) -> bytes:
@@ -209,6 +229,7 @@ class Bus:
             return
         if isinstance(msg, WorkerAssign):
             self.job_id = msg.job_id
+            self._heads.clear()
             self.assignments.put(msg)
         elif isinstance(msg, WorkerCancel):
             if msg.job_id == self.job_id:

@@ -31,10 +31,18 @@ class _BusSink:
         self._name = name
 
     def _record(self, event_dict: dict[str, Any]) -> None:
-        level = str(event_dict.pop("level", "info"))
-        event = str(event_dict.pop("event", ""))
-        fields = {k: _plain(v) for k, v in event_dict.items()}
-        self._emit("log", "job.log", {"level": level, "event": event, "logger": self._name, "fields": fields})
+        level = event_dict.pop("level", "info")
+        event = event_dict.pop("event", "")
+        plain = _PLAIN
+        for k, v in event_dict.items():  # most records hold only plain values: keep the dict
+            t = type(v)
+            if (t not in plain and (t is not int or not -_I64 <= v < _U64)) or type(k) is not str:
+                event_dict = {str(k): _plain(v) for k, v in event_dict.items()}
+                break
+        self._emit("log", "job.log", {"level": level if type(level) is str else str(level), "event": event if type(event) is str else str(event), "logger": self._name, "fields": event_dict})
+
+    # structlog calls the method named after the level: found on the class, not via __getattr__.
+    debug = info = warning = warn = error = critical = exception = fatal = msg = log = _record
 
     def __getattr__(self, name: str) -> Callable[[dict[str, Any]], None]:
         return self._record
@@ -47,12 +55,16 @@ def _to_record(logger: Any, method: str, event_dict: dict[str, Any]) -> tuple[tu
     return (event_dict,), {}
 
 
+_PLAIN = frozenset({str, float, bool, type(None)})  # kept as they are; ints are checked for range
+_I64, _U64 = 2**63, 2**64
+
+
 def _plain(value: Any) -> Any:
     """Values that msgpack and JSON both carry; anything else becomes its repr."""
     if value is None or isinstance(value, bool | float | str):
         return value
     if isinstance(value, int):
-        return value if -(2**63) <= value < 2**64 else str(value)
+        return value if -_I64 <= value < _U64 else str(value)
     if isinstance(value, list | tuple):
         return [_plain(v) for v in value]
     if isinstance(value, dict):

@@ -124,3 +124,16 @@ def test_generated_fast_checks_agree_with_the_field_checkers():
                 body["unknown_field"] = 1
             assert fast(body) == reference(body), (name, body)
         assert fast([]) is False and fast(None) is False
+
+
+def test_worker_hand_packed_items_decode_like_pack_item():
+    """The worker packs [topic, header, body] around cached header bytes; it must decode the same."""
+    from llmos.kernel.worker import _ITEM_PACKER, _TS_KEY, _item_head
+    from llmos.protocol import PROTOCOL_VERSION, check_event_header, pack_item, unpackb
+
+    body = {"level": "info", "event": "e", "logger": None, "fields": {"i": 3, "s": "x" * 40}}
+    head = _item_head("job.17.log", "job.log", "w-17-2")
+    packed = head + _ITEM_PACKER.pack("w-17-2-9") + _TS_KEY + _ITEM_PACKER.pack(1.25) + _ITEM_PACKER.pack(body)
+    header = {"v": PROTOCOL_VERSION, "type": "job.log", "id": "w-17-2-9", "ts": 1.25, "sender": "w-17-2", "parent_id": None}
+    assert unpackb(packed) == unpackb(pack_item("job.17.log", header, body))
+    check_event_header(unpackb(packed)[1])
