@@ -557,8 +557,8 @@ class _EventStream:
                         frames = self.sub.recv_multipart(zmq.NOBLOCK)
                     except zmq.Again:
                         break
-                    for event in _decode_pub(frames):
-                        stream = stream_of(event.topic)
+                    stream, events = _decode_pub(frames)
+                    for event in events:
                         last = known.get(stream)
                         if last is not None and event.stream_seq == last[0] + 1:
                             # The common case, inline: the next event of a stream we follow.
@@ -575,14 +575,19 @@ class _EventStream:
                     yield from self._live_one(event)
 
 
-def _decode_pub(frames: list[bytes]) -> list[Event]:
-    if len(frames) != 2:
-        return []
+def _decode_pub(frames: list[bytes]) -> tuple[str, list[Event]]:
+    """(stream, events) of one PUB message: the kernel sends one stream's events per message,
+    under the topic ``<stream>.``; anything else is dropped."""
+    if len(frames) != 2 or not frames[0].endswith(b"."):
+        return "", []
     try:
-        items = unpackb(frames[1])
-        return [event_from_item(item) for item in items]
-    except LlmosError:
-        return []
+        topic = frames[0].decode()
+        events = [event_from_item(item) for item in unpackb(frames[1])]
+    except (LlmosError, UnicodeDecodeError):
+        return "", []
+    if topic.count(".") > 2 or not all([event.topic.startswith(topic) for event in events]):
+        return "", []
+    return topic[:-1], events
 
 
 def connect(state_dir: str | os.PathLike[str] | None = None, *, timeout: float = 30.0) -> Client:
