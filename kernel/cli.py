@@ -259,15 +259,17 @@ def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int 
 @click.option("--priority", type=click.IntRange(-1_000_000, 1_000_000), default=0, show_default=True, help="Higher runs first.")
 @click.option("--max-retries", type=click.IntRange(0, 1000), default=0, show_default=True, help="Tries after a failure.")
 @click.option("--timeout", type=float, default=None, help="Seconds a try may run.")
+@click.option("--preemptible/--not-preemptible", default=None,
+              help="May a job of higher priority that cannot fit otherwise stop this one (it is queued again and resumes)? Default: the kind's.")
 @click.option("--wait", is_flag=True, help="Wait for the job to end; exit non-zero unless it succeeded.")
 @click.option("--follow", is_flag=True, help="Print the job's events until it ends; exit non-zero unless it succeeded.")
 @with_client
 @json_option
 def submit(client: Client, kind: str, params: tuple[str, ...], cpus: float | None, memory: int | None, gpus: float | None, gpu_memory: int | None,
-           priority: int, max_retries: int, timeout: float | None, wait: bool, follow: bool, as_json: bool) -> None:
+           priority: int, max_retries: int, timeout: float | None, preemptible: bool | None, wait: bool, follow: bool, as_json: bool) -> None:
     """Submit a job of KIND (see `llmos plugins` for the kinds and their parameters)."""
     resources = {k: v for k, v in {"cpus": cpus, "memory": memory, "gpus": gpus, "gpu_memory": gpu_memory}.items() if v is not None}
-    job = client.submit(kind, _parse_params(params), resources, priority=priority, max_retries=max_retries, timeout=timeout, coerce=True)
+    job = client.submit(kind, _parse_params(params), resources, priority=priority, max_retries=max_retries, timeout=timeout, coerce=True, preemptible=preemptible)
     if not (wait or follow):
         if as_json:
             echo_json(job._info.to_dict() if job._info else {"id": job.id})

@@ -157,6 +157,7 @@ class Kernel:
         self._out_control: list[tuple[bytes, list[bytes]]] = []
         self._out_events: dict[str, list[bytes]] = {}  # stream -> stamped items, in order
         self._stream_seq: dict[str, int] = {}
+        self._preempting: dict[int, int] = {}  # job being preempted -> the job it makes room for
         self._journaled: dict[str, int] = {}  # stream -> events of this turn already journaled
         self._schedule_needed = True
         self._ingest_more = False
@@ -373,7 +374,7 @@ class Kernel:
             if job.state == "running":
                 self._kill_orphan(job)
                 job.placement = None
-                if job.attempts <= job.max_retries:
+                if job.attempts - job.preemptions <= job.max_retries:
                     job.state, job.reason, job.queued_at = "pending", "kernel restarted; retrying", time.time()
                     self.jobs[job.id] = job
                     self.store.update_job(job)
@@ -788,7 +789,7 @@ class Kernel:
     def _on_submit(self, identity: bytes, msg: SubmitRequest) -> JobReply:
         if self.stopping:
             raise KernelError("the kernel is shutting down")
-        _entry, params, res = self.registry.validate(msg.kind, msg.params, msg.resources, coerce=msg.coerce)
+        entry, params, res = self.registry.validate(msg.kind, msg.params, msg.resources, coerce=msg.coerce)
         problem = storable_problem(params)
         if problem:
             raise JobRejected(f"{msg.kind}: parameters cannot be stored: {problem}", kind=msg.kind)
@@ -799,10 +800,15 @@ class Kernel:
         if not -1_000_000 <= msg.priority <= 1_000_000:
             raise JobRejected(f"priority must be between -1000000 and 1000000, got {msg.priority}", field="priority")
         self.devices.check(res)
-        job = self._create_job(msg.kind, params, res, priority=msg.priority, max_retries=msg.max_retries, timeout=msg.timeout)
+        preemptible = bool(getattr(entry.spec, "preemptible", False)) if msg.preemptible is None else msg.preemptible
+        if preemptible and entry.service:
+            raise JobRejected(f"{msg.kind} is a service: services cannot be preempted", field="preemptible")
+        job = self._create_job(msg.kind, params, res, priority=msg.priority, max_retries=msg.max_retries, timeout=msg.timeout, preemptible=preemptible)
         return JobReply(job=job.to_dict())
 
-    def _create_job(self, kind: str, params: dict[str, Any], res: Resources, *, priority: int = 0, max_retries: int = 0, timeout: float | None = None) -> JobRecord:
+    def _create_job(
+        self, kind: str, params: dict[str, Any], res: Resources, *, priority: int = 0, max_retries: int = 0, timeout: float | None = None, preemptible: bool = False
+    ) -> JobRecord:
         now = time.time()
         job = JobRecord(
             id=0,
@@ -815,6 +821,7 @@ class Kernel:
             state="pending",
             submitted_at=now,
             queued_at=now,
+            preemptible=preemptible,
         )
         job.id = self.store.insert_job(job)
         self.jobs[job.id] = job
@@ -1130,15 +1137,55 @@ class Kernel:
             pending.sort(key=lambda j: (-self._effective_priority(j, now), j.id))
             starvation = float(self.settings["scheduler"]["starvation_seconds"])
             for job in pending:
-                placement = self.devices.place(Resources(**job.resources))
+                res = Resources(**job.resources)
+                placement = self.devices.place(res)
                 if placement is not None and ready:
                     self._start(job, placement, ready.pop(0))
                     continue
                 if placement is not None:
                     waiting_for_worker += 1
+                elif self.settings["scheduler"]["preemption"]:
+                    self._preempt_for(job, res)
                 if now - job.queued_at >= starvation:
                     break  # the head has waited too long: nothing behind it may jump ahead
         self._keep_pool(extra=waiting_for_worker)
+
+    def _preempt_for(self, job: JobRecord, res: Resources) -> None:
+        """Stop running preemptible jobs of lower priority when that lets ``job`` fit.
+
+        Victims: lowest priority first, then the most recently started (the least work lost). They
+        are released from the device table only in a what-if, to find the fewest that make room;
+        the real release comes when their workers stop. While some are stopping for this job,
+        nothing more is preempted for it."""
+        if job.id in self._preempting.values() or (res.gpus > 0 and self.devices.probing):
+            return  # room is being made already; or the GPUs are not known yet
+        min_runtime = float(self.settings["scheduler"]["preempt_min_runtime"])
+        now = time.time()
+        victims = [
+            j for j in self.jobs.values()
+            if j.state == "running" and j.preemptible and j.priority < job.priority and not j.stop_stage
+            and j.worker_id is not None and now - (j.started_at or now) >= min_runtime and j.placement
+        ]
+        if not victims:
+            return
+        victims.sort(key=lambda j: (j.priority, -(j.started_at or 0.0)))
+        chosen: list[JobRecord] = []
+        try:
+            for victim in victims:
+                self.devices.release(victim.id)
+                chosen.append(victim)
+                if self.devices.place(res) is not None:
+                    break
+            else:
+                chosen = []  # even all of them would not make room
+        finally:
+            for victim in victims:
+                if victim.placement:
+                    self.devices.reserve(victim.id, victim.placement)
+        for victim in chosen:
+            self._preempting[victim.id] = job.id
+            log.info("job_preempting", job_id=victim.id, for_job=job.id, priority=victim.priority, for_priority=job.priority)
+            self._stop_job(victim, f"preempted by job {job.id} (priority {job.priority})", "preempted")
 
     def _alive_workers(self) -> int:
         return sum(1 for w in self.workers.values() if w.alive)
@@ -1290,7 +1337,19 @@ class Kernel:
             worker.job_id = None
         job.worker_id = None
         job.stop_stage, job.stop_at, job.deadline = 0, None, None
-        if state == "failed" and retry and job.attempts <= job.max_retries and job.attempts > 0:
+        self._preempting.pop(job.id, None)
+        if state == "preempted":
+            # Back to the queue, keeping its place (queued_at) so it ages; no retry is spent.
+            job.preemptions += 1
+            job.state = "pending"
+            job.reason = f"{reason}; queued to start again"
+            job.exit_code = exit_code
+            job.placement = None
+            job.end_state_on_stop = None
+            self.store.update_job(job)
+            self.emit_state(job)
+            log.info("job_preempted", job_id=job.id, attempts=job.attempts, preemptions=job.preemptions)
+        elif state == "failed" and retry and job.attempts - job.preemptions <= job.max_retries and job.attempts > 0:
             job.state = "pending"
             job.reason = f"retrying after: {reason}"
             job.exit_code = exit_code

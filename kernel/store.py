@@ -32,7 +32,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     started_at REAL,
     ended_at REAL,
     worker_pid INTEGER,
-    worker_create_time REAL
+    worker_create_time REAL,
+    preemptible INTEGER NOT NULL DEFAULT 0,
+    preemptions INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
 -- The event journal: one row per stream and kernel turn (what one PUB message carries), holding
@@ -88,6 +90,8 @@ class JobRecord:
     ended_at: float | None = None
     worker_pid: int | None = None
     worker_create_time: float | None = None
+    preemptible: bool = False
+    preemptions: int = 0  # tries that ended because the scheduler preempted them
     # runtime only
     worker_id: str | None = field(default=None, repr=False)
     cancel_reason: str | None = field(default=None, repr=False)
@@ -102,6 +106,7 @@ class JobRecord:
     PUBLIC = (
         "id", "kind", "state", "params", "resources", "priority", "max_retries", "timeout", "reason",
         "exit_code", "attempts", "result", "placement", "submitted_at", "started_at", "ended_at", "worker_pid",
+        "preemptible", "preemptions",
     )
 
     def to_dict(self) -> dict[str, Any]:
@@ -115,12 +120,13 @@ class JobRecord:
 _ROW_FIELDS = (
     "id", "kind", "params", "resources", "priority", "max_retries", "timeout", "state", "reason", "exit_code",
     "attempts", "result", "placement", "submitted_at", "queued_at", "started_at", "ended_at", "worker_pid",
-    "worker_create_time",
+    "worker_create_time", "preemptible", "preemptions",
 )
 
 
 def _from_row(row: sqlite3.Row) -> JobRecord:
     data = {k: row[k] for k in _ROW_FIELDS}
+    data["preemptible"] = bool(data["preemptible"])
     for key in _JSON_COLUMNS:
         data[key] = json.loads(data[key]) if data[key] is not None else None
     return JobRecord(**data)
@@ -140,6 +146,7 @@ class Store:
         row = self.db.execute("SELECT value FROM meta WHERE key='journal_max_span'").fetchone()
         self.max_span = int(row[0]) if row else 0
         self._migrate_events_table()
+        self._add_missing_columns()
 
     def close(self) -> None:
         self.commit()
@@ -162,9 +169,9 @@ class Store:
     def insert_job(self, job: JobRecord) -> int:
         self.begin()
         cur = self.db.execute(
-            "INSERT INTO jobs (kind, params, resources, priority, max_retries, timeout, state, submitted_at, queued_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (job.kind, json.dumps(job.params), json.dumps(job.resources), job.priority, job.max_retries, job.timeout, job.state, job.submitted_at, job.queued_at),
+            "INSERT INTO jobs (kind, params, resources, priority, max_retries, timeout, state, submitted_at, queued_at, preemptible)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (job.kind, json.dumps(job.params), json.dumps(job.resources), job.priority, job.max_retries, job.timeout, job.state, job.submitted_at, job.queued_at, int(job.preemptible)),
         )
         return int(cur.lastrowid or 0)
 
@@ -172,12 +179,12 @@ class Store:
         self.begin()
         self.db.execute(
             "UPDATE jobs SET state=?, reason=?, exit_code=?, attempts=?, result=?, placement=?, queued_at=?,"
-            " started_at=?, ended_at=?, worker_pid=?, worker_create_time=? WHERE id=?",
+            " started_at=?, ended_at=?, worker_pid=?, worker_create_time=?, preemptions=? WHERE id=?",
             (
                 job.state, job.reason, job.exit_code, job.attempts,
                 None if job.result is None else json.dumps(job.result),
                 None if job.placement is None else json.dumps(job.placement),
-                job.queued_at, job.started_at, job.ended_at, job.worker_pid, job.worker_create_time, job.id,
+                job.queued_at, job.started_at, job.ended_at, job.worker_pid, job.worker_create_time, job.preemptions, job.id,
             ),
         )
 
@@ -302,6 +309,13 @@ class Store:
     def count_events(self) -> int:
         row = self.db.execute("SELECT SUM(n) FROM journal").fetchone()
         return int(row[0] or 0)
+
+    def _add_missing_columns(self) -> None:
+        """Columns added to the job table after a state dir was made."""
+        have = {row[1] for row in self.db.execute("PRAGMA table_info(jobs)")}
+        for name in ("preemptible", "preemptions"):
+            if name not in have:
+                self.db.execute(f"ALTER TABLE jobs ADD COLUMN {name} INTEGER NOT NULL DEFAULT 0")
 
     def _migrate_events_table(self) -> None:
         """State dirs of llmos before the batched journal had one row per event: move them over."""

@@ -89,6 +89,8 @@ class JobInfo:
     worker_pid: int | None = None
     progress: dict[str, Any] | None = None  # a running job's last progress event body
     usage: dict[str, Any] | None = None  # a running job's last measured usage
+    preemptible: bool = False  # may be stopped for a job of higher priority, then resumed
+    preemptions: int = 0  # how many of its tries were preempted
 
     @property
     def ended(self) -> bool:
@@ -273,8 +275,13 @@ class Client:
         timeout: float | None = None,
         *,
         coerce: bool = False,
+        preemptible: bool | None = None,
     ) -> Job:
-        """Queue a job; JobRejected (unknown kind, bad parameters) or ResourceError (never fits)."""
+        """Queue a job; JobRejected (unknown kind, bad parameters) or ResourceError (never fits).
+
+        ``preemptible`` (default: the kind's own default) lets the scheduler stop the job for a
+        job of higher priority that cannot fit otherwise; it goes back to the queue and starts
+        again (a kind that checkpoints, like ``train``, resumes where it stopped)."""
         reply = self.request(
             SubmitRequest(
                 kind=kind,
@@ -284,6 +291,7 @@ class Client:
                 max_retries=int(max_retries),
                 timeout=None if timeout is None else float(timeout),
                 coerce=coerce,
+                preemptible=preemptible,
             )
         )
         info = JobInfo.from_dict(reply.job)

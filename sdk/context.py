@@ -198,6 +198,12 @@ class JobContext:
         """True once the kernel asked this job to stop; long loops should check it and return."""
         return self._cancel.is_set()
 
+    @property
+    def preempted(self) -> bool:
+        """True when the stop asked for is a preemption: save what resuming needs, then return;
+        the job is queued again and its next attempt (same ``workdir``) should resume."""
+        return self.cancelled and (self.cancel_reason or "").startswith("preempted")
+
     def wait_cancelled(self, timeout: float | None = None) -> bool:
         """Sleep up to ``timeout`` seconds, waking early if the job is cancelled; returns ``cancelled``."""
         return self._cancel.wait(timeout)

@@ -128,6 +128,10 @@ class JobKind:
     #: Optional ``check(params) -> None`` run by the kernel at submit (torch-free): raise ValueError
     #: to refuse the job with that message, for rules a schema cannot say (a path must exist).
     check: Any = None
+    #: Jobs of this kind may be preempted by default: stopped (``ctx.preempted``) for a job of higher
+    #: priority that cannot fit otherwise, then queued again. Say True when the runner checkpoints
+    #: on stop and resumes from its checkpoint on the next attempt.
+    preemptible: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name or any(c.isspace() for c in self.name):

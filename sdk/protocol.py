@@ -554,6 +554,8 @@ class SubmitRequest:
     max_retries: int = 0
     timeout: float | None = None
     coerce: bool = False
+    #: May the scheduler stop it for a job of higher priority (it resumes later)? None: the kind's default.
+    preemptible: bool | None = None
 
 
 @message("kernel.job_reply")
