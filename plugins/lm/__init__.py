@@ -46,10 +46,20 @@ class TrainParams:
     eval_batches: int = param(8, ge=1, help="Batches of validation per evaluation.")
     checkpoint_every: int = param(0, ge=0, help="A checkpoint every this many steps (0: only at the end).")
     init_from: str | None = param(None, help="Start from this checkpoint's weights (fine-tuning).")
-    resume: str | None = param(None, help="Continue this checkpoint's run exactly (weights, optimizer, data order).")
+    resume: str | None = param(
+        None,
+        help="Continue this checkpoint's run exactly (weights, optimizer, data order). Without it (and init_from), a retried "
+        "or preempted attempt resumes from the newest checkpoint an earlier attempt of the same job left in its output.",
+    )
     output: str | None = param(None, help="Where to write the checkpoint (default: the job's directory).")
     threads: int = param(0, ge=0, le=1024, help="Torch CPU threads per rank (0: the job's reserved cpus / world_size).")
-    world_size: int = param(1, ge=1, le=1024, help="Ranks under torch.distributed (DDP; gloo on CPU, NCCL on GPUs); batch_size is the global batch.")
+    world_size: int = param(1, ge=1, le=1024, help="Ranks under torch.distributed (gloo on CPU, NCCL on GPUs); batch_size is the global batch.")
+    parallel: Literal["ddp", "fsdp", "auto"] = param(
+        "ddp",
+        help="ddp: every rank holds the whole model. fsdp: weights, gradients and optimizer state sharded over the ranks "
+        "(FSDP2; for models that do not fit one device; world_size 1 runs the same path on one rank). "
+        "auto: fsdp when 16 bytes a parameter exceed 80% of one rank's memory.",
+    )
 
 
 @dataclass(frozen=True)
@@ -145,7 +155,7 @@ def check_eval(p: EvalParams) -> None:
 
 @llmos.hookimpl
 def llmos_register_job_kinds(register) -> None:  # type: ignore[no-untyped-def]
-    register(JobKind("train", runner="llmos.plugins.lm.train:TrainRunner", params=TrainParams, resources=Resources(cpus=1), help="Train a Llama-style model from text.", check=check_train))
+    register(JobKind("train", runner="llmos.plugins.lm.train:TrainRunner", params=TrainParams, resources=Resources(cpus=1), help="Train a Llama-style model from text.", check=check_train, preemptible=True))
     register(JobKind("eval", runner="llmos.plugins.lm.train:EvalRunner", params=EvalParams, resources=Resources(cpus=1), help="Perplexity and greedy samples of a checkpoint.", check=check_eval))
     register(JobKind("generate", runner="llmos.plugins.lm.train:GenerateRunner", params=GenerateParams, resources=Resources(cpus=1), help="Complete prompts with a checkpoint (KV cache, batched).", check=check_generate))
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
+import re
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -118,6 +120,47 @@ def _load_optimizer_state(opt: torch.optim.Optimizer, model: Llama, tensors: dic
         torch.set_rng_state(tensors["rng/torch"])
 
 
+def _load_sharded_optimizer_state(opt: torch.optim.Optimizer, model: Any, tensors: dict[str, torch.Tensor]) -> None:
+    """Load a full (unsharded) train state into an optimizer over FSDP shards; every rank holds the
+    full tensors and keeps its shard of them."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    names = {id(q): n for n, q in model.named_parameters()}
+    state: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("opt/"):
+            _, name, field = key.split("/", 2)
+            state.setdefault(name, {})[field] = value
+    unknown = sorted(set(state) - set(names.values()))
+    if unknown:
+        raise CheckpointError(f"train state has optimizer state for unknown parameter {unknown[0]}")
+    if state:
+        groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [names[id(q)] for q in g["params"]]} for g in opt.param_groups]
+        set_optimizer_state_dict(model, opt, {"state": state, "param_groups": groups}, options=StateDictOptions(full_state_dict=True))
+    if "rng/torch" in tensors:
+        torch.set_rng_state(tensors["rng/torch"])
+
+
+class _Weights:
+    """A gathered full state dict in the shape :func:`save_checkpoint` reads (``config``, ``state_dict()``)."""
+
+    def __init__(self, config: Any, state: dict[str, torch.Tensor]) -> None:
+        self.config, self._state = config, state
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self._state
+
+
+def _device_memory(ctx: llmos.JobContext, device: torch.device, world: int) -> int:
+    """Bytes one rank may use: its GPU's (or the reservation's), or its share of the CPU memory."""
+    reserved = ctx.resources.get("gpu_memory") if device.type == "cuda" else ctx.resources.get("memory")
+    if isinstance(reserved, int | float) and reserved > 0:
+        return int(reserved) if device.type == "cuda" else int(reserved) // world
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // world
+
+
 class TrainRunner(llmos.Runner):
     """Train a Llama-style model from text; checkpoints are Hugging Face directories."""
 
@@ -126,6 +169,7 @@ class TrainRunner(llmos.Runner):
         self.rank = int(os.environ.get("LLMOS_RANK", "0"))
         self.world = p.world_size
         self.ranks: list[Any] = []
+        self.distributed = False
         if self.world > 1:
             check_world(ctx, self.world, p.batch_size)
         set_threads(ctx, p.threads or max(1, int(ctx.resources.get("cpus") or 1) // self.world))
@@ -133,19 +177,31 @@ class TrainRunner(llmos.Runner):
         torch.manual_seed(p.seed)
         self.resume_state: dict[str, torch.Tensor] | None = None
         self.start_step = 0
-        source = p.resume or p.init_from
+        self.out_dir = Path(p.output) if p.output else ctx.workdir / "checkpoint"
+        # An earlier attempt of this job (killed, crashed, preempted) may have left a checkpoint:
+        # continue from it. Only rank 0 looks; it hands the other ranks what it found.
+        self.resume = p.resume
+        self.resumed_from_attempt: int | None = None
+        if self.rank == 0 and not p.resume and not p.init_from:
+            found = self._earlier_attempt(ctx)
+            if found is not None:
+                self.resume, self.resumed_from_attempt = str(found[0]), found[1]
+        source = self.resume or p.init_from
         manifest: dict[str, Any] = {}
         if source:
-            self.model, manifest = load_checkpoint(source, device=self.device)
+            # Weights load on the CPU: ddp moves them to the device below, fsdp shards them there.
+            self.model, manifest = load_checkpoint(source, device="cpu")
             self.tok = load_tokenizer(source) if (Path(source) / "tokenizer.json").exists() else self._tokenizer(ctx)
-            if p.resume:
-                state_file = Path(p.resume) / "train_state.safetensors"
+            if self.resume:
+                state_file = Path(self.resume) / "train_state.safetensors"
                 if not state_file.exists():
-                    raise CheckpointError(f"{p.resume} has no train_state.safetensors: it cannot be resumed (use init_from to fine-tune from it)")
+                    raise CheckpointError(f"{self.resume} has no train_state.safetensors: it cannot be resumed (use init_from to fine-tune from it)")
                 from safetensors.torch import load_file
 
                 self.resume_state = load_file(str(state_file))
                 self.start_step = int(manifest.get("train_state", {}).get("step", 0))
+            if self.resumed_from_attempt is not None:
+                ctx.log.info("resumed_from_attempt", attempt=self.resumed_from_attempt, step=self.start_step, checkpoint=self.resume)
         else:
             self.tok = self._tokenizer(ctx)
         files = corpus_files(p.data, p.glob)
@@ -168,13 +224,22 @@ class TrainRunner(llmos.Runner):
                 config = type(config)(**{**asdict(config), "eos_token_id": self.tok.eos_id, "bos_token_id": self.tok.eos_id})
             self.model = Llama(config)
             self.model.init_weights(p.seed)
-            self.model.to(self.device)
         if self.model.config.vocab_size < self.tok.vocab_size:
             raise ValueError(f"the model's vocabulary ({self.model.config.vocab_size}) is smaller than the tokenizer's ({self.tok.vocab_size})")
         if p.seq_len > self.model.config.max_position_embeddings:
             raise ValueError(f"seq_len {p.seq_len} is longer than the model's max_position_embeddings {self.model.config.max_position_embeddings}")
-        self.parent = {"path": str(source), "sha256": manifest.get("model_sha256") or _maybe_hash(source)} if source else None
+        # An automatic resume continues this job's own run: its provenance is the run's, not a parent's.
+        self.parent = {"path": str(source), "sha256": manifest.get("model_sha256") or _maybe_hash(source)} if source and self.resumed_from_attempt is None else None
         self.amp = _amp_dtype(p.dtype, self.device)
+        self.parallel = self._choose_parallel(ctx) if self.rank == 0 else p.parallel
+        self.sharded = self.parallel == "fsdp"
+        if self.world > 1 or self.sharded:
+            self._init_distributed(ctx)
+        if self.sharded:
+            self._shard()
+        else:
+            self.model.to(self.device)
+        # The optimizer is built on what each rank holds: under fsdp, its shards (DTensors).
         decay = [q for n, q in self.model.named_parameters() if q.dim() >= 2]
         no_decay = [q for n, q in self.model.named_parameters() if q.dim() < 2]
         self.opt = torch.optim.AdamW(
@@ -182,44 +247,104 @@ class TrainRunner(llmos.Runner):
             lr=p.lr, betas=(0.9, 0.95), eps=1e-8, fused=False, foreach=False,
         )
         if self.resume_state is not None:
-            _load_optimizer_state(self.opt, self.model, self.resume_state)
+            if self.sharded:
+                _load_sharded_optimizer_state(self.opt, self.model, self.resume_state)
+            else:
+                _load_optimizer_state(self.opt, self.model, self.resume_state)
         self.forward = torch.compile(self.model) if p.compile else self.model
-        self.out_dir = Path(p.output) if p.output else ctx.workdir / "checkpoint"
-        if self.world > 1:
-            self.forward = self._distributed(ctx)
+        if self.world > 1 and not self.sharded:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.forward = DistributedDataParallel(self.forward, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+    def _earlier_attempt(self, ctx: llmos.JobContext) -> tuple[Path, int] | None:
+        """The newest resumable checkpoint that an earlier attempt of this very job left in its
+        output directory (the final one, written on cancel or preemption, or a periodic
+        ``<output>-step<N>``), and that attempt's number."""
+        if ctx.attempt <= 1:
+            return None
+        recipe = json.loads(json.dumps(asdict(ctx.params), default=str))
+        name = re.compile(re.escape(self.out_dir.name) + r"(-step\d+)?")
+        best: tuple[int, Path, int] | None = None
+        parent = self.out_dir.parent
+        for path in sorted(parent.iterdir()) if parent.is_dir() else []:
+            if not name.fullmatch(path.name) or not (path / "train_state.safetensors").is_file():
+                continue
+            try:
+                manifest = json.loads((path / "llmos.json").read_text())
+                by, step = manifest["produced_by"], int(manifest["train_state"]["step"])
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            if by.get("job_id") != ctx.job_id or not isinstance(by.get("attempt"), int) or by["attempt"] >= ctx.attempt:
+                continue
+            if manifest.get("recipe") != recipe:
+                # Same job id, other parameters: another state directory's job, not an earlier try.
+                ctx.log.warning("auto_resume_skipped", checkpoint=str(path), why="its recipe differs from this job's parameters")
+                continue
+            if best is None or step > best[0]:
+                best = (step, path, by["attempt"])
+        return (best[1], best[2]) if best else None
+
+    def _choose_parallel(self, ctx: llmos.JobContext) -> str:
+        """ddp or fsdp; ``auto`` is fsdp when the ranks are several and a full copy of the
+        training state (16 bytes a parameter: fp32 weights, gradients, AdamW's two moments)
+        would not fit in 80 % of one rank's device memory."""
+        p = ctx.params
+        if p.parallel != "auto":
+            return str(p.parallel)
+        need = 16 * self.model.config.num_parameters()
+        have = _device_memory(ctx, self.device, self.world)
+        choice = "fsdp" if self.world > 1 and have and need > 0.8 * have else "ddp"
+        ctx.log.info("parallel_chosen", parallel=choice, state_bytes=need, device_bytes=have)
+        return choice
+
+    def _shard(self) -> None:
+        """FSDP2: each decoder layer its own unit (all-gathered one at a time), then the root
+        (embeddings, final norm, head). Parameters become DTensors sharded over the ranks;
+        ``fully_shard`` moves each unit to the device as it shards it, so one rank never holds
+        more than one layer unsharded on the device."""
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh(self.device.type, (self.world,))
+        for layer in self.model.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(self.model, mesh=mesh)
 
     # -- torch.distributed: rank 0 is this worker; it starts the others in its process group --
 
-    def _distributed(self, ctx: llmos.JobContext) -> Any:
+    def _init_distributed(self, ctx: llmos.JobContext) -> None:
         import datetime
-        import json as _json
         import subprocess
         import sys
 
         import torch.distributed as dist
-        from torch.nn.parallel import DistributedDataParallel
 
         if self.rank == 0:
             addr, port = "127.0.0.1", _free_port()
             os.environ.update(MASTER_ADDR=addr, MASTER_PORT=str(port))
             tok_path = ctx.workdir / "tokenizer.json"
             tok_path.write_text(self.tok.to_json())
+            # What rank 0 decided (an automatic resume, the parallel mode) the others do too.
+            params = {**asdict(ctx.params), "tokenizer": str(tok_path), "resume": self.resume, "parallel": self.parallel}
             spec = {
-                "params": {**asdict(ctx.params), "tokenizer": str(tok_path)},
+                "params": params,
                 "job_id": ctx.job_id, "kind": ctx.kind, "attempt": ctx.attempt,
                 "resources": ctx.resources, "placement": ctx.placement, "workdir": str(ctx.workdir),
             }
             for r in range(1, self.world):
-                env = dict(os.environ, LLMOS_RANK=str(r), LLMOS_RANK_SPEC=_json.dumps(spec))
+                env = dict(os.environ, LLMOS_RANK=str(r), LLMOS_RANK_SPEC=json.dumps(spec))
                 self.ranks.append(subprocess.Popen([sys.executable, "-m", "llmos.plugins.lm.rank"], env=env, stdin=subprocess.DEVNULL))
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
         backend = "nccl" if self.device.type == "cuda" else "gloo"
         dist.init_process_group(
             backend, init_method=f"tcp://{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}",
             rank=self.rank, world_size=self.world, timeout=datetime.timedelta(seconds=120),
         )
+        self.distributed = True
         if self.rank == 0:
-            ctx.log.info("distributed", backend=backend, world_size=self.world, master=f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}")
-        return DistributedDataParallel(self.forward, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            ctx.log.info("distributed", backend=backend, world_size=self.world, parallel=self.parallel, master=f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}")
 
     def _mean_across_ranks(self, value: float) -> float:
         import torch.distributed as dist
@@ -238,19 +363,20 @@ class TrainRunner(llmos.Runner):
         return bool(flag.item())
 
     def teardown(self, ctx: llmos.JobContext) -> None:
-        if self.world > 1:
+        if getattr(self, "distributed", False):
             import torch.distributed as dist
 
             if dist.is_initialized():
                 dist.destroy_process_group()
-            for proc in self.ranks:
-                try:
-                    proc.wait(timeout=60)
-                except Exception:
-                    proc.kill()
-            bad = [p.returncode for p in self.ranks if p.returncode]
-            if bad:
-                raise RuntimeError(f"{len(bad)} of {self.world - 1} other ranks failed (exit codes {bad})")
+        ranks = getattr(self, "ranks", [])
+        for proc in ranks:
+            try:
+                proc.wait(timeout=60)
+            except Exception:
+                proc.kill()
+        bad = [p.returncode for p in ranks if p.returncode]
+        if bad:
+            raise RuntimeError(f"{len(bad)} of {self.world - 1} other ranks failed (exit codes {bad})")
 
     def _tokenizer(self, ctx: llmos.JobContext) -> Tok:
         p = ctx.params
@@ -273,19 +399,49 @@ class TrainRunner(llmos.Runner):
         return load_tokenizer(p.tokenizer)
 
     def _save(self, ctx: llmos.JobContext, step: int, metrics: dict[str, Any], path: Path | None = None) -> Path:
+        """Write a checkpoint (rank 0). Under fsdp every rank must call it: the full weights and
+        optimizer state are gathered to rank 0 first, so the files are the same as ddp's."""
         p = ctx.params
         path = path or self.out_dir
+        if self.rank and not self.sharded:
+            return path
+        weights, train_state = self._full_state()
+        if self.rank:
+            return path
         manifest = {
             "produced_by": {"job_id": ctx.job_id, "kind": ctx.kind, "attempt": ctx.attempt},
             "parent": self.parent,
             "recipe": asdict(p),
             "data": {"source": p.data, "glob": p.glob, "text_field": p.text_field, "max_bytes": p.max_bytes, "val_fraction": p.val_fraction},
             "metrics": metrics,
-            "train_state": {"step": step},
+            "train_state": {"step": step, "parallel": self.parallel, "world_size": self.world},
         }
-        save_checkpoint(path, self.model, self.tok.to_json(), manifest, extra_state=_optimizer_state(self.opt, self.model))
+        save_checkpoint(path, weights, self.tok.to_json(), manifest, extra_state=train_state)
         ctx.artifact(path, kind="checkpoint", step=step, **{k: v for k, v in metrics.items() if isinstance(v, int | float)})
         return path
+
+    def _full_state(self) -> tuple[Any, dict[str, torch.Tensor]]:
+        """The model to save and the flat train state (``opt/<param>/<field>``, ``rng/torch``)."""
+        if not self.sharded:
+            return self.model, _optimizer_state(self.opt, self.model)
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)  # rank 0 gets it all, the others nothing
+        weights = get_model_state_dict(self.model, options=options)
+        state: dict[str, torch.Tensor] = {}
+        # Before the first step the optimizer has no state; gathering would make some (a step with
+        # lr 0), and a resume from it would then differ from an uninterrupted run.
+        if self.opt.state:
+            gathered = get_optimizer_state_dict(self.model, self.opt, options=options)
+            for name, fields in gathered.get("state", {}).items():
+                for key, value in fields.items():
+                    state[f"opt/{name}/{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
+        state["rng/torch"] = torch.get_rng_state()
+        return _Weights(self.model.config, weights), state
 
     def run(self, ctx: llmos.JobContext) -> dict[str, Any]:
         p = ctx.params
@@ -293,19 +449,26 @@ class TrainRunner(llmos.Runner):
         model.train()
         tokens_per_step = p.batch_size * p.seq_len * p.grad_accum
         step = self.start_step
+        resumed = {"resumed_from_step": step if self.resume else None, "resumed_from_attempt": self.resumed_from_attempt}
         last_loss = float("nan")
         val_loss = None
         metrics: dict[str, Any] = {}
+        # Rank 0 reports, evaluates and saves; under fsdp the others take part in evaluating and
+        # saving (the weights are sharded over them) but still report nothing.
+        leader, helps = self.rank == 0, self.rank == 0 or self.sharded
         t0 = time.perf_counter()
         window_t, window_tokens = time.perf_counter(), 0
         ctx.progress(step, p.steps, message="starting", parameters=self.model.config.num_parameters())
         while step < p.steps:
             if self._should_stop(ctx):
+                # Cancelled or preempted: either way save where the run is. A preempted job starts
+                # again with the same workdir, and its next attempt resumes from this checkpoint.
+                stopped = "preempted" if ctx.preempted else "cancelled"
+                path = self._save(ctx, step, {"train_loss": last_loss, "val_loss": val_loss, "stopped": stopped})
                 if self.rank:
                     return {"steps": step, "cancelled": True}
-                path = self._save(ctx, step, {"train_loss": last_loss, "val_loss": val_loss, "stopped": "cancelled"})
-                ctx.log.info("cancelled_checkpoint_saved", step=step, checkpoint=str(path))
-                return {"checkpoint": str(path), "steps": step, "cancelled": True}
+                ctx.log.info(f"{stopped}_checkpoint_saved", step=step, checkpoint=str(path))
+                return {"checkpoint": str(path), "steps": step, "cancelled": True, "stopped": stopped, **resumed}
             step += 1
             lr = lr_at(step, p)
             for group in opt.param_groups:
@@ -328,29 +491,30 @@ class TrainRunner(llmos.Runner):
                 good = self.out_dir if (self.out_dir / "model.safetensors").exists() else None
                 raise FloatingPointError(f"the loss became {total} at step {step}; last good checkpoint: {good or 'none (no checkpoint yet)'}")
             if p.grad_clip > 0:
+                # Under fsdp the gradients are DTensor shards: the norm is reduced over the ranks.
                 torch.nn.utils.clip_grad_norm_(model.parameters(), p.grad_clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
             last_loss = total
             window_tokens += tokens_per_step
-            if self.rank:
-                continue  # the other ranks only train; rank 0 reports, evaluates and saves
-            ctx.metric("train_loss", total, step=step)
-            if step % p.log_every == 0 or step == p.steps:
+            if leader:
+                ctx.metric("train_loss", total, step=step)
+            if leader and (step % p.log_every == 0 or step == p.steps):
                 now = time.perf_counter()
                 tps = window_tokens / max(now - window_t, 1e-9)
                 window_t, window_tokens = now, 0
                 eta = (p.steps - step) * tokens_per_step / max(tps, 1e-9)
                 ctx.progress(step, p.steps, loss=round(total, 4), lr=lr, tokens_per_s=round(tps, 1), eta_s=round(eta, 1))
-            if p.eval_every and (step % p.eval_every == 0 or step == p.steps):
+            if helps and p.eval_every and (step % p.eval_every == 0 or step == p.steps):
                 val_loss = evaluate(model, self.val_tokens, p.seq_len, p.eval_batches, p.batch_size, self.device, self.amp)
-                ctx.metric("val_loss", val_loss, step=step)
-                ctx.metric("val_perplexity", math.exp(min(val_loss, 50)), step=step)
-                ctx.log.info("evaluated", step=step, val_loss=round(val_loss, 4), val_perplexity=round(math.exp(min(val_loss, 50)), 2))
-            if p.checkpoint_every and step % p.checkpoint_every == 0 and step != p.steps:
+                if leader:
+                    ctx.metric("val_loss", val_loss, step=step)
+                    ctx.metric("val_perplexity", math.exp(min(val_loss, 50)), step=step)
+                    ctx.log.info("evaluated", step=step, val_loss=round(val_loss, 4), val_perplexity=round(math.exp(min(val_loss, 50)), 2))
+            if helps and p.checkpoint_every and step % p.checkpoint_every == 0 and step != p.steps:
                 # Periodic checkpoints sit beside the final one: <output>-step<N>.
                 self._save(ctx, step, {"train_loss": total, "val_loss": val_loss}, self.out_dir.with_name(f"{self.out_dir.name}-step{step}"))
-        if self.rank:
+        if not helps:
             return {"steps": step}
         if val_loss is None or not p.eval_every:
             val_loss = evaluate(model, self.val_tokens, p.seq_len, p.eval_batches, p.batch_size, self.device, self.amp)
@@ -358,7 +522,9 @@ class TrainRunner(llmos.Runner):
         trained = (step - self.start_step) * tokens_per_step
         metrics = {"train_loss": last_loss, "val_loss": val_loss, "val_perplexity": math.exp(min(val_loss, 50)), "tokens": trained, "tokens_per_s": trained / max(elapsed, 1e-9)}
         path = self._save(ctx, step, metrics)
-        return {"checkpoint": str(path), "steps": step, "parameters": self.model.config.num_parameters(), **metrics}
+        if self.rank:
+            return {"steps": step}
+        return {"checkpoint": str(path), "steps": step, "parameters": self.model.config.num_parameters(), "parallel": self.parallel, **resumed, **metrics}
 
 
 def check_world(ctx: llmos.JobContext, world: int, batch_size: int) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -71,6 +73,52 @@ def test_resume_continues_exactly(client: llmos.Client, corpus: Path, tmp_path: 
     expected, got = _losses(straight), _losses(resumed)
     assert sorted(got) == list(range(16, 31))
     assert [got[s] for s in range(16, 31)] == [expected[s] for s in range(16, 31)]
+
+
+def test_a_killed_attempt_resumes_from_its_checkpoint(client: llmos.Client, corpus: Path, tmp_path: Path) -> None:
+    base = dict(steps=60, eval_every=0, checkpoint_every=10, log_every=1)
+    straight = _train(client, corpus, **base, output=str(tmp_path / "straight"))
+    expected = straight.result(timeout=300)
+    job = client.submit("train", params={"data": str(corpus), **SMALL, **base}, max_retries=1)
+    deadline = time.monotonic() + 120
+    while not [e for e in job.events(follow=False) if e.type == "job.artifact"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    os.kill(job.info().worker_pid, signal.SIGKILL)  # a crash: no cancel, no last checkpoint
+    info = job.wait(timeout=300)
+    assert info.state == "succeeded" and info.attempts == 2, info.reason
+    result = job.result(timeout=10)
+    assert result["resumed_from_attempt"] == 1 and result["resumed_from_step"] in range(10, 60, 10), result
+    resumed = [e.body["fields"] for e in job.logs(follow=False) if e.body["event"] == "resumed_from_attempt"]
+    assert resumed == [{**resumed[0], "attempt": 1, "step": result["resumed_from_step"]}]
+    assert result["train_loss"] == expected["train_loss"] and result["val_loss"] == expected["val_loss"]
+    assert _losses(job) == _losses(straight)  # attempt 2's steps, from the checkpoint on, are attempt 1's
+    manifest = json.loads((Path(result["checkpoint"]) / "llmos.json").read_text())
+    assert manifest["produced_by"] == {"job_id": job.id, "kind": "train", "attempt": 2} and manifest["parent"] is None
+    assert expected["resumed_from_step"] is None and expected["resumed_from_attempt"] is None
+
+
+def test_a_preempted_job_resumes_where_it_stopped(client: llmos.Client, corpus: Path, tmp_path: Path) -> None:
+    base = dict(steps=100, eval_every=0, log_every=1)
+    straight = _train(client, corpus, **base, output=str(tmp_path / "straight"))
+    expected = straight.result(timeout=300)
+    both = {"gpus": 2, "cpus": 1}  # the kernel's two fake GPUs: a job that needs one cannot fit
+    job = client.submit("train", params={"data": str(corpus), **SMALL, **base}, resources=both, priority=0)
+    assert job.info().preemptible  # train jobs are, by default
+    deadline = time.monotonic() + 120
+    while not [e for e in job.events(follow=False) if e.type == "job.progress" and e.body["step"] >= 3]:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    urgent = client.submit("diag.echo", {"message": "now"}, {"gpus": 1, "cpus": 0}, priority=5)
+    assert urgent.wait(timeout=60).state == "succeeded"
+    info = job.wait(timeout=300)
+    assert info.state == "succeeded" and info.attempts == 2 and info.preemptions == 1, info.reason
+    result = job.result(timeout=10)
+    logs = {e.body["event"]: e.body["fields"] for e in job.logs(follow=False)}
+    stopped_at = logs["preempted_checkpoint_saved"]["step"]
+    assert result["resumed_from_attempt"] == 1 and result["resumed_from_step"] == stopped_at and logs["resumed_from_attempt"]["step"] == stopped_at
+    assert 3 <= stopped_at < 100
+    assert result["train_loss"] == expected["train_loss"] and _losses(job) == _losses(straight)
 
 
 def test_cancel_saves_a_loadable_checkpoint(client: llmos.Client, corpus: Path) -> None:
