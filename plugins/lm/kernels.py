@@ -1,0 +1,462 @@
+"""Weight-only bfloat16 linear layers for CPU decode: bf16 weights, float32 activations and sums.
+
+Batch-1 decode is a chain of matrix-vector products that read every weight once per token, so its
+speed is memory bandwidth: storing weights in bfloat16 halves the bytes. Torch's own bf16 matmul
+on CPUs without native bf16 (no AVX512-BF16/AMX) is barely faster than float32, and full-bf16 math
+loses accuracy, so :func:`bf16_linear` runs a small C kernel instead: it widens 16 weights at a
+time to float32 in registers (a zero-extend and a shift) and accumulates in float32, reusing each
+loaded weight vector for up to 4 input rows. Results equal float32 math on bf16-rounded weights up
+to summation order.
+
+The kernel is compiled on first use with the system C compiler (about a second; no torch headers,
+so no torch ABI to match), cached under ``<state dir or ~/.cache/llmos>/cache/kernels`` (override:
+``LLMOS_KERNEL_CACHE``) by a hash of its source, flags and compiler, and loaded with ctypes. It
+uses OpenMP with torch's thread count, and resolves to the libgomp torch already loaded, so both
+share one thread pool. Without a compiler, or on a CPU without AVX2+FMA, a pure-torch path
+(weights upcast tile by tile) gives the same numbers, slower; :func:`kernel_status` says which path
+is active and why. ``LLMOS_BF16_KERNEL`` = ``auto`` (default) | ``avx512`` | ``avx2`` | ``scalar``
+| ``torch`` forces a path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = structlog.get_logger(__name__)
+
+__all__ = ["BF16Linear", "KernelStatus", "bf16_linear", "kernel_status", "use_bf16_weights"]
+
+#: Above this many input rows (prefill), upcast weight tiles and let torch's GEMM do the math:
+#: the kernel's 4-row reuse is built for decode batches, not for compute-bound matrix products.
+MAX_KERNEL_ROWS = 16
+
+#: Rows of W widened to float32 at once on the torch path: 512 KB of float32, so a tile stays in L2.
+_TILE_FLOATS = 1 << 17
+
+_ISAS = {"avx512": 2, "avx2": 1, "scalar": 0}
+
+_SOURCE = r"""
+/* llmos bf16 weight-only linear: y[m, n] = add[m * add_ld + n] + sum_k x[m, k] * float(w[n, k]);
+   x, y, add float32 (add may be NULL; add_ld 0 broadcasts a bias), w bf16 bits. */
+#include <stdint.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if defined(__x86_64__)
+#include <immintrin.h>
+#define LLMOS_X86 1
+#endif
+
+/* Prefetch this far ahead in each weight row: the hardware prefetcher alone leaves ~15% of the
+   bandwidth unused on rows as short as 1.5 KB (measured on a 2-core Xeon VM). */
+#define PF_BYTES 4096
+
+static inline float bf16_to_f32(uint16_t v) {
+  uint32_t u = (uint32_t)v << 16;
+  float f;
+  memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+#define ADD(m, n) (add ? add[(m) * add_ld + (n)] : 0.0f)
+
+static void rows_scalar(const float* x, const uint16_t* w, float* y, const float* add, int64_t add_ld,
+                        int64_t M, int64_t K, int64_t N, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n)
+    for (int64_t m = 0; m < M; ++m) {
+      const uint16_t* wr = w + n * K;
+      const float* xr = x + m * K;
+      float s = 0.0f;
+      for (int64_t k = 0; k < K; ++k) s += bf16_to_f32(wr[k]) * xr[k];
+      y[m * N + n] = s + ADD(m, n);
+    }
+}
+
+#ifdef LLMOS_X86
+/* R weight rows x MB input rows; R, MB <= 4 are constants after inlining, so acc lives in registers. */
+__attribute__((target("avx512f"), always_inline)) static inline void tile_avx512(
+    const float* x, const uint16_t* w, float* y, const float* add, int64_t add_ld, int64_t K, int64_t N,
+    int64_t n0, int64_t m0, const int R, const int MB) {
+  __m512 acc[4][4];
+  __m512 xv[4];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    for (int m = 0; m < MB; ++m) xv[m] = _mm512_loadu_ps(x + (m0 + m) * K + k);
+    for (int r = 0; r < R; ++r) {
+      const uint16_t* p = w + (n0 + r) * K + k;
+      _mm_prefetch((const char*)p + PF_BYTES, _MM_HINT_T0);
+      __m256i h = _mm256_loadu_si256((const __m256i*)p);
+      __m512 wv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+      for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_fmadd_ps(wv, xv[m], acc[r][m]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MB; ++m) {
+      float s = _mm512_reduce_add_ps(acc[r][m]);
+      for (int64_t kk = k; kk < K; ++kk) s += bf16_to_f32(w[(n0 + r) * K + kk]) * x[(m0 + m) * K + kk];
+      y[(m0 + m) * N + n0 + r] = s + ADD(m0 + m, n0 + r);
+    }
+}
+
+__attribute__((target("avx512f"))) static void rows_avx512(
+    const float* x, const uint16_t* w, float* y, const float* add, int64_t add_ld, int64_t M, int64_t K,
+    int64_t N, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; n += 4) {
+    const int R = n1 - n < 4 ? (int)(n1 - n) : 4;
+    for (int64_t m = 0; m < M; m += 4) {
+      const int MB = M - m < 4 ? (int)(M - m) : 4;
+      switch (R * 8 + MB) {
+#define T(r, mb) case r * 8 + mb: tile_avx512(x, w, y, add, add_ld, K, N, n, m, r, mb); break;
+        T(4, 4) T(4, 3) T(4, 2) T(4, 1) T(3, 4) T(3, 3) T(3, 2) T(3, 1)
+        T(2, 4) T(2, 3) T(2, 2) T(2, 1) T(1, 4) T(1, 3) T(1, 2) T(1, 1)
+#undef T
+      }
+    }
+  }
+}
+
+/* AVX2 has 16 vector registers: 4 weight rows x 2 input rows of accumulators. */
+__attribute__((target("avx2,fma"), always_inline)) static inline void tile_avx2(
+    const float* x, const uint16_t* w, float* y, const float* add, int64_t add_ld, int64_t K, int64_t N,
+    int64_t n0, int64_t m0, const int R, const int MB) {
+  __m256 acc[4][2];
+  __m256 xv[2];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MB; ++m) acc[r][m] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    for (int m = 0; m < MB; ++m) xv[m] = _mm256_loadu_ps(x + (m0 + m) * K + k);
+    for (int r = 0; r < R; ++r) {
+      const uint16_t* p = w + (n0 + r) * K + k;
+      if ((k & 31) == 0) _mm_prefetch((const char*)p + PF_BYTES, _MM_HINT_T0);
+      __m128i h = _mm_loadu_si128((const __m128i*)p);
+      __m256 wv = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+      for (int m = 0; m < MB; ++m) acc[r][m] = _mm256_fmadd_ps(wv, xv[m], acc[r][m]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MB; ++m) {
+      __m128 q = _mm_add_ps(_mm256_castps256_ps128(acc[r][m]), _mm256_extractf128_ps(acc[r][m], 1));
+      q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+      q = _mm_add_ss(q, _mm_movehdup_ps(q));
+      float s = _mm_cvtss_f32(q);
+      for (int64_t kk = k; kk < K; ++kk) s += bf16_to_f32(w[(n0 + r) * K + kk]) * x[(m0 + m) * K + kk];
+      y[(m0 + m) * N + n0 + r] = s + ADD(m0 + m, n0 + r);
+    }
+}
+
+__attribute__((target("avx2,fma"))) static void rows_avx2(
+    const float* x, const uint16_t* w, float* y, const float* add, int64_t add_ld, int64_t M, int64_t K,
+    int64_t N, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; n += 4) {
+    const int R = n1 - n < 4 ? (int)(n1 - n) : 4;
+    for (int64_t m = 0; m < M; m += 2) {
+      const int MB = M - m < 2 ? 1 : 2;
+      switch (R * 8 + MB) {
+#define T(r, mb) case r * 8 + mb: tile_avx2(x, w, y, add, add_ld, K, N, n, m, r, mb); break;
+        T(4, 2) T(4, 1) T(3, 2) T(3, 1) T(2, 2) T(2, 1) T(1, 2) T(1, 1)
+#undef T
+      }
+    }
+  }
+}
+#endif
+
+/* 2: AVX-512F, 1: AVX2+FMA, 0: neither (or not x86). */
+int llmos_bf16_isa(void) {
+#ifdef LLMOS_X86
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f")) return 2;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 1;
+#endif
+  return 0;
+}
+
+int llmos_bf16_openmp(void) {
+#ifdef _OPENMP
+  return 1;
+#else
+  return 0;
+#endif
+}
+
+static void rows(const float* x, const uint16_t* w, float* y, const float* add, int64_t add_ld,
+                 int64_t M, int64_t K, int64_t N, int64_t n0, int64_t n1, int isa) {
+#ifdef LLMOS_X86
+  if (isa == 2) { rows_avx512(x, w, y, add, add_ld, M, K, N, n0, n1); return; }
+  if (isa == 1) { rows_avx2(x, w, y, add, add_ld, M, K, N, n0, n1); return; }
+#endif
+  rows_scalar(x, w, y, add, add_ld, M, K, N, n0, n1);
+}
+
+/* x [M, K] float32, w [N, K] bf16 bits, y [M, N] float32, all contiguous. Threads split the
+   output rows in contiguous blocks of 4 (each thread streams its own part of w). */
+void llmos_bf16_linear(const float* x, const uint16_t* w, float* y, const float* add, int64_t add_ld,
+                       int64_t M, int64_t K, int64_t N, int isa, int threads) {
+  const int64_t blocks = (N + 3) / 4;
+  int64_t nt = threads < 1 ? 1 : threads;
+  if (nt > blocks) nt = blocks;
+  if (N * K < 65536) nt = 1; /* under 128 KB of weights a fork/join costs more than it saves */
+#ifdef _OPENMP
+#pragma omp parallel num_threads((int)nt) if (nt > 1)
+  {
+    const int64_t t = omp_get_thread_num(), T = omp_get_num_threads();
+    const int64_t b0 = blocks * t / T, b1 = blocks * (t + 1) / T;
+    const int64_t n1 = b1 * 4 < N ? b1 * 4 : N;
+    if (b0 * 4 < n1) rows(x, w, y, add, add_ld, M, K, N, b0 * 4, n1, isa);
+  }
+#else
+  (void)nt;
+  rows(x, w, y, add, add_ld, M, K, N, 0, N, isa);
+#endif
+}
+"""
+
+_CFLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp"]
+
+
+@dataclass(frozen=True)
+class KernelStatus:
+    """Which path :func:`bf16_linear` takes on this machine, and why."""
+
+    path: str  # "native" (the C kernel) or "torch"
+    isa: str | None  # "avx512", "avx2" or "scalar" on the native path
+    reason: str
+    library: str | None = None
+    compile_seconds: float | None = None  # None when the library came from the cache
+    openmp: bool = False
+
+
+class _Native:
+    def __init__(self, lib: ctypes.CDLL, isa: int) -> None:
+        self.fn = lib.llmos_bf16_linear
+        self.fn.restype = None
+        self.fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4 + [ctypes.c_int] * 2
+        self.isa = isa
+
+
+_lock = threading.Lock()
+_status: KernelStatus | None = None
+_native: _Native | None = None
+
+
+def _cache_dir() -> Path:
+    explicit = os.environ.get("LLMOS_KERNEL_CACHE")
+    if explicit:
+        return Path(explicit)
+    state = os.environ.get("LLMOS_STATE_DIR")
+    return (Path(state) if state else Path.home() / ".cache" / "llmos") / "cache" / "kernels"
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _build(cc: str) -> tuple[Path, float | None]:
+    """The shared library for this source, compiler and flags: from the cache, or compiled into it.
+
+    Process-safe without locks: each process compiles to its own temporary name and renames it into
+    place atomically, so a reader sees either no library or a whole one.
+    """
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout.split("\n")[0]
+    key = hashlib.sha256("\0".join([_SOURCE, cc, version, platform.machine(), *_CFLAGS]).encode()).hexdigest()[:16]
+    directory = _cache_dir()
+    target = directory / f"llmos_bf16_{key}.so"
+    if target.exists():
+        return target, None
+    directory.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(dir=directory, prefix=".build-") as tmp:
+        source = Path(tmp) / "bf16_linear.c"
+        source.write_text(_SOURCE)
+        out = Path(tmp) / target.name
+        proc = subprocess.run([cc, *_CFLAGS, str(source), "-o", str(out)], capture_output=True, text=True, timeout=300)
+        if proc.returncode != 0:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+            raise RuntimeError(f"{Path(cc).name} exited {proc.returncode}: {' | '.join(tail)}")
+        os.replace(out, target)
+    return target, time.perf_counter() - start
+
+
+def _load() -> KernelStatus:
+    """Pick the path once per process (thread-safe); compiles on the first call on a machine."""
+    global _status, _native
+    if _status is not None:
+        return _status
+    with _lock:
+        if _status is not None:
+            return _status
+        _status, _native = _choose()
+        if _status.path == "native":
+            log.info("bf16_kernel_ready", isa=_status.isa, library=_status.library, compile_seconds=_status.compile_seconds)
+        else:
+            log.warning("bf16_kernel_fallback", reason=_status.reason)
+        return _status
+
+
+def _choose() -> tuple[KernelStatus, _Native | None]:
+    wanted = os.environ.get("LLMOS_BF16_KERNEL", "auto").strip().lower() or "auto"
+    if wanted not in ("auto", "torch", *_ISAS):
+        raise ValueError(f"LLMOS_BF16_KERNEL={wanted!r}; expected auto, avx512, avx2, scalar or torch")
+    if wanted == "torch":
+        return KernelStatus("torch", None, "LLMOS_BF16_KERNEL=torch"), None
+    cc = _compiler()
+    if cc is None:
+        return KernelStatus("torch", None, "no C compiler found (cc, gcc, clang; or set CC)"), None
+    try:
+        library, seconds = _build(cc)
+        lib = ctypes.CDLL(str(library))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        return KernelStatus("torch", None, f"the C kernel did not build: {e}"), None
+    supported = lib.llmos_bf16_isa()
+    openmp = bool(lib.llmos_bf16_openmp())
+    names = {v: k for k, v in _ISAS.items()}
+    if wanted == "auto":
+        if supported == 0:
+            return KernelStatus("torch", None, "the CPU has neither AVX-512F nor AVX2+FMA", str(library), seconds, openmp), None
+        isa, reason = supported, "auto"
+    elif _ISAS[wanted] > supported:
+        return KernelStatus("torch", None, f"LLMOS_BF16_KERNEL={wanted} but the CPU supports only {names[supported]}", str(library), seconds, openmp), None
+    else:
+        isa, reason = _ISAS[wanted], f"LLMOS_BF16_KERNEL={wanted}"
+    return KernelStatus("native", names[isa], reason, str(library), seconds, openmp), _Native(lib, isa)
+
+
+def kernel_status() -> KernelStatus:
+    """Which path :func:`bf16_linear` takes here, and why (compiles the kernel if not yet done)."""
+    return _load()
+
+
+def _reset() -> None:
+    """Forget the chosen path, so the next call chooses again (tests change the environment)."""
+    global _status, _native
+    with _lock:
+        _status, _native = None, None
+
+
+def _torch_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Float32 math on bf16 weights, widened a tile of rows at a time (for prefill, and the fallback)."""
+    n, k = weight.shape
+    rows = max(1, _TILE_FLOATS // max(k, 1)) if x.shape[0] <= MAX_KERNEL_ROWS else max(256, (64 * _TILE_FLOATS) // max(k, 1))
+    if rows >= n:
+        return F.linear(x, weight.float())
+    return torch.cat([F.linear(x, weight[i : i + rows].float()) for i in range(0, n, rows)], dim=-1)
+
+
+def bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight.T + bias + residual`` in float32 for a bfloat16 ``weight`` [out, in] (contiguous,
+    or it is copied on every call); x [..., in] -> float32 [..., out].
+
+    ``residual`` [..., out] is added as the outputs are written (a decoder's skip connection
+    without another pass). Up to :data:`MAX_KERNEL_ROWS` rows go through the C kernel; more rows,
+    other devices, autograd through ``x`` and the fallback go through torch, with the same math.
+    """
+    if weight.dtype != torch.bfloat16 or weight.dim() != 2:
+        raise TypeError(f"bf16_linear: weight must be a 2-d bfloat16 tensor, got {weight.dtype} {tuple(weight.shape)}")
+    n, k = weight.shape
+    if x.shape[-1] != k:
+        raise ValueError(f"bf16_linear: x has {x.shape[-1]} features, the weight expects {k}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k).float()
+    native = _native if _status is not None else (_load() and _native)
+    if (
+        native is None
+        or x2.shape[0] > MAX_KERNEL_ROWS
+        or x2.device.type != "cpu"
+        or weight.device.type != "cpu"
+        or (torch.is_grad_enabled() and (x2.requires_grad or (residual is not None and residual.requires_grad)))
+    ):
+        y = _torch_linear(x2, weight)
+        if bias is not None:
+            y = y + bias.float()
+        if residual is not None:
+            y = y + residual.reshape(y.shape).float()
+        return y.reshape(*lead, n)
+    add, add_ld = None, 0
+    if residual is not None:
+        add = residual.reshape(x2.shape[0], n).float().contiguous()
+        if bias is not None:
+            add = add + bias.float()
+        add_ld = n
+    elif bias is not None:
+        add = bias.float().contiguous()
+    x2 = x2.contiguous()
+    w = weight if weight.is_contiguous() else weight.contiguous()
+    y = torch.empty((x2.shape[0], n), dtype=torch.float32)
+    if x2.shape[0]:
+        native.fn(x2.data_ptr(), w.data_ptr(), y.data_ptr(), None if add is None else add.data_ptr(), add_ld,
+                  x2.shape[0], k, n, native.isa, torch.get_num_threads())
+    return y.reshape(*lead, n)
+
+
+class BF16Linear(nn.Module):
+    """A linear layer holding its weight in bfloat16 and computing in float32 (see :func:`bf16_linear`).
+
+    ``weight`` keeps the name and shape of :class:`torch.nn.Linear`'s, so state dicts line up. If
+    something casts it back to another dtype (``module.float()``), forward falls back to ``F.linear``.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=torch.bfloat16, device=device), requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device), requires_grad=False) if bias else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> BF16Linear:
+        """A copy of ``linear`` with its weight rounded to bfloat16 (the bias stays float32)."""
+        out = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device=linear.weight.device)
+        with torch.no_grad():
+            out.weight.copy_(linear.weight.detach())
+            if linear.bias is not None:
+                out.bias.copy_(linear.bias.detach().float())
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight.dtype != torch.bfloat16:
+            return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        return bf16_linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def use_bf16_weights(model: nn.Module) -> nn.Module:
+    """Swap every :class:`torch.nn.Linear` in ``model`` for a :class:`BF16Linear`, in place; returns ``model``.
+
+    The rest of the model (embeddings, norms) stays as it is, so activations stay float32. A linear
+    shared between two places stays shared. A tied ``lm_head`` gets its own bf16 copy: the embedding
+    keeps its float32 table for lookups.
+    """
+    if isinstance(model, nn.Linear):
+        raise TypeError("use_bf16_weights: pass the model that holds the linear, or use BF16Linear.from_linear")
+    swapped: dict[int, BF16Linear] = {}
+    for parent in list(model.modules()):
+        for name, child in list(parent._modules.items()):  # named_children() skips repeats of a shared child
+            if isinstance(child, nn.Linear):
+                if id(child) not in swapped:
+                    swapped[id(child)] = BF16Linear.from_linear(child)
+                setattr(parent, name, swapped[id(child)])
+    return model
