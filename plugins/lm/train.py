@@ -256,6 +256,8 @@ class TrainRunner(llmos.Runner):
             from torch.nn.parallel import DistributedDataParallel
 
             self.forward = DistributedDataParallel(self.forward, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if self.rank == 0:
+            ctx.log.info("model_ready", device=str(self.device), parallel=self.parallel, world_size=self.world, parameters=self.model.config.num_parameters(), start_step=self.start_step)
 
     def _earlier_attempt(self, ctx: llmos.JobContext) -> tuple[Path, int] | None:
         """The newest resumable checkpoint that an earlier attempt of this very job left in its

@@ -99,17 +99,18 @@ def test_a_killed_attempt_resumes_from_its_checkpoint(client: llmos.Client, corp
 
 
 def test_a_preempted_job_resumes_where_it_stopped(client: llmos.Client, corpus: Path, tmp_path: Path) -> None:
-    base = dict(steps=100, eval_every=0, log_every=1)
+    base = dict(steps=100, eval_every=0, log_every=1, threads=1)
     straight = _train(client, corpus, **base, output=str(tmp_path / "straight"))
     expected = straight.result(timeout=300)
-    both = {"gpus": 2, "cpus": 1}  # the kernel's two fake GPUs: a job that needs one cannot fit
-    job = client.submit("train", params={"data": str(corpus), **SMALL, **base}, resources=both, priority=0)
+    cores = next(d for d in client.devices() if d["kind"] == "cpu")["capacity"]
+    # It holds every core: a job that needs one cannot fit unless it is preempted.
+    job = client.submit("train", params={"data": str(corpus), **SMALL, **base}, resources={"cpus": cores}, priority=0)
     assert job.info().preemptible  # train jobs are, by default
     deadline = time.monotonic() + 120
     while not [e for e in job.events(follow=False) if e.type == "job.progress" and e.body["step"] >= 3]:
         assert time.monotonic() < deadline
         time.sleep(0.02)
-    urgent = client.submit("diag.echo", {"message": "now"}, {"gpus": 1, "cpus": 0}, priority=5)
+    urgent = client.submit("diag.echo", {"message": "now"}, {"cpus": 1}, priority=5)
     assert urgent.wait(timeout=60).state == "succeeded"
     info = job.wait(timeout=300)
     assert info.state == "succeeded" and info.attempts == 2 and info.preemptions == 1, info.reason
