@@ -86,6 +86,8 @@ from llmos.protocol import (
     ShutdownRequest,
     StatusReply,
     StatusRequest,
+    StreamHeadsReply,
+    StreamHeadsRequest,
     SubmitRequest,
     UsageReport,
     WorkerAssign,
@@ -958,6 +960,11 @@ class Kernel:
         self._out_control.append((identity, [packb(header), body]))
         return None
 
+    def _on_stream_heads(self, identity: bytes, msg: StreamHeadsRequest) -> StreamHeadsReply:
+        self._write_journal()  # events of this turn are not in the database yet
+        heads = self.store.stream_heads(msg.prefix, max(0, msg.since))
+        return StreamHeadsReply(heads={stream: [sseq, seq] for stream, (sseq, seq) in heads.items()}, last_seq=self.seq)
+
     def _on_plugins_reload(self, identity: bytes, msg: PluginsReloadRequest) -> PluginsReloadReply:
         return self.reload_plugins()
 
@@ -1111,6 +1118,7 @@ class Kernel:
         PluginsRequest: _on_plugins,
         StatusRequest: _on_status,
         ReplayRequest: _on_replay,
+        StreamHeadsRequest: _on_stream_heads,
         PluginsReloadRequest: _on_plugins_reload,
         ServiceRegister: _on_service_register,
         ServiceRequest: _on_service_request,

@@ -306,6 +306,19 @@ class Store:
             out.append(heapq.heappop(heap))
         return out
 
+    def stream_heads(self, prefix: str, since: int) -> dict[str, tuple[int, int]]:
+        """stream -> (stream_seq, seq) of its newest event, for the streams a subscription to
+        ``prefix`` sees that have events above ``since``."""
+        rows = self.db.execute(
+            "SELECT stream, MAX(last_stream_seq), MAX(last_seq) FROM journal WHERE first_seq > ? GROUP BY stream HAVING MAX(last_seq) > ?",
+            (since - self.max_span, since),
+        )
+        return {
+            stream: (int(sseq), int(seq))
+            for stream, sseq, seq in rows
+            if (stream + ".").startswith(prefix) or prefix.startswith(stream + ".")
+        }
+
     def count_events(self) -> int:
         row = self.db.execute("SELECT SUM(n) FROM journal").fetchone()
         return int(row[0] or 0)

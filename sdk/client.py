@@ -57,6 +57,7 @@ from llmos.protocol import (
     ServicesRequest,
     ShutdownRequest,
     StatusRequest,
+    StreamHeadsRequest,
     SubmitRequest,
     decode_control,
     encode_body,
@@ -485,13 +486,17 @@ def _sub_prefix(prefix: str) -> str:
 class _EventStream:
     """Replay, then live, with no loss and no repeats.
 
-    It subscribes before replaying, so nothing falls between the two. Each stream's
-    ``stream_seq`` must grow by one: a repeat is dropped, a gap (PUB drops at its high-water mark)
-    is filled from the journal. When the bus is quiet it asks the journal for anything newer, so
-    a dropped last event is found too.
+    It subscribes before replaying, so nothing falls between the two once the subscription is in
+    effect. Each stream's ``stream_seq`` must grow by one: a repeat is dropped, a gap (PUB drops at
+    its high-water mark) is filled from the journal. A message lost with nothing after it on its
+    stream (dropped, or published before the subscription reached the kernel) leaves no gap to
+    see: every ``CHECK`` seconds the stream asks the kernel for the newest event of each stream
+    it follows, and catches up any it is behind on: at once when the bus is quiet, else when it
+    is still behind at the next check (by then anything that was in flight has arrived).
+    ``complete`` is the seq up to which delivery is verified, where those checks start.
     """
 
-    IDLE_CHECK = 0.5
+    CHECK = 0.5
 
     def __init__(self, client: Client, prefix: str, since: int, timeout: float | None) -> None:
         self.client = client
@@ -501,6 +506,10 @@ class _EventStream:
         self.deadline = None if timeout is None else time.monotonic() + timeout
         self.known: dict[str, tuple[int, int]] = {}  # stream -> (stream_seq, seq) last delivered
         self.high = since
+        self.complete = since  # every wanted event up to this seq has been delivered
+        self._replayed_to = since  # last_seq of the last replay page
+        self._behind: dict[str, list[int]] = {}  # streams behind at the last busy check
+        self._behind_last: int | None = None  # that check's last_seq
         self.sub = client._ctx.socket(zmq.SUB)
         self.sub.setsockopt(zmq.LINGER, 0)
         self.sub.setsockopt(zmq.RCVHWM, 100_000)
@@ -519,7 +528,8 @@ class _EventStream:
 
     def _replay_all(self, prefix: str, since: int, until: int | None = None) -> Iterator[Event]:
         while True:
-            events, _, more = self.client.replay(prefix, since=since, until=until, limit=1000)
+            events, last_seq, more = self.client.replay(prefix, since=since, until=until, limit=1000)
+            self._replayed_to = last_seq
             yield from events
             if not events or not more:
                 return
@@ -529,6 +539,7 @@ class _EventStream:
         for event in self._replay_all(self.sub_prefix, self.since):
             if self._accept(event) is not None:
                 yield event
+        self.complete = max(self.complete, self._replayed_to)
 
     def history_after(self) -> Iterator[Event]:
         """What was journaled since the history (or the last live event) was read."""
@@ -551,12 +562,44 @@ class _EventStream:
         if self._accept(event) is not None:
             yield event
 
+    def _behind_on(self, stream: str, head: list[int]) -> bool:
+        return self.known.get(stream, (0, 0))[0] < head[0]
+
+    def _catch_up(self, stream: str, until: int) -> Iterator[Event]:
+        """Deliver ``stream``'s events up to seq ``until`` that were not delivered yet."""
+        last = self.known.get(stream)
+        for event in self._replay_all(stream + ".", last[1] if last else self.since, until):
+            fresh = event.stream == stream and event.stream_seq > self.known.get(stream, (0, 0))[0]
+            if fresh and self._accept(event) is not None:
+                yield event
+
+    def _check(self, idle: bool) -> Iterator[Event]:
+        """Ask for every followed stream's newest event; catch up where behind (see the class)."""
+        reply = self.client.request(StreamHeadsRequest(prefix=self.sub_prefix, since=self.complete))
+        heads: dict[str, list[int]] = reply.heads
+        if idle:
+            for stream, head in heads.items():
+                if self._behind_on(stream, head):
+                    yield from self._catch_up(stream, head[1])
+            self.complete = max(self.complete, reply.last_seq)
+            self._behind, self._behind_last = {}, None
+            return
+        for stream, head in self._behind.items():
+            if self._behind_on(stream, head):
+                yield from self._catch_up(stream, head[1])
+        if self._behind_last is not None:
+            self.complete = max(self.complete, self._behind_last)
+        self._behind = {stream: head for stream, head in heads.items() if self._behind_on(stream, head)}
+        self._behind_last = reply.last_seq
+
     def live(self) -> Iterator[Event]:
         known, prefix = self.known, self.prefix
+        next_check = time.monotonic() + self.CHECK
         while True:
-            wait = self.IDLE_CHECK
+            now = time.monotonic()
+            wait = max(0.0, next_check - now)
             if self.deadline is not None:
-                left = self.deadline - time.monotonic()
+                left = self.deadline - now
                 if left <= 0:
                     return
                 wait = min(wait, left)
@@ -578,10 +621,12 @@ class _EventStream:
                                 yield event
                         else:
                             yield from self._live_one(event)
-            else:
-                # Quiet: make sure no trailing event was dropped on the way.
-                for event in self._replay_all(self.sub_prefix, self.high):
-                    yield from self._live_one(event)
+                if time.monotonic() >= next_check:
+                    yield from self._check(idle=False)
+                    next_check = time.monotonic() + self.CHECK
+            elif time.monotonic() >= next_check:
+                yield from self._check(idle=True)  # quiet: make sure nothing was dropped on the way
+                next_check = time.monotonic() + self.CHECK
 
 
 def _decode_pub(frames: list[bytes]) -> tuple[str, list[Event]]:

@@ -681,6 +681,27 @@ class ReplayReply:
     more: bool
 
 
+@message("kernel.stream_heads_request")
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StreamHeadsRequest:
+    """The newest event of every stream matching ``prefix`` that has events above ``since``: how
+    a follower checks, cheaply, that it has missed nothing (a dropped last event of a stream)."""
+
+    prefix: str = ""
+    since: int = 0
+
+
+@message("kernel.stream_heads_reply")
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StreamHeadsReply:
+    """``heads`` maps a stream to ``[stream_seq, seq]`` of its newest event; ``last_seq`` is the
+    journal's newest seq when the answer was made."""
+
+    status: str = "ok"
+    heads: dict[str, list[int]]
+    last_seq: int
+
+
 @message("kernel.plugins_reload_request")
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PluginsReloadRequest:

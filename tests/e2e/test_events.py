@@ -118,3 +118,39 @@ def test_slow_subscriber_loses_nothing(short_tmp: Path) -> None:
             assert [e.stream_seq for e in got] == list(range(1, len(got) + 1))
     finally:
         handle.shutdown()
+
+
+def test_a_lost_last_event_of_a_stream_is_caught_up(client, monkeypatch) -> None:
+    """A PUB message lost with nothing after it on its stream leaves no gap to see (a slow
+    subscription, a high-water mark): the follower's head checks find it and deliver it once."""
+    import llmos.client as sdk_client
+
+    original = sdk_client._decode_pub
+    dropped: list[int] = []
+
+    def lossy(frames):
+        stream, events = original(frames)
+        if not dropped and any(e.type == "job.state" and e.body.get("state") == "succeeded" and e.topic.startswith(f"job.{victim}.") for e in events):
+            dropped.extend(e.seq for e in events)
+            return "", []
+        return stream, events
+
+    monkeypatch.setattr(sdk_client, "_decode_pub", lossy)
+    since = client.status()["last_seq"]
+    victim = -1
+    stream = client.events("job.", since=since, follow=True, timeout=20)
+    first = client.submit("diag.echo", params={"message": "a"})
+    victim = first.id
+    others = [client.submit("diag.echo", params={"message": m}) for m in ("b", "c")]
+    want = {first.id, *(j.id for j in others)}
+    ended: list[int] = []
+    seqs: list[int] = []
+    for event in stream:
+        seqs.append(event.seq)
+        if event.type == "job.state" and event.body["state"] == "succeeded":
+            ended.append(int(event.topic.split(".")[1]))
+            if set(ended) >= want:
+                break
+    stream.close()
+    assert dropped, "the end state of the victim was never seen on PUB (nothing was dropped)"
+    assert sorted(ended) == sorted(want) and len(seqs) == len(set(seqs))
