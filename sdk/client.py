@@ -139,6 +139,15 @@ class Job:
             for _ in self.events(since=0, follow=True, timeout=left, _states_only=True):
                 pass
 
+    def artifacts(self, kind: str | None = None) -> list[dict[str, Any]]:
+        """What the job published (``job.<id>.artifact`` events), oldest first: maps with ``path``,
+        ``kind``, ``meta`` and the event's ``seq``; only those of ``kind`` if given."""
+        out = []
+        for event in self.client.events(f"job.{self.id}.artifact"):
+            if event.type == "job.artifact" and (kind is None or event.body.get("kind") == kind):
+                out.append({**event.body, "seq": event.seq})
+        return out
+
     def result(self, timeout: float | None = None) -> Any:
         """Wait for the job and return its result; JobFailed or JobCancelled if it did not succeed."""
         info = self.wait(timeout)
@@ -332,6 +341,7 @@ class Client:
         ``top_k``, ``top_p``, ``repetition_penalty``, ``seed``, ``stop``, ``stop_tokens``, ``dtype``.
         Errors (an unknown model, values out of range) are raised before anything runs.
         """
+        model = self.resolve_model(model)
         if not Path(model).exists():
             # Not a checkpoint here: a running service of that name (``llmos serve``).
             return self._generate_with_service(str(model), prompt, stream, timeout, sampling)
@@ -341,6 +351,21 @@ class Client:
             return self._stream_text(job, timeout)
         result = job.result(timeout)
         return Completion.from_dict(result["completions"][0])
+
+    def resolve_model(self, model: str | os.PathLike[str]) -> str:
+        """A model reference as a path: ``job:ID`` is the newest checkpoint artifact that job
+        published (``train`` publishes one at every checkpoint); anything else is returned as is.
+        JobNotFound if there is no such job, ValidationError if it published no checkpoint."""
+        text = os.fspath(model)
+        if not text.startswith("job:"):
+            return text
+        ref = text[4:]
+        if not ref.isdigit():
+            raise ValidationError(f"a job artifact is named job:ID (a job number), got {text!r}", field="model")
+        found = self.job(int(ref)).artifacts("checkpoint")
+        if not found:
+            raise ValidationError(f"job {ref} published no checkpoint (yet): nothing to use as a model", field="model")
+        return str(found[-1]["path"])
 
     def _generate_with_service(self, service: str, prompt: str, stream: bool, timeout: float | None, sampling: dict[str, Any]) -> Completion | Iterator[str]:
         replies = self.call(service, {"prompt": prompt, "sampling": sampling, "stream": stream}, timeout=timeout)

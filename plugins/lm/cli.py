@@ -24,6 +24,17 @@ def _params(pairs: tuple[str, ...]) -> dict[str, str]:
     return out
 
 
+def model_path(model: str, state_dir: Path | None) -> str:
+    """MODEL as an absolute checkpoint path: a directory, or ``job:ID`` (that job's newest checkpoint)."""
+    if model.startswith("job:"):
+        try:
+            with llmos.connect(state_dir) as client:
+                return client.resolve_model(model)
+        except llmos.LlmosError as exc:
+            raise click.ClickException(str(exc)) from None
+    return str(Path(model).absolute())
+
+
 def follow(job: llmos.Job, as_json: bool) -> llmos.JobInfo:
     """Print the job's progress: one updating line on a terminal, plain lines when piped."""
     printer = ProgressPrinter()
@@ -125,7 +136,8 @@ def train_command(data: str, preset: str | None, steps: int | None, batch_size: 
 @click.option("--json", "as_json", is_flag=True, help="Print the Completion as JSON.")
 def generate_command(model: str, prompt: str, stream: bool, max_new_tokens: int | None, temperature: float | None, top_k: int | None, top_p: float | None,
                      repetition_penalty: float | None, seed: int | None, stop: tuple[str, ...], dtype: str | None, state_dir: Path | None, as_json: bool) -> None:
-    """Complete PROMPT with the checkpoint MODEL (streamed to the terminal by default)."""
+    """Complete PROMPT with MODEL: a checkpoint directory, job:ID (that job's newest checkpoint)
+    or the name of a running service (streamed to the terminal by default)."""
     sampling = {k: v for k, v in (("max_new_tokens", max_new_tokens), ("temperature", temperature), ("top_k", top_k), ("top_p", top_p),
                                    ("repetition_penalty", repetition_penalty), ("seed", seed), ("dtype", dtype)) if v is not None}
     if stop:
@@ -157,11 +169,13 @@ def generate_command(model: str, prompt: str, stream: bool, max_new_tokens: int 
 @click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="The kernel's state directory.")
 @click.option("--json", "as_json", is_flag=True, help="Print the service as JSON.")
 def serve_command(model: str, name: str | None, replicas: int, max_seqs: int | None, cpus: float | None, gpus: float | None, follow: bool, state_dir: Path | None, as_json: bool) -> None:
-    """Serve the checkpoint MODEL; returns once every replica answers requests."""
+    """Serve the checkpoint MODEL (a directory, or job:ID for that job's newest checkpoint);
+    returns once every replica answers requests."""
     from llmos.plugins.lm.serve import service_name
 
-    service = service_name(model, name)
-    params: dict[str, Any] = {"model": str(Path(model).absolute()), "name": service}
+    path = model_path(model, state_dir)
+    service = service_name(path, name or (f"job-{model[4:]}" if model.startswith("job:") else None))
+    params: dict[str, Any] = {"model": path, "name": service}
     if max_seqs is not None:
         params["max_seqs"] = max_seqs
     resources = {k: v for k, v in (("cpus", cpus), ("gpus", gpus)) if v is not None}
@@ -217,8 +231,8 @@ def services_command(state_dir: Path | None, as_json: bool) -> None:
 @click.option("--split", type=click.Choice(["validation", "all"]), default=None, help="Which part of the corpus.")
 @_with_common
 def eval_command(model: str, data: str | None, split: str | None, extra: tuple[str, ...], cpus: float | None, gpus: float | None, detach: bool, state_dir: Path | None, as_json: bool) -> None:
-    """Perplexity of a checkpoint and a few greedy samples."""
-    params: dict[str, Any] = {"model": str(Path(model).absolute())}
+    """Perplexity of a checkpoint (a directory, or job:ID) and a few greedy samples."""
+    params: dict[str, Any] = {"model": model_path(model, state_dir)}
     if data:
         params["data"] = data
     if split:
