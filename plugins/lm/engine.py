@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from llmos.completion import Completion
-from llmos.plugins.lm.model import KVCache, Llama
+from llmos.plugins.lm.model import Decoder, KVCache, Llama
 from llmos.plugins.lm.text import Tok
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -83,6 +83,10 @@ def sample_next(logits: torch.Tensor, seen: list[int], s: Sampling, gen: torch.G
     return int(torch.multinomial(probs, 1, generator=gen))
 
 
+def _greedy(s: Sampling) -> bool:
+    return s.temperature == 0 and s.repetition_penalty == 1.0
+
+
 class Engine:
     """Generate from a Llama model with a KV cache; ``generate`` runs a batch to completion."""
 
@@ -92,6 +96,7 @@ class Engine:
         self.dtype = DTYPES[dtype]
         self.device = torch.device(device)
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
+        self.decoder = Decoder(self.model)  # fuses projections in place: the model keeps one copy of its weights
         self.tok = tok
         self.eos = model.config.eos_token_id if model.config.eos_token_id is not None else tok.eos_id
         self.context = model.config.max_position_embeddings
@@ -122,10 +127,8 @@ class Engine:
             return
         if len(seq.prompt) + 1 > cache.length:
             raise ValueError(f"the prompt is {len(seq.prompt)} tokens; this cache holds {cache.length} per sequence")
-        ids = torch.tensor([seq.prompt], device=self.device)
-        positions = torch.arange(len(seq.prompt), device=self.device)[None]
-        logits = self.model.forward_cached(ids, positions, torch.tensor([seq.slot], device=self.device), cache)
-        self._accept(seq, logits[0, -1].float(), on_token, cache.length)
+        logits = self.decoder(torch.tensor([seq.prompt], device=self.device), [0], [seq.slot], cache)
+        self._accept(seq, self._pick(seq, logits[0, -1]), on_token, cache.length)
 
     @torch.inference_mode()
     def decode(self, seqs: list[_Seq], cache: KVCache, on_token: Any = None) -> None:
@@ -134,11 +137,13 @@ class Engine:
         if not active:
             return
         last = torch.tensor([[q.out[-1]] for q in active], device=self.device)
-        positions = torch.tensor([[len(q.prompt) + len(q.out) - 1] for q in active], device=self.device)
-        slots = torch.tensor([q.slot for q in active], device=self.device)
-        logits = self.model.forward_cached(last, positions, slots, cache)
-        for row, seq in enumerate(active):
-            self._accept(seq, logits[row, -1].float(), on_token, cache.length)
+        logits = self.decoder(last, [len(q.prompt) + len(q.out) - 1 for q in active], [q.slot for q in active], cache)[:, -1]
+        if all(_greedy(q.sampling) for q in active):  # one argmax for the batch
+            tokens = logits.argmax(-1).tolist()
+        else:
+            tokens = [self._pick(q, logits[row]) for row, q in enumerate(active)]
+        for seq, token in zip(active, tokens):
+            self._accept(seq, token, on_token, cache.length)
 
     def completion(self, seq: _Seq) -> Completion:
         done = time.perf_counter()
@@ -167,9 +172,13 @@ class Engine:
             self.decode(seqs, cache, on_token)
         return [self.completion(q) for q in seqs]
 
-    def _accept(self, seq: _Seq, logits: torch.Tensor, on_token: Any, cache_length: int) -> None:
+    @staticmethod
+    def _pick(seq: _Seq, logits: torch.Tensor) -> int:
         s = seq.sampling
-        token = sample_next(logits, seq.prompt + seq.out if s.repetition_penalty != 1.0 else [], s, seq.generator)
+        return sample_next(logits.float(), seq.prompt + seq.out if s.repetition_penalty != 1.0 else [], s, seq.generator)
+
+    def _accept(self, seq: _Seq, token: int, on_token: Any, cache_length: int) -> None:
+        s = seq.sampling
         if seq.first_token_at is None:
             seq.first_token_at = time.perf_counter()
         if token in s.stop_tokens:

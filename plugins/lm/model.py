@@ -4,6 +4,9 @@ attention through ``scaled_dot_product_attention``. Parameter names are Hugging 
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -60,45 +63,21 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_heads)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
-    def forward_cached(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, layer: int, slots: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, span: slice | None = None) -> torch.Tensor:
-        """Attend new tokens (at ``positions`` of the sequences in cache ``slots``) over everything cached so far."""
-        b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
-        k_all, v_all = cache.write(layer, slots, positions, k, v, mask.shape[-1], span)
-        out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
-
 
 class KVCache:
-    """Keys and values of up to ``slots`` sequences of up to ``length`` tokens, per layer.
+    """Keys and values of up to ``slots`` sequences of up to ``length`` tokens, for every layer.
 
-    Layout [slot, kv_head, position, head_dim]: a sequence owns a slot, its token at position p
-    sits at index p, so sequences of any lengths share one batch (continuous batching moves
-    sequences in and out of slots between steps).
+    Layout [layer, slot, kv_head, position, head_dim]: a sequence owns a slot, its token at
+    position p sits at index p, so sequences of any lengths share one batch (continuous batching
+    moves sequences in and out of slots between steps). One tensor for all layers, so that a
+    step takes every layer's view of the cache at once.
     """
 
     def __init__(self, config: LlamaConfig, slots: int, length: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
-        shape = (slots, config.num_key_value_heads, length, config.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        shape = (config.num_hidden_layers, slots, config.num_key_value_heads, length, config.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.length = length
-
-    def write(self, layer: int, slots: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor, upto: int, span: slice | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store the new keys and values; return every sequence's keys and values up to ``upto``.
-
-        ``span``: when the slots are a contiguous range, the views of it (no copy of the cache).
-        """
-        kc, vc = self.k[layer], self.v[layer]
-        index = (slots[:, None], slice(None), positions)  # -> [B, T, kv_head, head_dim]
-        kc[index] = k.transpose(1, 2).to(kc.dtype)
-        vc[index] = v.transpose(1, 2).to(vc.dtype)
-        if span is not None:
-            return kc[span, :, :upto], vc[span, :, :upto]
-        return kc[slots, :, :upto], vc[slots, :, :upto]
 
 
 class MLP(nn.Module):
@@ -122,10 +101,6 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin)
-        return x + self.mlp(self.post_attention_layernorm(x))
-
-    def forward_cached(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, layer: int, slots: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, span: slice | None = None) -> torch.Tensor:
-        x = x + self.self_attn.forward_cached(self.input_layernorm(x), cos, sin, cache, layer, slots, positions, mask, span)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -169,23 +144,181 @@ class Llama(nn.Module):
             x = layer(x, cos, sin)
         return self.lm_head(self.model.norm(x))
 
-    def forward_cached(self, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, cache: KVCache, last_only: bool = True) -> torch.Tensor:
-        """Logits for new tokens ([B, T]) at ``positions`` ([B, T]) of the sequences in ``slots``,
-        reading and extending ``cache``. With ``last_only``, only the last position's logits."""
-        x = self.model.embed_tokens(input_ids)
-        cos, sin = rotary_tables(self.config, positions, x.dtype)
-        upto = int(positions.max()) + 1
-        keys = torch.arange(upto, device=input_ids.device)
-        mask = (keys[None, None, :] <= positions[:, :, None])[:, None]  # [B, 1, T, upto]
-        first, count = int(slots[0]), slots.numel()
-        # Slots first..first+count-1 in order (batch 1, or a full batch): read the cache as views.
-        span = slice(first, first + count) if int(slots[-1]) - first == count - 1 and (count == 1 or bool((slots.diff() == 1).all())) else None
-        for i, layer in enumerate(self.model.layers):
-            x = layer.forward_cached(x, cos, sin, cache, i, slots, positions, mask, span)
-        if last_only:
-            x = x[:, -1:]
-        return self.lm_head(self.model.norm(x))
-
     def loss(self, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         logits = self(input_ids)
         return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+def _fuse(*linears: nn.Linear) -> torch.Tensor:
+    """One matrix of the linears' weights, stacked by rows; each linear's weight becomes a view of
+    its rows (one copy of the weights, same parameter names)."""
+    fused = torch.cat([lin.weight.detach() for lin in linears])
+    row = 0
+    for lin in linears:
+        n = lin.weight.shape[0]
+        lin.weight = nn.Parameter(fused[row : row + n], requires_grad=lin.weight.requires_grad)
+        row += n
+    return fused
+
+
+class _Gathered:
+    """Layer i's keys (or values) of the sequences in ``slots`` up to ``upto``, copied when asked."""
+
+    def __init__(self, cache: torch.Tensor, slots: torch.Tensor, upto: int) -> None:
+        self.cache, self.slots, self.upto = cache, slots, upto
+
+    def __getitem__(self, layer: int) -> torch.Tensor:
+        return self.cache[layer][self.slots, :, : self.upto]
+
+
+class _Buffers:
+    """The outputs of one single-token step for ``b`` sequences, and their views, made once: a
+    decode step then runs its layers without creating a single view (each costs a few
+    microseconds, and the cache is cold after every matrix product)."""
+
+    def __init__(self, c: LlamaConfig, b: int, dtype: torch.dtype, device: torch.device) -> None:
+        nh, nkv, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        new = dict(dtype=dtype, device=device)
+        self.h = torch.empty(b, c.hidden_size, **new)
+        self.qkv = torch.empty(b, (nh + 2 * nkv) * d, **new)
+        self.qk = self.qkv[:, : (nh + nkv) * d].view(b, nh + nkv, d)
+        self.roped = torch.empty(b, nh + nkv, d, **new)
+        self.q = self.roped[:, :nh].view(b, nkv, nh // nkv, d)  # grouped by key/value head
+        self.k = self.roped[:, nh:]
+        self.v = self.qkv[:, (nh + nkv) * d :].view(b, nkv, d)
+        self.gate_up = torch.empty(b, 2 * c.intermediate_size, **new)
+        self.gate, self.up = self.gate_up[:, : c.intermediate_size], self.gate_up[:, c.intermediate_size :]
+
+
+class Decoder:
+    """Inference-only forward passes over a :class:`KVCache`, on the weights of a :class:`Llama`.
+
+    A decode step is memory-bound matrix-vector products plus many tiny ops, each of which runs
+    with cold caches right after a product, so this path keeps the tiny ops few: each layer's
+    [q; k; v] and [gate; up] projections are one matrix each (4 products per layer instead of 7;
+    the model's ``q_proj.weight`` etc. become views of their rows, so the model keeps one copy
+    of its weights, its parameter names and its outputs); residual adds ride on ``addmm`` and,
+    for one sequence, the RMS norm's scale on its ``alpha``; rotary embeddings of a single token
+    are one small batched product; queries are grouped by key/value head ([batch, kv_head,
+    group * T, head_dim]) so attention reads the cache as it is, unmasked whenever every
+    sequence is at the same position.
+    """
+
+    def __init__(self, model: Llama) -> None:
+        c = self.config = model.config
+        self.n_heads, self.n_kv, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        self.group, self.width = self.n_heads // self.n_kv, (c.hidden_size,)
+        self.layers = []
+        with torch.no_grad():
+            for layer in model.model.layers:
+                a, m = layer.self_attn, layer.mlp
+                qkv, gate_up = _fuse(a.q_proj, a.k_proj, a.v_proj), _fuse(m.gate_proj, m.up_proj)
+                norms = layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach()
+                self.layers.append((norms[0], qkv.t(), a.o_proj.weight.detach().t(), norms[1], gate_up.t(), m.down_proj.weight.detach().t()))
+        self.embed = model.model.embed_tokens.weight.detach()
+        self.norm = model.model.norm.weight.detach()
+        self.head = model.lm_head.weight.detach().t()
+        self.dtype, self.device = self.embed.dtype, self.embed.device
+        self.zero = torch.zeros(1, 1, dtype=self.dtype, device=self.device)  # addmm's ignored input (beta=0)
+        half = self.head_dim // 2
+        swap = torch.zeros(self.head_dim, self.head_dim)  # x @ swap == rotate_half(x)
+        swap[torch.arange(half) + half, torch.arange(half)] = -1.0
+        swap[torch.arange(half), torch.arange(half) + half] = 1.0
+        self.swap = swap.to(self.dtype)
+        self.cos = self.sin = torch.empty(0)
+        self.buffers: dict[int, _Buffers] = {}
+
+    def _rotary(self, length: int) -> None:
+        """cos and sin of positions 0 .. length - 1, in the model's dtype: [length, head_dim]."""
+        cos, sin = rotary_tables(self.config, torch.arange(length, device=self.device), self.dtype)
+        self.cos, self.sin = cos[0, 0], sin[0, 0]
+
+    def _normed(self, x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """(h, scale) with RMSNorm(x) @ W == scale * (h @ W): one row's scale goes to ``addmm``."""
+        if x.shape[0] == 1:
+            return x * weight, 1.0 / math.sqrt(float(torch.dot(x[0], x[0])) / x.shape[1] + self.config.rms_norm_eps)
+        return F.rms_norm(x, self.width, weight, self.config.rms_norm_eps), 1.0
+
+    def __call__(self, input_ids: torch.Tensor, starts: list[int], slots: list[int], cache: KVCache, last_only: bool = True) -> torch.Tensor:
+        """Logits for new tokens ``input_ids`` [B, T] of the sequences in cache ``slots``, the
+        first at position ``starts[i]``; reads and extends ``cache``. With ``last_only``, only
+        the last position's logits ([B, 1, vocab])."""
+        b, t = input_ids.shape
+        upto = max(starts) + t
+        if self.cos.shape[0] < upto:
+            self._rotary(max(cache.length, upto))
+        positions = torch.tensor(starts, device=self.device)
+        if t > 1:
+            positions = (positions[:, None] + torch.arange(t, device=self.device)).view(-1)
+        # Read the cache as views when the slots are a range (serve keeps them so), else gather.
+        ranged = slots == list(range(slots[0], slots[0] + b))
+        read: slice | torch.Tensor = slice(slots[0], slots[0] + b) if ranged else torch.tensor(slots, device=self.device)
+        aligned = ranged and all(s == starts[0] for s in starts)
+        mask = None
+        if t > 1 or not aligned:
+            mask = (torch.arange(upto, device=self.device) <= positions.view(b, t, 1))[:, None]  # [B, 1, T, upto]
+            if t > 1:
+                mask = mask.repeat(1, 1, self.group, 1)  # query rows are (query in group, token)
+        if ranged:
+            keys, values = cache.k[:, read, :, :upto].unbind(0), cache.v[:, read, :, :upto].unbind(0)
+        else:  # gathered per layer, once the new keys and values are in
+            keys, values = _Gathered(cache.k, read, upto), _Gathered(cache.v, read, upto)
+        x = F.embedding(input_ids.view(-1), self.embed)
+        if t == 1:
+            if aligned:
+                put = (slice(None), read, slice(None), starts[0])
+                x = self._step(x, positions, keys, values, cache.k[put].unbind(0), cache.v[put].unbind(0), mask)
+            else:
+                x = self._step(x, positions, keys, values, None, (cache, (torch.tensor(slots, device=self.device), slice(None), positions)), mask)
+        else:
+            x = self._chunk(x, b, t, positions, keys, values, cache, (torch.tensor(slots, device=self.device)[:, None], slice(None), positions.view(b, t)), mask)
+        if last_only:
+            x, t = x.view(b, t, -1)[:, -1], 1
+        h, scale = self._normed(x, self.norm)
+        return torch.addmm(self.zero, h, self.head, beta=0, alpha=scale).view(b, t, -1)
+
+    def _step(self, x: torch.Tensor, positions: torch.Tensor, keys: Any, values: Any, k_out: Any, v_out: Any, mask: torch.Tensor | None) -> torch.Tensor:
+        """One token for each of ``x.shape[0]`` sequences. ``k_out``/``v_out``: per layer the views
+        that take the new keys and values, or ``None`` and (cache, index) to index-put them."""
+        b = x.shape[0]
+        if b not in self.buffers:
+            self.buffers[b] = _Buffers(self.config, b, self.dtype, self.device)
+        buf, zero, nq = self.buffers[b], self.zero, self.n_heads * self.head_dim
+        # Rotary embedding as one product per layer: x @ (diag(cos) + swap @ diag(sin)).
+        rotate = torch.diag_embed(self.cos[positions]) + self.swap * self.sin[positions][:, None, :]
+        for i, (norm1, qkv_w, o_w, norm2, gate_up_w, down_w) in enumerate(self.layers):
+            h, scale = self._normed(x, norm1)
+            torch.addmm(zero, h, qkv_w, beta=0, alpha=scale, out=buf.qkv)
+            torch.bmm(buf.qk, rotate, out=buf.roped)
+            if k_out is not None:
+                k_out[i].copy_(buf.k)
+                v_out[i].copy_(buf.v)
+            else:
+                cache, index = v_out
+                cache.k[i][index] = buf.k
+                cache.v[i][index] = buf.v
+            out = F.scaled_dot_product_attention(buf.q, keys[i], values[i], attn_mask=mask)
+            x = torch.addmm(x, out.reshape(b, nq), o_w)
+            h, scale = self._normed(x, norm2)
+            torch.addmm(zero, h, gate_up_w, beta=0, alpha=scale, out=buf.gate_up)
+            x = torch.addmm(x, F.silu(buf.gate).mul_(buf.up), down_w)
+        return x
+
+    def _chunk(self, x: torch.Tensor, b: int, t: int, positions: torch.Tensor, keys: Any, values: Any, cache: KVCache, put: tuple[Any, ...], mask: torch.Tensor | None) -> torch.Tensor:
+        """Several tokens per sequence (a prompt): the same layers, without the single-token tricks."""
+        n, d, nh, nkv, g = b * t, self.head_dim, self.n_heads, self.n_kv, self.group
+        nqk, half = (nh + nkv) * d, d // 2
+        cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]
+        for i, (norm1, qkv_w, o_w, norm2, gate_up_w, down_w) in enumerate(self.layers):
+            qkv = torch.mm(F.rms_norm(x, self.width, norm1, self.config.rms_norm_eps), qkv_w)
+            qk = qkv[:, :nqk].view(n, nh + nkv, d)
+            qk = qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), -1) * sin
+            cache.k[i][put] = qk[:, nh:].view(b, t, nkv, d)
+            cache.v[i][put] = qkv[:, nqk:].view(b, t, nkv, d)
+            q = qk[:, :nh].view(b, t, nkv, g, d).permute(0, 2, 3, 1, 4).reshape(b, nkv, g * t, d)
+            out = F.scaled_dot_product_attention(q, keys[i], values[i], attn_mask=mask)
+            x = torch.addmm(x, out.view(b, nkv, g, t, d).permute(0, 3, 1, 2, 4).reshape(n, nh * d), o_w)
+            gate_up = torch.mm(F.rms_norm(x, self.width, norm2, self.config.rms_norm_eps), gate_up_w)
+            inter = gate_up.shape[1] // 2
+            x = torch.addmm(x, F.silu(gate_up[:, :inter]).mul_(gate_up[:, inter:]), down_w)
+        return x
