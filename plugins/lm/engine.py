@@ -57,7 +57,7 @@ class _Seq:
     out: list[int] = field(default_factory=list)
     first_token_at: float | None = None
     finish: str | None = None
-    text: str = ""
+    text: str | None = ""  # None: not decoded since the last token (nobody needed it yet)
     emitted: int = 0  # characters of text already handed to on_token
 
 
@@ -85,6 +85,13 @@ def sample_next(logits: torch.Tensor, seen: list[int], s: Sampling, gen: torch.G
 
 def _greedy(s: Sampling) -> bool:
     return s.temperature == 0 and s.repetition_penalty == 1.0
+
+
+def _argmax(logits: torch.Tensor) -> list[int]:
+    """The first largest entry of each row; NumPy's is vectorised (~3 us for 32k floats on CPU, torch's ~45 us)."""
+    if logits.device.type == "cpu":
+        return logits.float().numpy().argmax(-1).tolist()
+    return logits.argmax(-1).tolist()
 
 
 class Engine:
@@ -139,7 +146,7 @@ class Engine:
         last = torch.tensor([[q.out[-1]] for q in active], device=self.device)
         logits = self.decoder(last, [len(q.prompt) + len(q.out) - 1 for q in active], [q.slot for q in active], cache)[:, -1]
         if all(_greedy(q.sampling) for q in active):  # one argmax for the batch
-            tokens = logits.argmax(-1).tolist()
+            tokens = _argmax(logits)
         else:
             tokens = [self._pick(q, logits[row]) for row, q in enumerate(active)]
         for seq, token in zip(active, tokens):
@@ -147,6 +154,8 @@ class Engine:
 
     def completion(self, seq: _Seq) -> Completion:
         done = time.perf_counter()
+        if seq.text is None:
+            seq.text = self.tok.decode(seq.out)
         decode_time = done - (seq.first_token_at or done)
         return Completion(
             text=seq.text,
@@ -188,8 +197,18 @@ class Engine:
             self._finish(seq, "eos", token, on_token)
             return
         seq.out.append(token)
+        if not on_token and not s.stop:  # nobody reads the text before the end: decode it then
+            seq.text = None
+        else:
+            self._text_step(seq, token, on_token)
+        total = len(seq.prompt) + len(seq.out)
+        if seq.finish is None and (len(seq.out) >= s.max_new_tokens or total >= min(self.context, cache_length)):
+            self._finish(seq, "length", token, on_token)
+
+    def _text_step(self, seq: _Seq, token: int, on_token: Any) -> None:
+        """Decode the text so far: stop strings, and pieces for ``on_token``."""
         text = self.tok.decode(seq.out)
-        for stop in s.stop:
+        for stop in seq.sampling.stop:
             at = text.find(stop)
             if at != -1:
                 seq.text = text[:at]
@@ -200,14 +219,13 @@ class Engine:
         if on_token and not text.endswith("\ufffd") and len(text) > seq.emitted:
             on_token(seq.slot, token, text[seq.emitted :])
             seq.emitted = len(text)
-        total = len(seq.prompt) + len(seq.out)
-        if len(seq.out) >= s.max_new_tokens or total >= min(self.context, cache_length):
-            self._finish(seq, "length", token, on_token)
 
     @staticmethod
     def _finish(seq: _Seq, reason: str, token: int, on_token: Any) -> None:
         """End the sequence; whatever text was held back goes out now."""
         seq.finish = reason
+        if seq.text is None:  # nobody streams it: completion() decodes it
+            return
         if on_token and len(seq.text) > seq.emitted:
             on_token(seq.slot, token, seq.text[seq.emitted :])
         seq.emitted = len(seq.text)

@@ -172,13 +172,16 @@ class _Gathered:
 
 
 class _Buffers:
-    """The outputs of one single-token step for ``b`` sequences, and their views, made once: a
-    decode step then runs its layers without creating a single view (each costs a few
-    microseconds, and the cache is cold after every matrix product)."""
+    """Everything a single-token step for ``b`` sequences writes, and the views it reads, made
+    once: the step's layers then create no tensors and no views. (A decode step is
+    memory-bound matrix products with tiny ops between them; every tiny op runs with caches
+    just flushed by a product, and creating a tensor or a view costs as much as a small op.)"""
 
     def __init__(self, c: LlamaConfig, b: int, dtype: torch.dtype, device: torch.device) -> None:
-        nh, nkv, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        nh, nkv, d, inter = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.intermediate_size
         new = dict(dtype=dtype, device=device)
+        self.x = torch.empty(b, c.hidden_size, **new)  # the residual stream, updated in place
+        self.row = self.x[0] if b == 1 else None  # one sequence: its RMS scale comes from a dot product
         self.h = torch.empty(b, c.hidden_size, **new)
         self.qkv = torch.empty(b, (nh + 2 * nkv) * d, **new)
         self.qk = self.qkv[:, : (nh + nkv) * d].view(b, nh + nkv, d)
@@ -186,22 +189,34 @@ class _Buffers:
         self.q = self.roped[:, :nh].view(b, nkv, nh // nkv, d)  # grouped by key/value head
         self.k = self.roped[:, nh:]
         self.v = self.qkv[:, (nh + nkv) * d :].view(b, nkv, d)
-        self.gate_up = torch.empty(b, 2 * c.intermediate_size, **new)
-        self.gate, self.up = self.gate_up[:, : c.intermediate_size], self.gate_up[:, c.intermediate_size :]
+        self.gate_up = torch.empty(b, 2 * inter, **new)
+        self.gate, self.up = self.gate_up[:, :inter], self.gate_up[:, inter:]
+        self.logits = torch.empty(b, c.vocab_size, **new)
+
+
+class _Gathered:
+    """Layer i's keys (or values) of the sequences in ``slots`` up to ``upto``, copied when asked."""
+
+    def __init__(self, cache: torch.Tensor, slots: torch.Tensor, upto: int) -> None:
+        self.cache, self.slots, self.upto = cache, slots, upto
+
+    def __getitem__(self, layer: int) -> torch.Tensor:
+        return self.cache[layer][self.slots, :, : self.upto]
 
 
 class Decoder:
     """Inference-only forward passes over a :class:`KVCache`, on the weights of a :class:`Llama`.
 
-    A decode step is memory-bound matrix-vector products plus many tiny ops, each of which runs
-    with cold caches right after a product, so this path keeps the tiny ops few: each layer's
+    A decode step is memory-bound matrix-vector products with tiny ops between them, each run
+    with caches just flushed by a product, so this path keeps the tiny ops few: each layer's
     [q; k; v] and [gate; up] projections are one matrix each (4 products per layer instead of 7;
     the model's ``q_proj.weight`` etc. become views of their rows, so the model keeps one copy
     of its weights, its parameter names and its outputs); residual adds ride on ``addmm`` and,
-    for one sequence, the RMS norm's scale on its ``alpha``; rotary embeddings of a single token
-    are one small batched product; queries are grouped by key/value head ([batch, kv_head,
+    for one sequence, the RMS norm's scale on its ``alpha``; a single token's rotary embedding
+    is one small batched product; queries are grouped by key/value head ([batch, kv_head,
     group * T, head_dim]) so attention reads the cache as it is, unmasked whenever every
-    sequence is at the same position.
+    sequence is at the same position; single-token steps write into buffers made once per batch
+    size (their logits too: the next step overwrites them).
     """
 
     def __init__(self, model: Llama) -> None:
@@ -224,7 +239,7 @@ class Decoder:
         swap = torch.zeros(self.head_dim, self.head_dim)  # x @ swap == rotate_half(x)
         swap[torch.arange(half) + half, torch.arange(half)] = -1.0
         swap[torch.arange(half), torch.arange(half) + half] = 1.0
-        self.swap = swap.to(self.dtype)
+        self.swap = swap.to(self.device, self.dtype)
         self.cos = self.sin = torch.empty(0)
         self.buffers: dict[int, _Buffers] = {}
 
@@ -233,11 +248,14 @@ class Decoder:
         cos, sin = rotary_tables(self.config, torch.arange(length, device=self.device), self.dtype)
         self.cos, self.sin = cos[0, 0], sin[0, 0]
 
-    def _normed(self, x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """(h, scale) with RMSNorm(x) @ W == scale * (h @ W): one row's scale goes to ``addmm``."""
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> float:
+        """Write RMSNorm(x) into ``out`` up to a factor, and return the factor (for ``addmm``'s
+        ``alpha``): for one row, its scale (so the norm is one product and one dot), else 1."""
         if x.shape[0] == 1:
-            return x * weight, 1.0 / math.sqrt(float(torch.dot(x[0], x[0])) / x.shape[1] + self.config.rms_norm_eps)
-        return F.rms_norm(x, self.width, weight, self.config.rms_norm_eps), 1.0
+            torch.mul(x, weight, out=out)
+            return 1.0 / math.sqrt(float(torch.dot(x[0], x[0])) / x.shape[1] + self.config.rms_norm_eps)
+        out.copy_(F.rms_norm(x, self.width, weight, self.config.rms_norm_eps))
+        return 1.0
 
     def __call__(self, input_ids: torch.Tensor, starts: list[int], slots: list[int], cache: KVCache, last_only: bool = True) -> torch.Tensor:
         """Logits for new tokens ``input_ids`` [B, T] of the sequences in cache ``slots``, the
@@ -247,70 +265,85 @@ class Decoder:
         upto = max(starts) + t
         if self.cos.shape[0] < upto:
             self._rotary(max(cache.length, upto))
-        positions = torch.tensor(starts, device=self.device)
-        if t > 1:
-            positions = (positions[:, None] + torch.arange(t, device=self.device)).view(-1)
         # Read the cache as views when the slots are a range (serve keeps them so), else gather.
         ranged = slots == list(range(slots[0], slots[0] + b))
-        read: slice | torch.Tensor = slice(slots[0], slots[0] + b) if ranged else torch.tensor(slots, device=self.device)
+        span = slice(slots[0], slots[0] + b)
         aligned = ranged and all(s == starts[0] for s in starts)
-        mask = None
-        if t > 1 or not aligned:
+        if aligned and t == 1:
+            positions: Any = slice(starts[0], starts[0] + 1) if b == 1 else torch.full((b,), starts[0], device=self.device)
+            mask = None  # every key so far is visible to every sequence
+        else:
+            positions = torch.tensor(starts, device=self.device)
+            if t > 1:
+                positions = (positions[:, None] + torch.arange(t, device=self.device)).view(-1)
             mask = (torch.arange(upto, device=self.device) <= positions.view(b, t, 1))[:, None]  # [B, 1, T, upto]
             if t > 1:
                 mask = mask.repeat(1, 1, self.group, 1)  # query rows are (query in group, token)
         if ranged:
-            keys, values = cache.k[:, read, :, :upto].unbind(0), cache.v[:, read, :, :upto].unbind(0)
+            keys, values = cache.k[:, span, :, :upto].unbind(0), cache.v[:, span, :, :upto].unbind(0)
         else:  # gathered per layer, once the new keys and values are in
-            keys, values = _Gathered(cache.k, read, upto), _Gathered(cache.v, read, upto)
-        x = F.embedding(input_ids.view(-1), self.embed)
+            index = torch.tensor(slots, device=self.device)
+            keys, values = _Gathered(cache.k, index, upto), _Gathered(cache.v, index, upto)
         if t == 1:
-            if aligned:
-                put = (slice(None), read, slice(None), starts[0])
-                x = self._step(x, positions, keys, values, cache.k[put].unbind(0), cache.v[put].unbind(0), mask)
-            else:
-                x = self._step(x, positions, keys, values, None, (cache, (torch.tensor(slots, device=self.device), slice(None), positions)), mask)
-        else:
-            x = self._chunk(x, b, t, positions, keys, values, cache, (torch.tensor(slots, device=self.device)[:, None], slice(None), positions.view(b, t)), mask)
+            put = (slice(None), span, slice(None), starts[0]) if aligned else None
+            return self._step(input_ids.view(-1), positions, keys, values, cache, put, slots, mask).view(b, 1, -1)
+        index_put = (torch.tensor(slots, device=self.device)[:, None], slice(None), positions.view(b, t))
+        x = self._chunk(F.embedding(input_ids.view(-1), self.embed), b, t, positions, keys, values, cache, index_put, mask)
         if last_only:
             x, t = x.view(b, t, -1)[:, -1], 1
-        h, scale = self._normed(x, self.norm)
-        return torch.addmm(self.zero, h, self.head, beta=0, alpha=scale).view(b, t, -1)
+        return torch.mm(F.rms_norm(x, self.width, self.norm, self.config.rms_norm_eps), self.head).view(b, t, -1)
 
-    def _step(self, x: torch.Tensor, positions: torch.Tensor, keys: Any, values: Any, k_out: Any, v_out: Any, mask: torch.Tensor | None) -> torch.Tensor:
-        """One token for each of ``x.shape[0]`` sequences. ``k_out``/``v_out``: per layer the views
-        that take the new keys and values, or ``None`` and (cache, index) to index-put them."""
-        b = x.shape[0]
+    def _step(self, ids: torch.Tensor, positions: Any, keys: Any, values: Any, cache: KVCache, put: tuple[Any, ...] | None, slots: list[int], mask: torch.Tensor | None) -> torch.Tensor:
+        """One token for each of ``len(ids)`` sequences: logits [B, vocab], in a buffer. ``put``:
+        where the new keys and values go when all sequences are at one position, else None."""
+        b = ids.shape[0]
         if b not in self.buffers:
             self.buffers[b] = _Buffers(self.config, b, self.dtype, self.device)
         buf, zero, nq = self.buffers[b], self.zero, self.n_heads * self.head_dim
-        # Rotary embedding as one product per layer: x @ (diag(cos) + swap @ diag(sin)).
+        x, h, qkv, qk, roped, q, k, v, gate_up, gate, up = buf.x, buf.h, buf.qkv, buf.qk, buf.roped, buf.q, buf.k, buf.v, buf.gate_up, buf.gate, buf.up
+        norm = self._norm if b > 1 else None
+        width, eps, row = x.shape[1], self.config.rms_norm_eps, buf.row
+        torch.index_select(self.embed, 0, ids, out=x)
+        # The rotary embedding as one product per layer: x @ (diag(cos) + swap @ diag(sin)).
         rotate = torch.diag_embed(self.cos[positions]) + self.swap * self.sin[positions][:, None, :]
+        if put is not None:
+            k_out, v_out = cache.k[put].unbind(0), cache.v[put].unbind(0)
+        else:
+            index_put = (torch.tensor(slots, device=self.device), slice(None), positions)
+        # One sequence: RMSNorm(x) @ W == scale * ((x * weight) @ W), the scale going to addmm's alpha
+        # (the norm written out here, not in a helper: every call made in this loop costs).
         for i, (norm1, qkv_w, o_w, norm2, gate_up_w, down_w) in enumerate(self.layers):
-            h, scale = self._normed(x, norm1)
-            torch.addmm(zero, h, qkv_w, beta=0, alpha=scale, out=buf.qkv)
-            torch.bmm(buf.qk, rotate, out=buf.roped)
-            if k_out is not None:
-                k_out[i].copy_(buf.k)
-                v_out[i].copy_(buf.v)
+            if norm is None:
+                torch.mul(x, norm1, out=h)
+                scale = 1.0 / math.sqrt(float(torch.dot(row, row)) / width + eps)
             else:
-                cache, index = v_out
-                cache.k[i][index] = buf.k
-                cache.v[i][index] = buf.v
-            out = F.scaled_dot_product_attention(buf.q, keys[i], values[i], attn_mask=mask)
-            x = torch.addmm(x, out.reshape(b, nq), o_w)
-            h, scale = self._normed(x, norm2)
-            torch.addmm(zero, h, gate_up_w, beta=0, alpha=scale, out=buf.gate_up)
-            x = torch.addmm(x, F.silu(buf.gate).mul_(buf.up), down_w)
-        return x
+                scale = norm(x, norm1, h)
+            torch.addmm(zero, h, qkv_w, beta=0, alpha=scale, out=qkv)
+            torch.bmm(qk, rotate, out=roped)
+            if put is not None:
+                k_out[i].copy_(k)
+                v_out[i].copy_(v)
+            else:
+                cache.k[i][index_put] = k
+                cache.v[i][index_put] = v
+            x.addmm_(F.scaled_dot_product_attention(q, keys[i], values[i], attn_mask=mask).view(b, nq), o_w)
+            if norm is None:
+                torch.mul(x, norm2, out=h)
+                scale = 1.0 / math.sqrt(float(torch.dot(row, row)) / width + eps)
+            else:
+                scale = norm(x, norm2, h)
+            torch.addmm(zero, h, gate_up_w, beta=0, alpha=scale, out=gate_up)
+            x.addmm_(F.silu(gate, inplace=True).mul_(up), down_w)
+        scale = self._norm(x, self.norm, h)
+        return torch.addmm(zero, h, self.head, beta=0, alpha=scale, out=buf.logits)
 
     def _chunk(self, x: torch.Tensor, b: int, t: int, positions: torch.Tensor, keys: Any, values: Any, cache: KVCache, put: tuple[Any, ...], mask: torch.Tensor | None) -> torch.Tensor:
         """Several tokens per sequence (a prompt): the same layers, without the single-token tricks."""
         n, d, nh, nkv, g = b * t, self.head_dim, self.n_heads, self.n_kv, self.group
-        nqk, half = (nh + nkv) * d, d // 2
+        nqk, half, eps = (nh + nkv) * d, d // 2, self.config.rms_norm_eps
         cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]
         for i, (norm1, qkv_w, o_w, norm2, gate_up_w, down_w) in enumerate(self.layers):
-            qkv = torch.mm(F.rms_norm(x, self.width, norm1, self.config.rms_norm_eps), qkv_w)
+            qkv = torch.mm(F.rms_norm(x, self.width, norm1, eps), qkv_w)
             qk = qkv[:, :nqk].view(n, nh + nkv, d)
             qk = qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), -1) * sin
             cache.k[i][put] = qk[:, nh:].view(b, t, nkv, d)
@@ -318,7 +351,7 @@ class Decoder:
             q = qk[:, :nh].view(b, t, nkv, g, d).permute(0, 2, 3, 1, 4).reshape(b, nkv, g * t, d)
             out = F.scaled_dot_product_attention(q, keys[i], values[i], attn_mask=mask)
             x = torch.addmm(x, out.view(b, nkv, g, t, d).permute(0, 3, 1, 2, 4).reshape(n, nh * d), o_w)
-            gate_up = torch.mm(F.rms_norm(x, self.width, norm2, self.config.rms_norm_eps), gate_up_w)
+            gate_up = torch.mm(F.rms_norm(x, self.width, norm2, eps), gate_up_w)
             inter = gate_up.shape[1] // 2
             x = torch.addmm(x, F.silu(gate_up[:, :inter]).mul_(gate_up[:, inter:]), down_w)
         return x

@@ -12,7 +12,7 @@ transformers = pytest.importorskip("transformers")
 
 from llmos.plugins.lm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint  # noqa: E402
 from llmos.plugins.lm.config import PRESETS, LlamaConfig, config_from_dict, config_from_preset  # noqa: E402
-from llmos.plugins.lm.model import Llama  # noqa: E402
+from llmos.plugins.lm.model import Decoder, KVCache, Llama  # noqa: E402
 from llmos.plugins.lm.text import bytes_tokenizer, corpus_files, tokenize_corpus, train_bpe  # noqa: E402
 
 
@@ -44,6 +44,45 @@ def test_transformers_checkpoint_loads_in_llmos_with_same_logits(tmp_path: Path)
     ids = torch.randint(0, 211, (3, 17))
     with torch.no_grad():
         assert torch.allclose(model.eval()(ids), hf(ids).logits, atol=1e-4, rtol=0)
+
+
+def test_decoder_shares_the_weights_and_matches_the_model_over_its_cache(tmp_path: Path) -> None:
+    model = Llama(config_from_preset("nano", 300))
+    model.init_weights(seed=2)
+    model.eval()
+    ids = torch.randint(0, 300, (3, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(ids)
+    names = list(model.state_dict())
+    decoder = Decoder(model)
+    # Fused [q; k; v] and [gate; up]: the model's weights are views of them, names and outputs unchanged.
+    assert list(model.state_dict()) == names
+    attn, mlp = model.model.layers[1].self_attn, model.model.layers[1].mlp
+    assert attn.q_proj.weight.untyped_storage().data_ptr() == attn.v_proj.weight.untyped_storage().data_ptr()
+    assert mlp.gate_proj.weight.untyped_storage().data_ptr() == mlp.up_proj.weight.untyped_storage().data_ptr()
+    with torch.no_grad():
+        assert torch.equal(model(ids), expected)
+    save_checkpoint(tmp_path / "ck", model, None, {})
+    assert torch.equal(load_checkpoint(tmp_path / "ck")[0].model.layers[1].self_attn.k_proj.weight, attn.k_proj.weight)
+
+    def check(slots: list[int], rows: list[int], prompt: list[int], steps: int) -> None:
+        """Prefill ``rows`` of ``ids`` (prompt[i] tokens each) into ``slots``, then decode together."""
+        cache = KVCache(model.config, slots=4, length=16, dtype=torch.float32)
+        with torch.inference_mode():
+            for row, n, slot in zip(rows, prompt, slots):
+                logits = decoder(ids[row : row + 1, :n], [0], [slot], cache, last_only=False)
+                assert torch.allclose(logits[0], expected[row, :n], atol=1e-5, rtol=0)
+            at = list(prompt)
+            for _ in range(steps):
+                logits = decoder(torch.stack([ids[r, p] for r, p in zip(rows, at)])[:, None], at, slots, cache)
+                for i, (r, p) in enumerate(zip(rows, at)):
+                    assert torch.allclose(logits[i, 0], expected[r, p], atol=1e-5, rtol=0), (slots, r, p)
+                at = [p + 1 for p in at]
+
+    check([0], [0], [4], 6)  # one sequence: the buffered single-row step
+    check([1, 2], [1, 2], [5, 5], 4)  # a range of slots at one position: cache views, no mask
+    check([0, 1, 2], [0, 1, 2], [3, 7, 5], 4)  # a range at different positions: masked
+    check([3, 0, 2], [2, 0, 1], [6, 2, 4], 4)  # slots in any order: gathered
 
 
 def test_bad_checkpoints_say_what_is_wrong(tmp_path: Path) -> None:
