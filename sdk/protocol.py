@@ -177,7 +177,8 @@ def make_checker(tp: Any) -> Checker:
         return lambda v: any(c(v) for c in checks)
     if origin is Literal:
         allowed = set(args)
-        return lambda v: v in allowed and type(v) in {type(a) for a in args}
+        literal_types = frozenset(type(a) for a in args)
+        return lambda v: type(v) in literal_types and v in allowed  # type first: a map or list is unhashable
     if tp is list or origin in (list, tuple, typing.Sequence):
         if args and origin is list:
             item = make_checker(args[0])

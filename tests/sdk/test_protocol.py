@@ -101,7 +101,7 @@ def test_generated_fast_checks_agree_with_the_field_checkers():
     from llmos.protocol import _MISSING, _fast_check, message_types, spec_for
 
     samples = [None, True, False, 0, -3, 2**70, 1.5, "", "s", b"b", [], [1, "a"], (), {}, {"a": 1}, {"a": "b"}, {1: 2}, {b"k": 1}]
-    rng = random.Random(7)
+    rng = random.Random(7)  # fixed seed; the loop below draws every sample for every field many times
     for name in message_types():
         spec = spec_for(name)
         fast = _fast_check(spec)
@@ -118,7 +118,7 @@ def test_generated_fast_checks_agree_with_the_field_checkers():
                     return False
             return True
 
-        for _ in range(150):
+        for _ in range(400):
             body = {f.name: rng.choice(samples) for f in spec.fields if rng.random() < 0.8}
             if rng.random() < 0.05:
                 body["unknown_field"] = 1
