@@ -61,7 +61,7 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 
 @pytest.mark.parametrize(
     ("m", "n", "k"),
-    [(1, 768, 768), (1, 256, 768), (1, 768, 2048), (1, 1000, 768), (2, 37, 77), (3, 33, 100), (4, 64, 48), (5, 7, 3), (16, 130, 257), (17, 40, 64), (40, 300, 96)],
+    [(1, 768, 768), (1, 256, 768), (1, 768, 2048), (1, 1000, 768), (2, 37, 77), (3, 33, 100), (4, 64, 48), (5, 7, 3), (16, 130, 257), (17, 40, 64), (32, 9, 31), (33, 300, 96)],
 )
 def test_matches_float32_math_on_rounded_weights(path: str, m: int, n: int, k: int) -> None:
     g = torch.Generator().manual_seed(m * 1000 + n + k)
