@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -648,17 +649,22 @@ class Kernel:
         """Validate, stamp and queue a worker's events: the hot path, so written out flat.
 
         A frame's items normally all come from one worker on a handful of topics: the sender's
-        lookup and each topic's checks are done once and reused while they stay the same."""
+        lookup, its stream's counters and queue, and each topic's checks are taken once and kept
+        in locals while the sender stays the same (written back before anything else may emit)."""
         workers, jobs, known, out = self.workers, self.jobs, self._stream_seq, self._out_events
         fast_ok, bad, journaled = self._fast_checks, 0, 0
+        pack_stamp = _STAMP.pack
         last_sender: Any = None
         job_id = 0
         stream = ""
+        last = 0  # the stream's stream_seq, while last_sender is set
+        queue: list[bytes] = []
+        seq = self.seq
         topics: dict[str, str] = {}  # topic -> its stream, for topics checked in this frame
         for raw in items:
             try:
-                if type(raw) is not bytes:
-                    raise ProtocolError("an ingest item is a bin holding a packed [topic, header, body]")
+                if type(raw) is not bytes or raw[:1] != b"\x93":
+                    raise ProtocolError("an ingest item is a bin holding a packed [topic, header, body] (a 3-element fixarray)")
                 item = unpackb(raw)
                 if type(item) is not list or len(item) != 3:
                     raise ProtocolError("an ingest item is [topic, header, body]")
@@ -666,6 +672,8 @@ class Kernel:
                 check_event_header(header)
                 sender = header["sender"]
                 if sender != last_sender:
+                    if last_sender is not None:
+                        known[stream] = last
                     last_sender = None
                     topics.clear()
                     worker = workers.get(sender)
@@ -673,6 +681,9 @@ class Kernel:
                         raise ProtocolError(f"event from {sender!r}, which is not a worker running a job")
                     job_id = worker.job_id
                     stream = f"job.{job_id}"
+                    cached = known.get(stream)
+                    last = self.store.last_stream_seq(stream) if cached is None else cached
+                    queue = out.setdefault(stream, [])
                     last_sender = sender
                 if type(topic_name) is not str or topic_name not in topics:
                     if type(topic_name) is not str or not (topic_name.startswith(stream) and topic_name[len(stream) : len(stream) + 1] == "."):
@@ -686,7 +697,10 @@ class Kernel:
                     if type_name == "worker.job_done":
                         job = jobs.get(job_id)
                         if job is not None:
+                            # Ending the job emits on its stream: hand the counters back first.
+                            known[stream], self.seq = last, seq
                             self._on_job_done(worker, job, decode_body(type_name, body))
+                            seq = self.seq
                         last_sender = None  # the worker's state changed: look it up again
                         continue
                     if type_name in _KERNEL_ONLY_TYPES or type_name.startswith(("kernel.", "worker.")):
@@ -697,19 +711,10 @@ class Kernel:
                     running = jobs.get(job_id)
                     if running is not None:
                         running.progress = body  # for `llmos top` and job records
-                # _journal, inlined.
-                last = known.get(stream)
-                if last is None:
-                    last = self.store.last_stream_seq(stream)
-                self.seq += 1
+                # _journal and stamp, inlined.
+                seq += 1
                 last += 1
-                known[stream] = last
-                stamped = stamp(raw, self.seq, last)
-                queue = out.get(stream)
-                if queue is None:
-                    out[stream] = [stamped]
-                else:
-                    queue.append(stamped)
+                queue.append(b"\x95" + raw[1:] + pack_stamp(0xCF, seq, 0xCF, last))
                 journaled += 1
             except ProtocolError as exc:
                 bad += 1
@@ -717,6 +722,9 @@ class Kernel:
             except Exception as exc:
                 bad += 1
                 log.exception("ingest_item_failed", error=f"{type(exc).__name__}: {exc}")
+        if last_sender is not None:
+            known[stream] = last
+        self.seq = seq
         self.stats["events_journaled"] += journaled
 
     def _bad_frame(self, where: str, exc: BaseException) -> None:
@@ -1551,6 +1559,7 @@ class Kernel:
 
 
 _KERNEL_ONLY_TYPES = frozenset({"job.state"})
+_STAMP = struct.Struct(">BQBQ")  # seq and stream_seq as msgpack uint64s, as llmos.protocol.stamp appends them
 
 
 def _kill_group(pid: int) -> None:
