@@ -95,15 +95,24 @@ def _argmax(logits: torch.Tensor) -> list[int]:
 
 
 class Engine:
-    """Generate from a Llama model with a KV cache; ``generate`` runs a batch to completion."""
+    """Generate from a Llama model with a KV cache; ``generate`` runs a batch to completion.
+
+    The engine takes the model over: it is cast and its projections fused in place (one copy of
+    the weights; parameter names unchanged). ``dtype="bfloat16"`` on a CPU means bfloat16 weights
+    with float32 activations, norms and KV cache (the linear layers become
+    :class:`~llmos.plugins.lm.kernels.BF16Linear` views of the decoder's fused bfloat16 weights,
+    and the float32 weights are dropped); elsewhere it is bfloat16 throughout.
+    """
 
     def __init__(self, model: Llama, tok: Tok, dtype: str = "float32", device: str | torch.device = "cpu") -> None:
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-        self.dtype = DTYPES[dtype]
         self.device = torch.device(device)
+        self.weights_dtype = DTYPES[dtype]
+        weight_only = self.weights_dtype == torch.bfloat16 and self.device.type == "cpu"
+        self.dtype = torch.float32 if weight_only else self.weights_dtype  # activations and the cache
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
-        self.decoder = Decoder(self.model)  # fuses projections in place: the model keeps one copy of its weights
+        self.decoder = Decoder(self.model, bf16_weights=weight_only)  # fuses projections in place: one copy of the weights
         self.tok = tok
         self.eos = model.config.eos_token_id if model.config.eos_token_id is not None else tok.eos_id
         self.context = model.config.max_position_embeddings

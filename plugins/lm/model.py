@@ -4,6 +4,7 @@ attention through ``scaled_dot_product_attention``. Parameter names are Hugging 
 
 from __future__ import annotations
 
+import ctypes
 import math
 from typing import Any
 
@@ -11,7 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmos.plugins.lm import kernels
 from llmos.plugins.lm.config import LlamaConfig
+from llmos.plugins.lm.kernels import BF16Linear, StepArgs, bf16_linear
 
 
 class RMSNorm(nn.Module):
@@ -161,6 +164,21 @@ def _fuse(*linears: nn.Linear) -> torch.Tensor:
     return fused
 
 
+def _to_bf16(parent: nn.Module, names: tuple[str, ...], weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` (the named linears' weights stacked by rows) rounded to one contiguous bfloat16
+    matrix; each linear becomes a :class:`BF16Linear` whose weight is a view of its rows, so the
+    model keeps computing (float32 activations) and drops its float32 copy."""
+    fused = weight.detach().to(torch.bfloat16).contiguous()
+    row = 0
+    for name in names:
+        lin = getattr(parent, name)
+        mod = BF16Linear(lin.in_features, lin.out_features, bias=False, device="meta")
+        mod.weight = nn.Parameter(fused[row : row + lin.out_features], requires_grad=False)
+        setattr(parent, name, mod)
+        row += lin.out_features
+    return fused
+
+
 class _Gathered:
     """Layer i's keys (or values) of the sequences in ``slots`` up to ``upto``, copied when asked."""
 
@@ -192,16 +210,26 @@ class _Buffers:
         self.gate_up = torch.empty(b, 2 * inter, **new)
         self.gate, self.up = self.gate_up[:, :inter], self.gate_up[:, inter:]
         self.logits = torch.empty(b, c.vocab_size, **new)
+        self.args: Any = None  # the C step's arguments (see Decoder._native_step)
 
 
-class _Gathered:
-    """Layer i's keys (or values) of the sequences in ``slots`` up to ``upto``, copied when asked."""
-
-    def __init__(self, cache: torch.Tensor, slots: torch.Tensor, upto: int) -> None:
-        self.cache, self.slots, self.upto = cache, slots, upto
-
-    def __getitem__(self, layer: int) -> torch.Tensor:
-        return self.cache[layer][self.slots, :, : self.upto]
+def _step_args(decoder: Decoder, buf: _Buffers, b: int) -> Any:
+    """The C decode step's argument block for ``b`` sequences: shapes, weights and buffers set
+    once; ids, slots, positions, cache and rotary tables set per call."""
+    c = decoder.config
+    buf.att = torch.empty(b, c.num_attention_heads * c.head_dim)
+    buf.act = torch.empty(b, c.intermediate_size)
+    buf.ids, buf.slots, buf.pos = ((ctypes.c_int64 * b)() for _ in range(3))
+    a = StepArgs(
+        L=c.num_hidden_layers, B=b, H=c.hidden_size, nh=c.num_attention_heads, nkv=c.num_key_value_heads, d=c.head_dim,
+        inter=c.intermediate_size, V=c.vocab_size, layers=decoder.addresses.data_ptr(), norm=decoder.norm.data_ptr(),
+        head=decoder.head_w.data_ptr(), embed=decoder.embed.data_ptr(), ids=ctypes.addressof(buf.ids),
+        slots=ctypes.addressof(buf.slots), pos=ctypes.addressof(buf.pos), eps=c.rms_norm_eps, isa=decoder.native.isa,
+        wt=0 if decoder.bf16 else 1,
+    )
+    for name in ("x", "h", "qkv", "att", "gu", "act", "logits"):
+        setattr(a, name, getattr(buf, "gate_up" if name == "gu" else name).data_ptr())
+    return a
 
 
 class Decoder:
@@ -219,21 +247,33 @@ class Decoder:
     size (their logits too: the next step overwrites them).
     """
 
-    def __init__(self, model: Llama) -> None:
+    def __init__(self, model: Llama, bf16_weights: bool = False) -> None:
         c = self.config = model.config
         self.n_heads, self.n_kv, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         self.group, self.width = self.n_heads // self.n_kv, (c.hidden_size,)
-        self.layers = []
+        self.embed = model.model.embed_tokens.weight.detach()
+        self.dtype, self.device = self.embed.dtype, self.embed.device
+        if bf16_weights and (self.device.type != "cpu" or self.dtype != torch.float32):
+            raise ValueError("bf16_weights: a float32 model on the CPU only (elsewhere, cast the model to bfloat16)")
+        self.bf16 = bf16_weights
+        self.layers, self.weights = [], []
         with torch.no_grad():
             for layer in model.model.layers:
                 a, m = layer.self_attn, layer.mlp
                 qkv, gate_up = _fuse(a.q_proj, a.k_proj, a.v_proj), _fuse(m.gate_proj, m.up_proj)
+                o, down = a.o_proj.weight.detach(), m.down_proj.weight.detach()
+                if bf16_weights:
+                    qkv, gate_up = _to_bf16(a, ("q_proj", "k_proj", "v_proj"), qkv), _to_bf16(m, ("gate_proj", "up_proj"), gate_up)
+                    o, down = _to_bf16(a, ("o_proj",), o), _to_bf16(m, ("down_proj",), down)
                 norms = layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach()
-                self.layers.append((norms[0], qkv.t(), a.o_proj.weight.detach().t(), norms[1], gate_up.t(), m.down_proj.weight.detach().t()))
-        self.embed = model.model.embed_tokens.weight.detach()
+                self.weights.append((norms[0], qkv, o, norms[1], gate_up, down))  # [out, in], as the model's
+                if bf16_weights:  # bf16_linear takes [out, in]
+                    self.layers.append(self.weights[-1])
+                else:  # addmm takes [in, out]
+                    self.layers.append((norms[0], qkv.t(), o.t(), norms[1], gate_up.t(), down.t()))
+            self.head_w = _to_bf16(model, ("lm_head",), model.lm_head.weight) if bf16_weights else model.lm_head.weight.detach()
         self.norm = model.model.norm.weight.detach()
-        self.head = model.lm_head.weight.detach().t()
-        self.dtype, self.device = self.embed.dtype, self.embed.device
+        self.head = self.head_w if bf16_weights else self.head_w.t()
         self.zero = torch.zeros(1, 1, dtype=self.dtype, device=self.device)  # addmm's ignored input (beta=0)
         half = self.head_dim // 2
         swap = torch.zeros(self.head_dim, self.head_dim)  # x @ swap == rotate_half(x)
@@ -242,6 +282,25 @@ class Decoder:
         self.swap = swap.to(self.device, self.dtype)
         self.cos = self.sin = torch.empty(0)
         self.buffers: dict[int, _Buffers] = {}
+        self.native = self._native()
+        if self.native is not None:
+            self.addresses = torch.tensor([w.data_ptr() for layer in self.weights for w in layer], dtype=torch.int64)
+
+    def _native(self) -> Any:
+        """The compiled kernels for a whole single-token step, where they apply: float32
+        activations on the CPU, contiguous weights, and a kernel that built (see kernels.py)."""
+        if self.device.type != "cpu" or self.dtype != torch.float32:
+            return None
+        tensors = [self.embed, self.norm, self.head_w, *(w for layer in self.weights for w in layer)]
+        if not all(t.is_contiguous() for t in tensors):
+            return None
+        return kernels._load_native()
+
+    def _mm(self, a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return bf16_linear(a, w) if self.bf16 else torch.mm(a, w)
+
+    def _addmm(self, x: torch.Tensor, a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return bf16_linear(a, w, residual=x) if self.bf16 else torch.addmm(x, a, w)
 
     def _rotary(self, length: int) -> None:
         """cos and sin of positions 0 .. length - 1, in the model's dtype: [length, head_dim]."""
@@ -263,8 +322,12 @@ class Decoder:
         the last position's logits ([B, 1, vocab])."""
         b, t = input_ids.shape
         upto = max(starts) + t
+        if upto > cache.length:
+            raise ValueError(f"position {upto - 1} is past the cache's {cache.length}")
         if self.cos.shape[0] < upto:
             self._rotary(max(cache.length, upto))
+        if t == 1 and self.native is not None and cache.k.dtype == torch.float32:
+            return self._native_step(input_ids.view(-1).tolist(), starts, slots, cache).view(b, 1, -1)
         # Read the cache as views when the slots are a range (serve keeps them so), else gather.
         ranged = slots == list(range(slots[0], slots[0] + b))
         span = slice(slots[0], slots[0] + b)
@@ -291,7 +354,27 @@ class Decoder:
         x = self._chunk(F.embedding(input_ids.view(-1), self.embed), b, t, positions, keys, values, cache, index_put, mask)
         if last_only:
             x, t = x.view(b, t, -1)[:, -1], 1
-        return torch.mm(F.rms_norm(x, self.width, self.norm, self.config.rms_norm_eps), self.head).view(b, t, -1)
+        return self._mm(F.rms_norm(x, self.width, self.norm, self.config.rms_norm_eps), self.head).view(b, t, -1)
+
+    def _native_step(self, ids: list[int], starts: list[int], slots: list[int], cache: KVCache) -> torch.Tensor:
+        """One token for each sequence, every layer in one call to the C kernel: logits [B, vocab], in a buffer."""
+        b = len(ids)
+        buf = self.buffers.get(b)
+        if buf is None:
+            buf = self.buffers[b] = _Buffers(self.config, b, self.dtype, self.device)
+        if buf.args is None:
+            buf.args = _step_args(self, buf, b)
+        if min(ids) < 0 or max(ids) >= self.config.vocab_size:
+            raise IndexError(f"token ids must be in [0, {self.config.vocab_size}), got {ids}")
+        if not cache.k.is_contiguous() or not cache.v.is_contiguous():
+            raise ValueError("the KV cache must be contiguous")
+        a = buf.args
+        buf.ids[:], buf.slots[:], buf.pos[:] = ids, slots, starts
+        a.k_layer, a.k_slot, a.k_head = cache.k.stride()[:3]
+        a.k, a.v, a.cos, a.sin = cache.k.data_ptr(), cache.v.data_ptr(), self.cos.data_ptr(), self.sin.data_ptr()
+        a.threads = torch.get_num_threads()
+        self.native.step(ctypes.byref(a))
+        return buf.logits
 
     def _step(self, ids: torch.Tensor, positions: Any, keys: Any, values: Any, cache: KVCache, put: tuple[Any, ...] | None, slots: list[int], mask: torch.Tensor | None) -> torch.Tensor:
         """One token for each of ``len(ids)`` sequences: logits [B, vocab], in a buffer. ``put``:
@@ -310,6 +393,21 @@ class Decoder:
             k_out, v_out = cache.k[put].unbind(0), cache.v[put].unbind(0)
         else:
             index_put = (torch.tensor(slots, device=self.device), slice(None), positions)
+        if self.bf16:  # the torch path for bfloat16 weights (no C step here): float32 math, slower
+
+            def project(h: torch.Tensor, w: torch.Tensor, out: torch.Tensor, alpha: float) -> None:
+                torch.mul(bf16_linear(h, w), alpha, out=out)
+
+            def add(x: torch.Tensor, a: torch.Tensor, w: torch.Tensor) -> None:
+                x.copy_(bf16_linear(a, w, residual=x))
+        else:
+
+            def project(h: torch.Tensor, w: torch.Tensor, out: torch.Tensor, alpha: float) -> None:
+                torch.addmm(zero, h, w, beta=0, alpha=alpha, out=out)
+
+            def add(x: torch.Tensor, a: torch.Tensor, w: torch.Tensor) -> None:
+                x.addmm_(a, w)
+
         # One sequence: RMSNorm(x) @ W == scale * ((x * weight) @ W), the scale going to addmm's alpha
         # (the norm written out here, not in a helper: every call made in this loop costs).
         for i, (norm1, qkv_w, o_w, norm2, gate_up_w, down_w) in enumerate(self.layers):
@@ -318,7 +416,7 @@ class Decoder:
                 scale = 1.0 / math.sqrt(float(torch.dot(row, row)) / width + eps)
             else:
                 scale = norm(x, norm1, h)
-            torch.addmm(zero, h, qkv_w, beta=0, alpha=scale, out=qkv)
+            project(h, qkv_w, qkv, scale)
             torch.bmm(qk, rotate, out=roped)
             if put is not None:
                 k_out[i].copy_(k)
@@ -326,16 +424,17 @@ class Decoder:
             else:
                 cache.k[i][index_put] = k
                 cache.v[i][index_put] = v
-            x.addmm_(F.scaled_dot_product_attention(q, keys[i], values[i], attn_mask=mask).view(b, nq), o_w)
+            add(x, F.scaled_dot_product_attention(q, keys[i], values[i], attn_mask=mask).view(b, nq), o_w)
             if norm is None:
                 torch.mul(x, norm2, out=h)
                 scale = 1.0 / math.sqrt(float(torch.dot(row, row)) / width + eps)
             else:
                 scale = norm(x, norm2, h)
-            torch.addmm(zero, h, gate_up_w, beta=0, alpha=scale, out=gate_up)
-            x.addmm_(F.silu(gate, inplace=True).mul_(up), down_w)
+            project(h, gate_up_w, gate_up, scale)
+            add(x, F.silu(gate, inplace=True).mul_(up), down_w)
         scale = self._norm(x, self.norm, h)
-        return torch.addmm(zero, h, self.head, beta=0, alpha=scale, out=buf.logits)
+        project(h, self.head, buf.logits, scale)
+        return buf.logits
 
     def _chunk(self, x: torch.Tensor, b: int, t: int, positions: torch.Tensor, keys: Any, values: Any, cache: KVCache, put: tuple[Any, ...], mask: torch.Tensor | None) -> torch.Tensor:
         """Several tokens per sequence (a prompt): the same layers, without the single-token tricks."""
@@ -343,15 +442,15 @@ class Decoder:
         nqk, half, eps = (nh + nkv) * d, d // 2, self.config.rms_norm_eps
         cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]
         for i, (norm1, qkv_w, o_w, norm2, gate_up_w, down_w) in enumerate(self.layers):
-            qkv = torch.mm(F.rms_norm(x, self.width, norm1, eps), qkv_w)
+            qkv = self._mm(F.rms_norm(x, self.width, norm1, eps), qkv_w)
             qk = qkv[:, :nqk].view(n, nh + nkv, d)
             qk = qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), -1) * sin
             cache.k[i][put] = qk[:, nh:].view(b, t, nkv, d)
             cache.v[i][put] = qkv[:, nqk:].view(b, t, nkv, d)
             q = qk[:, :nh].view(b, t, nkv, g, d).permute(0, 2, 3, 1, 4).reshape(b, nkv, g * t, d)
             out = F.scaled_dot_product_attention(q, keys[i], values[i], attn_mask=mask)
-            x = torch.addmm(x, out.view(b, nkv, g, t, d).permute(0, 3, 1, 2, 4).reshape(n, nh * d), o_w)
-            gate_up = torch.mm(F.rms_norm(x, self.width, norm2, eps), gate_up_w)
+            x = self._addmm(x, out.view(b, nkv, g, t, d).permute(0, 3, 1, 2, 4).reshape(n, nh * d), o_w)
+            gate_up = self._mm(F.rms_norm(x, self.width, norm2, eps), gate_up_w)
             inter = gate_up.shape[1] // 2
-            x = torch.addmm(x, F.silu(gate_up[:, :inter]).mul_(gate_up[:, inter:]), down_w)
+            x = self._addmm(x, F.silu(gate_up[:, :inter]).mul_(gate_up[:, inter:]), down_w)
         return x
