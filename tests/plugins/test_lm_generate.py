@@ -55,6 +55,33 @@ def test_greedy_equals_transformers_token_for_token(engine: Engine, checkpoint: 
         assert completion.text == engine.tok.decode(expected)
 
 
+def test_torch_path_and_bf16_weights_agree_with_the_c_step(engine: Engine, checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The C decode step (default) and the torch path give the same greedy tokens; bfloat16
+    weights (float32 activations and cache on a CPU) agree with float32 on most prompts."""
+    from llmos.plugins.lm import kernels
+    from llmos.plugins.lm.checkpoint import load_checkpoint
+
+    greedy = Sampling(max_new_tokens=24, temperature=0)
+    expected = [c.tokens for c in engine.generate(PROMPTS, greedy)]
+    runs = {}
+    for path in ("auto", "torch"):
+        monkeypatch.setenv("LLMOS_BF16_KERNEL", path)
+        kernels._reset()
+        try:
+            f32 = Engine(load_checkpoint(checkpoint)[0], bytes_tokenizer())
+            b16 = Engine(load_checkpoint(checkpoint)[0], bytes_tokenizer(), dtype="bfloat16")
+            assert (f32.decoder.native is None) == (kernels.kernel_status().path == "torch")
+            assert b16.dtype == torch.float32 and b16.new_cache(1, 8).k.dtype == torch.float32
+            assert b16.model.lm_head.weight.dtype == torch.bfloat16 and b16.model.model.embed_tokens.weight.dtype == torch.float32
+            runs[path] = [c.tokens for c in f32.generate(PROMPTS, greedy)], [c.tokens for c in b16.generate(PROMPTS, greedy)]
+        finally:
+            kernels._reset()
+    assert runs["auto"][0] == expected and runs["torch"][0] == expected
+    for _, bf16 in runs.values():
+        same = sum(a == b for a, b in zip(bf16, expected))
+        assert same >= len(PROMPTS) // 2 + 1, f"bfloat16 agreed with float32 on {same} of {len(PROMPTS)}"
+
+
 def test_alone_equals_in_a_batch_and_seeds_reproduce(engine: Engine) -> None:
     s = Sampling(max_new_tokens=16, temperature=0.8, top_k=40, top_p=0.9, seed=11)
     batch = engine.generate(PROMPTS, s)

@@ -186,3 +186,17 @@ def test_two_processes_compile_into_one_cache_at_once(tmp_path: Path) -> None:
     assert all(p.returncode == 0 for p in procs), outs
     libraries = {out.strip().splitlines()[-1].split()[1] for out, _ in outs}  # the last line: logs may precede it
     assert len(libraries) == 1 and [p.name for p in tmp_path.iterdir()] == [Path(next(iter(libraries))).name]
+
+
+@pytest.mark.parametrize(("m", "n", "k"), [(1, 768, 768), (3, 33, 100), (5, 7, 3), (6, 130, 257)])
+def test_float32_kernel_matches_float32_math(path: str, m: int, n: int, k: int) -> None:
+    """The float32-weight kernel the decode step uses, with a residual added in place (y is add)."""
+    if path == "torch":
+        pytest.skip("the float32 kernel has no torch path (the decoder uses torch's own products)")
+    native = kernels._load_native()
+    assert native is not None
+    g = torch.Generator().manual_seed(m + n + k)
+    x, w, y = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g), torch.randn(m, n, generator=g)
+    want = (F.linear(x.double(), w.double()) + y.double()).float()
+    native.f32(x.data_ptr(), w.data_ptr(), y.data_ptr(), y.data_ptr(), n, m, k, n, native.isa, torch.get_num_threads())
+    assert rel_err(y, want) < TOL

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -46,15 +47,29 @@ def test_transformers_checkpoint_loads_in_llmos_with_same_logits(tmp_path: Path)
         assert torch.allclose(model.eval()(ids), hf(ids).logits, atol=1e-4, rtol=0)
 
 
-def test_decoder_shares_the_weights_and_matches_the_model_over_its_cache(tmp_path: Path) -> None:
+@pytest.fixture(params=["native", "torch"])
+def step_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """The decoder's single-token step through the C kernel (where it builds) or through torch."""
+    from llmos.plugins.lm import kernels
+
+    monkeypatch.setenv("LLMOS_BF16_KERNEL", "auto" if request.param == "native" else "torch")
+    kernels._reset()
+    if request.param == "native" and kernels.kernel_status().path != "native":
+        pytest.skip(f"no C kernel here: {kernels.kernel_status().reason}")
+    yield request.param
+    kernels._reset()
+
+
+def test_decoder_shares_the_weights_and_matches_the_model_over_its_cache(tmp_path: Path, step_path: str) -> None:
     model = Llama(config_from_preset("nano", 300))
     model.init_weights(seed=2)
     model.eval()
-    ids = torch.randint(0, 300, (3, 12), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, 300, (6, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = model(ids)
     names = list(model.state_dict())
     decoder = Decoder(model)
+    assert (decoder.native is not None) == (step_path == "native")
     # Fused [q; k; v] and [gate; up]: the model's weights are views of them, names and outputs unchanged.
     assert list(model.state_dict()) == names
     attn, mlp = model.model.layers[1].self_attn, model.model.layers[1].mlp
@@ -64,25 +79,57 @@ def test_decoder_shares_the_weights_and_matches_the_model_over_its_cache(tmp_pat
         assert torch.equal(model(ids), expected)
     save_checkpoint(tmp_path / "ck", model, None, {})
     assert torch.equal(load_checkpoint(tmp_path / "ck")[0].model.layers[1].self_attn.k_proj.weight, attn.k_proj.weight)
+    _check_decoder(decoder, model, ids, expected, atol=1e-5)
 
+
+def _check_decoder(decoder: Decoder, model: Llama, ids: torch.Tensor, expected: torch.Tensor, atol: float) -> None:
     def check(slots: list[int], rows: list[int], prompt: list[int], steps: int) -> None:
         """Prefill ``rows`` of ``ids`` (prompt[i] tokens each) into ``slots``, then decode together."""
-        cache = KVCache(model.config, slots=4, length=16, dtype=torch.float32)
+        cache = KVCache(model.config, slots=6, length=16, dtype=torch.float32)
         with torch.inference_mode():
             for row, n, slot in zip(rows, prompt, slots):
                 logits = decoder(ids[row : row + 1, :n], [0], [slot], cache, last_only=False)
-                assert torch.allclose(logits[0], expected[row, :n], atol=1e-5, rtol=0)
+                assert torch.allclose(logits[0], expected[row, :n], atol=atol, rtol=0)
             at = list(prompt)
             for _ in range(steps):
                 logits = decoder(torch.stack([ids[r, p] for r, p in zip(rows, at)])[:, None], at, slots, cache)
                 for i, (r, p) in enumerate(zip(rows, at)):
-                    assert torch.allclose(logits[i, 0], expected[r, p], atol=1e-5, rtol=0), (slots, r, p)
+                    assert torch.allclose(logits[i, 0], expected[r, p], atol=atol, rtol=0), (slots, r, p)
                 at = [p + 1 for p in at]
 
     check([0], [0], [4], 6)  # one sequence: the buffered single-row step
     check([1, 2], [1, 2], [5, 5], 4)  # a range of slots at one position: cache views, no mask
     check([0, 1, 2], [0, 1, 2], [3, 7, 5], 4)  # a range at different positions: masked
     check([3, 0, 2], [2, 0, 1], [6, 2, 4], 4)  # slots in any order: gathered
+    check([5, 0, 2, 1, 4, 3], [0, 1, 2, 3, 4, 5], [2, 3, 4, 5, 6, 7], 3)  # more rows than the C kernel's tile of 4
+    with torch.inference_mode(), pytest.raises(ValueError, match="past the cache"):
+        decoder(ids[:1, :1], [16], [0], KVCache(model.config, slots=1, length=16, dtype=torch.float32))
+
+
+def test_bf16_weights_decoder_drops_float32_and_matches_its_model(step_path: str) -> None:
+    """bfloat16 weights, float32 activations: the model's linears become views of the decoder's
+    fused bf16 matrices (no float32 copy left), and decoder and model agree."""
+    from llmos.plugins.lm.kernels import BF16Linear
+
+    for tie in (False, True):
+        model = Llama(config_from_preset("nano", 300, tie_word_embeddings=tie))
+        model.init_weights(seed=3)
+        model.eval()
+        ids = torch.randint(0, 300, (6, 12), generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            reference = model(ids)
+        decoder = Decoder(model, bf16_weights=True)
+        linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear | BF16Linear)]
+        assert linears and all(isinstance(m, BF16Linear) and m.weight.dtype == torch.bfloat16 for m in linears)
+        assert model.model.embed_tokens.weight.dtype == torch.float32 and model.model.norm.weight.dtype == torch.float32
+        attn = model.model.layers[0].self_attn
+        assert attn.q_proj.weight.untyped_storage().data_ptr() == attn.v_proj.weight.untyped_storage().data_ptr()
+        with torch.no_grad():
+            expected = model(ids)
+        assert float((expected - reference).norm() / reference.norm()) < 1e-2
+        _check_decoder(decoder, model, ids, expected, atol=1e-4)
+    with pytest.raises(ValueError, match="float32 model on the CPU"):
+        Decoder(Llama(config_from_preset("nano", 300)).to(torch.bfloat16), bf16_weights=True)
 
 
 def test_bad_checkpoints_say_what_is_wrong(tmp_path: Path) -> None:
