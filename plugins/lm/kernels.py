@@ -16,6 +16,14 @@ share one thread pool. Without a compiler, or on a CPU without AVX2+FMA, a pure-
 (weights upcast tile by tile) gives the same numbers, slower; :func:`kernel_status` says which path
 is active and why. ``LLMOS_BF16_KERNEL`` = ``auto`` (default) | ``avx512`` | ``avx2`` | ``scalar``
 | ``torch`` forces a path.
+
+The same library holds a float32-weight variant of the kernel (as fast as MKL's ``sgemv`` at one
+row on this kind of machine, and it adds a residual as it writes) and ``llmos_decode_step``: a
+whole single-token step of a Llama (embedding, RMS norms, fused projections, rotary embedding,
+KV-cache write and grouped-query attention, SwiGLU, ``lm_head``) in one call and one OpenMP
+region, for float32 or bfloat16 weights; :class:`~llmos.plugins.lm.model.Decoder` drives it
+through :class:`StepArgs`. Where the library is not in use (``LLMOS_BF16_KERNEL=torch`` too), the
+decoder takes its torch path.
 """
 
 from __future__ import annotations
@@ -39,7 +47,7 @@ from torch import nn
 
 log = structlog.get_logger(__name__)
 
-__all__ = ["BF16Linear", "KernelStatus", "bf16_linear", "kernel_status", "use_bf16_weights"]
+__all__ = ["BF16Linear", "KernelStatus", "StepArgs", "bf16_linear", "kernel_status", "use_bf16_weights"]
 
 #: Above this many input rows (prefill), upcast weight tiles and let torch's GEMM do the math:
 #: the kernel's 4-row reuse is built for decode batches, not for compute-bound matrix products

@@ -245,6 +245,13 @@ class Decoder:
     group * T, head_dim]) so attention reads the cache as it is, unmasked whenever every
     sequence is at the same position; single-token steps write into buffers made once per batch
     size (their logits too: the next step overwrites them).
+
+    On a CPU with float32 activations, a single-token step is one call into the compiled
+    kernels of :mod:`~llmos.plugins.lm.kernels` (every layer, one OpenMP region; same math up to
+    summation order); the torch code here is the path without them, and prefill's. With
+    ``bf16_weights`` (a float32 model on a CPU), the fused weights are kept in bfloat16 only and
+    the model's linear layers become :class:`BF16Linear` views of them: float32 activations,
+    norms and cache, half the bytes to read per token.
     """
 
     def __init__(self, model: Llama, bf16_weights: bool = False) -> None:
