@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import gc
 import logging
 import os
 import queue
@@ -363,6 +364,11 @@ def worker_main(args: argparse.Namespace, registry: Registry | None = None) -> i
 def zygote_main(args: argparse.Namespace) -> int:
     """Fork workers on request; never touches ZeroMQ, never starts a thread."""
     registry = load_plugins()
+    # What the zygote imported is shared with every worker, copy-on-write: keep the collector from
+    # writing to those objects in the children (a collection touches every object it tracks, and
+    # each page it touches is copied). Workers collect only what they make themselves.
+    gc.collect()
+    gc.freeze()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     stdin = sys.stdin.buffer
     os.write(1, b"ready\n")
