@@ -1157,18 +1157,40 @@ class Kernel:
         waiting_for_worker = 0
         if pending:
             now = time.time()
-            pending.sort(key=lambda j: (-self._effective_priority(j, now), j.id))
-            starvation = float(self.settings["scheduler"]["starvation_seconds"])
+            # By effective priority (see _effective_priority): priority + (now - queued_at) / aging
+            # orders jobs as priority - queued_at / aging does, a key that needs no clock.
+            aging = float(self.settings["scheduler"]["aging_seconds"])
+            if aging > 0:
+                pending.sort(key=lambda j: (j.queued_at / aging - j.priority, j.id))
+            else:
+                pending.sort(key=lambda j: (-j.priority, j.id))
+            sched, ws = self.settings["scheduler"], self.settings["workers"]
+            starvation = float(sched["starvation_seconds"])
+            # Past this many jobs that fit but wait for a worker, no more workers would start.
+            enough_waiting = int(ws["max_starting"]) + int(ws["pool_size"])
+            # Requests that did not fit in this pass still do not (reservations only grow in it):
+            # a queue of many alike jobs costs one placement, not one each.
+            unfit: set[tuple[Any, ...]] = set()
+            # Only a job above the lowest running preemptible one can preempt anything.
+            lowest_preemptible = min(
+                (j.priority for j in self.jobs.values() if j.state == "running" and j.preemptible), default=None
+            ) if sched["preemption"] else None
+            if lowest_preemptible is None:
+                lowest_preemptible = 1 << 62
             for job in pending:
-                res = Resources(**job.resources)
-                placement = self.devices.place(res)
+                key = tuple(job.resources.items())
+                placement = None if key in unfit else self.devices.place(Resources(**job.resources))
                 if placement is not None and ready:
                     self._start(job, placement, ready.pop(0))
                     continue
                 if placement is not None:
                     waiting_for_worker += 1
-                elif self.settings["scheduler"]["preemption"]:
-                    self._preempt_for(job, res)
+                    if not ready and waiting_for_worker >= enough_waiting:
+                        break  # the rest waits for workers too; the next pass sees them
+                else:
+                    unfit.add(key)
+                    if job.priority > lowest_preemptible:
+                        self._preempt_for(job, Resources(**job.resources))
                 if now - job.queued_at >= starvation:
                     break  # the head has waited too long: nothing behind it may jump ahead
         self._keep_pool(extra=waiting_for_worker)
