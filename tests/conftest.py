@@ -55,6 +55,23 @@ class KernelHandle(KernelProcess):
         self.pid = None
 
 
+def wait_for_gpu_probe(client: llmos.Client, timeout: float = 90) -> None:
+    """Until the kernel's GPU probe (a subprocess at boot) has filled in the real GPUs."""
+    deadline = time.monotonic() + timeout
+    while client.status()["stats"]["gpus_probing"]:
+        assert time.monotonic() < deadline, f"the GPU probe did not finish within {timeout}s"
+        time.sleep(0.1)
+
+
+def write_word_corpus(root: Path, docs: int) -> Path:
+    """``docs`` small text files of rotating words: a corpus a nano model learns in a few steps."""
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa", "lambda", "mu"]
+    for i in range(docs):
+        lines = [" ".join(words[(i + j + k) % len(words)] for k in range(6)) + "." for j in range(40)]
+        (root / f"doc{i:02}.txt").write_text("\n".join(lines))
+    return root
+
+
 def _wait_gone(pid: int, timeout: float = 15) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

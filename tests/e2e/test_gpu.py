@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import shutil
-import time
 
 import pytest
 
-from tests.conftest import KernelHandle
+from tests.conftest import KernelHandle, wait_for_gpu_probe
 
 
 def _has_gpu() -> bool:
@@ -20,10 +19,7 @@ def test_real_gpus_are_probed_and_given_to_jobs(state_dir) -> None:
     handle = KernelHandle(state_dir, "--fake-gpus", "1x8GiB").boot()
     try:
         with handle.client() as c:
-            deadline = time.monotonic() + 60
-            while c.status()["stats"]["gpus_probing"]:
-                assert time.monotonic() < deadline
-                time.sleep(0.1)
+            wait_for_gpu_probe(c, timeout=60)
             gpus = [d for d in c.devices() if d["kind"] == "gpu"]
             real = [d for d in gpus if not d["fake"]]
             assert real and real[0]["memory_total"] > 1 << 30

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 
 import llmos
-from tests.conftest import KernelHandle
+from tests.conftest import KernelHandle, wait_for_gpu_probe, write_word_corpus
 
 torch = pytest.importorskip("torch")
 safetensors_torch = pytest.importorskip("safetensors.torch")
@@ -30,12 +30,7 @@ TOL = 1e-4  # what 1 vs 2 ranks of ddp agree to: the same sums, taken in another
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("corpus")
-    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa", "lambda", "mu"]
-    for i in range(20):
-        lines = [" ".join(words[(i + j + k) % len(words)] for k in range(6)) + "." for j in range(40)]
-        (root / f"doc{i:02}.txt").write_text("\n".join(lines))
-    return root
+    return write_word_corpus(tmp_path_factory.mktemp("corpus"), 20)
 
 
 @pytest.fixture(scope="module")
@@ -175,10 +170,7 @@ def test_fsdp_on_a_real_gpu(state_dir: Path, corpus: Path) -> None:
     handle = KernelHandle(state_dir).boot()
     try:
         with handle.client() as c:
-            deadline = time.monotonic() + 60
-            while c.status()["stats"]["gpus_probing"]:
-                assert time.monotonic() < deadline
-                time.sleep(0.1)
+            wait_for_gpu_probe(c, timeout=60)
             gpu = {"gpus": 1, "gpu_memory": "2GiB"}
             base = dict(SMALL, data=str(corpus), steps=8, eval_every=4, checkpoint_every=4, dtype="float32")
             ddp = c.submit("train", params=dict(base, output=str(state_dir / "ddp")), resources=gpu)

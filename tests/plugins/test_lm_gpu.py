@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import KernelHandle
+from tests.conftest import KernelHandle, wait_for_gpu_probe
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -31,10 +31,7 @@ def gpu_kernel(tmp_path_factory: pytest.TempPathFactory):
     handle = KernelHandle(tmp_path_factory.mktemp("k") / "state").boot()
     try:
         with handle.client() as c:
-            deadline = time.monotonic() + 90
-            while c.status()["stats"]["gpus_probing"]:
-                assert time.monotonic() < deadline
-                time.sleep(0.1)
+            wait_for_gpu_probe(c, timeout=90)
             assert any(d["kind"] == "gpu" and not d["fake"] for d in c.devices())
         yield handle
     finally:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import llmos
-from tests.conftest import KernelHandle
+from tests.conftest import KernelHandle, write_word_corpus
 
 torch = pytest.importorskip("torch")
 
@@ -25,12 +25,7 @@ SMALL = dict(preset="nano", tokenizer="bytes", seq_len=32, batch_size=8, lr=3e-3
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("corpus")
-    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa", "lambda", "mu"]
-    for i in range(40):
-        lines = [" ".join(words[(i + j + k) % len(words)] for k in range(6)) + "." for j in range(40)]
-        (root / f"doc{i:02}.txt").write_text("\n".join(lines))
-    return root
+    return write_word_corpus(tmp_path_factory.mktemp("corpus"), 40)
 
 
 def _train(c: llmos.Client, corpus: Path, **params) -> llmos.Job:
