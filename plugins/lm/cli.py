@@ -58,7 +58,7 @@ def _finish(info: llmos.JobInfo, as_json: bool) -> None:
         click.echo(json.dumps(info.to_dict(), default=str))
     elif info.state == "succeeded":
         r = info.result or {}
-        summary = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items() if k not in ("samples",))
+        summary = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items() if k != "samples" and v is not None)
         click.echo(f"job {info.id} succeeded: {summary}")
         for s in r.get("samples", []):
             click.echo(f"  {s['prompt']!r} -> {s['completion']!r}")
