@@ -188,7 +188,7 @@ class Bus:
         poller = zmq.Poller()
         poller.register(self._dealer, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
-        next_beat = 0.0
+        next_beat = time.monotonic() + self.heartbeat  # WorkerReady was the first sign of life
         while True:
             now = time.monotonic()
             if now >= next_beat:
@@ -330,8 +330,8 @@ def run_job(bus: Bus, registry: Registry, assign: WorkerAssign) -> JobDone:
 
 def worker_main(args: argparse.Namespace, registry: Registry | None = None) -> int:
     random.seed()
-    configure_logging(json_lines=True, level=args.log_level)
-    if registry is None:
+    if registry is None:  # else forked from the zygote, which configured logging and loaded plugins
+        configure_logging(json_lines=True, level=args.log_level)
         registry = load_plugins()
     bus = Bus(args.worker_id, args.control, args.ingest, args.kernel_pid, args.heartbeat)
 
@@ -363,6 +363,7 @@ def worker_main(args: argparse.Namespace, registry: Registry | None = None) -> i
 
 def zygote_main(args: argparse.Namespace) -> int:
     """Fork workers on request; never touches ZeroMQ, never starts a thread."""
+    configure_logging(json_lines=True, level=args.log_level)  # once, for every worker it forks
     registry = load_plugins()
     # What the zygote imported is shared with every worker, copy-on-write: keep the collector from
     # writing to those objects in the children (a collection touches every object it tracks, and
