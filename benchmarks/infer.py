@@ -51,14 +51,12 @@ import copy
 import datetime as dt
 import os
 import platform
-import re
 import shutil
 import statistics
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,6 +65,7 @@ import psutil
 import torch
 import torch.nn.functional as F
 from _benchkernel import Kernel
+from _report import DOC, REPO, cpu_model, pct, say, timed, verdict, write_doc
 
 import llmos
 from llmos.plugins.lm.checkpoint import load_checkpoint, save_checkpoint
@@ -76,30 +75,10 @@ from llmos.plugins.lm.kernels import BF16Linear, bf16_linear
 from llmos.plugins.lm.model import Llama
 from llmos.plugins.lm.text import EOS, Tok, load_tokenizer
 
-REPO = Path(__file__).resolve().parents[1]
-DOC = REPO / "docs" / "benchmarks.md"
 SECTION = "## Inference (benchmarks/infer.py)"
 VOCAB = 32_000
 SERVICE = "infer-bench"
 STREAMS = 16
-
-
-def say(*parts: object) -> None:
-    print(*parts, file=sys.stderr, flush=True)
-
-
-def pct(values: list[float], q: float) -> float:
-    """The q-quantile (0..1) of ``values`` by nearest rank."""
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
-
-
-def timed(label: str, fn: Callable[[], Any]) -> Any:
-    say(f"- {label} ...")
-    t0 = time.perf_counter()
-    out = fn()
-    say(f"  done in {time.perf_counter() - t0:.1f} s")
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -609,18 +588,6 @@ def fmt_ms(seconds: float) -> str:
     return f"{seconds * 1e3:.1f} ms" if seconds < 0.1 else f"{seconds * 1e3:,.0f} ms"
 
 
-def verdict(ok: bool) -> str:
-    return "PASS" if ok else "**FAIL**"
-
-
-def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "?"
-
-
 def machine() -> str:
     import transformers
 
@@ -628,17 +595,6 @@ def machine() -> str:
         f"{os.cpu_count()} CPUs ({cpu_model()}), {platform.system()} {platform.release()}, Python {platform.python_version()},"
         f" torch {torch.__version__}, transformers {transformers.__version__}, llmos {llmos.__version__}"
     )
-
-
-def write_doc(section: str) -> None:
-    DOC.parent.mkdir(parents=True, exist_ok=True)
-    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n\nEach section is written by the script it names; run it again to refresh it.\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}[ \t]*\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section.rstrip("\n") + "\n\n", text, count=1)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    DOC.write_text(text.rstrip("\n") + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -737,7 +693,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(section)
     if not args.no_write:
-        write_doc(section)
+        write_doc(SECTION, section)
         say(f"wrote {DOC}")
     return 0
 

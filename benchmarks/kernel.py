@@ -27,26 +27,24 @@ import datetime as dt
 import multiprocessing as mp
 import os
 import platform
-import re
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import msgpack
 import zmq
 from _benchkernel import Kernel
+from _report import DOC, REPO, pct, say, timed, verdict, write_doc
 
 import llmos
 from llmos import client as llmos_client
 
-REPO = Path(__file__).resolve().parents[1]
-DOC = REPO / "docs" / "benchmarks.md"
 SECTION = "## Kernel (benchmarks/kernel.py)"
 END_STATES = ("succeeded", "failed", "cancelled")
 
@@ -65,16 +63,6 @@ SAMPLE_EVENT = [
     },
     {"level": "info", "event": "emit", "logger": "diag.emit", "fields": {"i": 12345}},
 ]
-
-
-def say(*parts: object) -> None:
-    print(*parts, file=sys.stderr, flush=True)
-
-
-def pct(values: list[float], q: float) -> float:
-    """The q-quantile (0..1) of ``values`` by nearest rank."""
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -455,10 +443,6 @@ def fmt_ms(seconds: float) -> str:
     return f"{seconds * 1e3:.2f} ms" if seconds < 0.1 else f"{seconds * 1e3:,.0f} ms"
 
 
-def verdict(ok: bool) -> str:
-    return "PASS" if ok else "**FAIL**"
-
-
 def machine() -> str:
     return (
         f"{os.cpu_count()} CPUs (nproc {len(os.sched_getaffinity(0))}), {platform.machine()}, "
@@ -466,25 +450,6 @@ def machine() -> str:
         f"pyzmq {zmq.__version__} (libzmq {zmq.zmq_version()}), msgpack {'.'.join(map(str, msgpack.version))}, "
         f"llmos {llmos.__version__}"
     )
-
-
-def write_doc(section: str) -> None:
-    DOC.parent.mkdir(parents=True, exist_ok=True)
-    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n\nEach section is written by the script it names; run it again to refresh it.\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}[ \t]*\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section.rstrip("\n") + "\n\n", text, count=1)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    DOC.write_text(text.rstrip("\n") + "\n")
-
-
-def timed(label: str, fn: Callable[[], Any]) -> Any:
-    say(f"- {label} ...")
-    t0 = time.perf_counter()
-    out = fn()
-    say(f"  done in {time.perf_counter() - t0:.1f} s")
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -616,7 +581,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(section)
     if not args.no_write:
-        write_doc(section)
+        write_doc(SECTION, section)
         say(f"wrote {DOC}")
     return 0
 

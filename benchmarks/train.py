@@ -41,7 +41,6 @@ import datetime as dt
 import math
 import os
 import platform
-import re
 import signal
 import statistics
 import sys
@@ -53,6 +52,7 @@ from typing import Any
 import psutil
 import torch
 from _benchkernel import Kernel
+from _report import DOC, REPO, cpu_model, say, verdict, write_doc
 
 import llmos
 from llmos.plugins.lm import TrainParams
@@ -61,16 +61,10 @@ from llmos.plugins.lm.model import Llama
 from llmos.plugins.lm.text import bytes_tokenizer, corpus_files, tokenize_corpus
 from llmos.plugins.lm.train import batch_at, lr_at
 
-REPO = Path(__file__).resolve().parents[1]
-DOC = REPO / "docs" / "benchmarks.md"
 SECTION = "## Training (benchmarks/train.py)"
 TARGET = 0.97
 QUIET = 0.1  # a step counts if foreign processes used fewer cores than this during it
 PAUSE_LIMIT = 5.0  # a loop block ends after this many seconds: the paused worker misses heartbeats (10 s)
-
-
-def say(*parts: object) -> None:
-    print(*parts, file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -356,20 +350,8 @@ def side_stats(rec: Steps, tokens_per_step: int) -> dict[str, Any]:
 # the report
 
 
-def verdict(ok: bool) -> str:
-    return "PASS" if ok else "**FAIL**"
-
-
 def secs(x: float, digits: int = 2) -> str:
     return "-" if math.isnan(x) else f"{x:.{digits}f} s"
-
-
-def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
 
 
 def machine() -> str:
@@ -378,17 +360,6 @@ def machine() -> str:
         f"{platform.system()} {platform.release()}, Python {platform.python_version()}, "
         f"torch {torch.__version__}, llmos {llmos.__version__}"
     )
-
-
-def write_doc(section: str) -> None:
-    DOC.parent.mkdir(parents=True, exist_ok=True)
-    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n\nEach section is written by the script it names; run it again to refresh it.\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}[ \t]*\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section.rstrip("\n") + "\n\n", text, count=1)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    DOC.write_text(text.rstrip("\n") + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -543,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(section)
     if not args.no_write:
-        write_doc(section)
+        write_doc(SECTION, section)
         say(f"wrote {DOC}")
     return 0
 
