@@ -660,7 +660,7 @@ class Kernel:
         last = 0  # the stream's stream_seq, while last_sender is set
         queue: list[bytes] = []
         seq = self.seq
-        topics: dict[str, str] = {}  # topic -> its stream, for topics checked in this frame
+        topics: set[str] = set()  # topics already checked in this frame (for the current sender)
         for raw in items:
             try:
                 if type(raw) is not bytes or raw[:1] != b"\x93":
@@ -690,7 +690,7 @@ class Kernel:
                         raise ProtocolError(f"worker {sender} may only send events on {stream}.<name>, not {topic_name!r}")
                     if topic_name.count(".") != 2 or topic_name.endswith("."):
                         raise ProtocolError(f"worker {sender} may only send events on {stream}.<name>, not {topic_name!r}")
-                    topics[topic_name] = stream
+                    topics.add(topic_name)
                 type_name = header["type"]
                 check = fast_ok.get(type_name)
                 if check is None or not check(body):
