@@ -10,6 +10,7 @@ import json
 import os
 import sys
 import threading
+import traceback
 from pathlib import Path
 
 from llmos.context import JobContext
@@ -39,5 +40,19 @@ def main() -> int:
     return 0
 
 
+def _exit_now(code: int) -> None:
+    """Leave without the interpreter's teardown: the rank's files are written and its process group
+    destroyed, and finalizers of torch's communication threads at exit can only turn a finished
+    rank into an aborted one."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        code = main()
+    except BaseException:
+        traceback.print_exc()
+        _exit_now(1)
+    _exit_now(code)

@@ -336,7 +336,12 @@ class TrainRunner(llmos.Runner):
             }
             for r in range(1, self.world):
                 env = dict(os.environ, LLMOS_RANK=str(r), LLMOS_RANK_SPEC=json.dumps(spec))
-                self.ranks.append(subprocess.Popen([sys.executable, "-m", "llmos.plugins.lm.rank"], env=env, stdin=subprocess.DEVNULL))
+                # Each rank's own output goes to a file in the job's workdir: a failed rank's reason
+                # is then in the job's error, not lost in rank 0's worker log.
+                with open(ctx.workdir / f"rank{r}.log", "wb") as out:
+                    self.ranks.append(subprocess.Popen(
+                        [sys.executable, "-m", "llmos.plugins.lm.rank"], env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                    ))
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         backend = "nccl" if self.device.type == "cuda" else "gloo"
@@ -365,20 +370,41 @@ class TrainRunner(llmos.Runner):
         return bool(flag.item())
 
     def teardown(self, ctx: llmos.JobContext) -> None:
+        ranks = getattr(self, "ranks", [])
         if getattr(self, "distributed", False):
             import torch.distributed as dist
 
             if dist.is_initialized():
+                if getattr(self, "finished", False):
+                    # A clean end: all ranks meet, the others leave first, and rank 0 (which holds the
+                    # rendezvous store) closes its connections last, so no rank sees a peer vanish
+                    # while it is still shutting down. After a failure, rank 0 closes at once instead:
+                    # that breaks the others out of any collective they wait in.
+                    try:
+                        dist.barrier()
+                    except Exception as exc:
+                        ctx.log.warning("barrier_failed", error=str(exc))
+                    _wait_all(ranks, timeout=60)
                 dist.destroy_process_group()
-        ranks = getattr(self, "ranks", [])
-        for proc in ranks:
-            try:
-                proc.wait(timeout=60)
-            except Exception:
-                proc.kill()
-        bad = [p.returncode for p in ranks if p.returncode]
+        _wait_all(ranks, timeout=60)
+        bad = [(r, p.returncode) for r, p in enumerate(ranks, start=1) if p.returncode]
         if bad:
-            raise RuntimeError(f"{len(bad)} of {self.world - 1} other ranks failed (exit codes {bad})")
+            r = bad[0][0]
+            raise RuntimeError(
+                f"{len(bad)} of {self.world - 1} other ranks failed ({', '.join(f'rank {i}: {_exit_text(c)}' for i, c in bad)}); "
+                f"rank {r} said: {_tail(ctx.workdir / f'rank{r}.log')}"
+            )
+
+    def _dead_rank(self, grace: float) -> tuple[int, int] | None:
+        """The first other rank whose process has ended with a failure, waiting up to ``grace`` seconds."""
+        deadline = time.monotonic() + grace
+        while True:
+            for r, proc in enumerate(self.ranks, start=1):
+                if proc.poll() not in (None, 0):
+                    return r, proc.returncode
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.05)
 
     def _tokenizer(self, ctx: llmos.JobContext) -> Tok:
         p = ctx.params
@@ -446,6 +472,20 @@ class TrainRunner(llmos.Runner):
         return _Weights(self.model.config, weights), state
 
     def run(self, ctx: llmos.JobContext) -> dict[str, Any]:
+        try:
+            result = self._run(ctx)
+        except Exception as exc:
+            # A collective that failed because another rank died says only "connection closed":
+            # name the rank and what it printed instead.
+            dead = self._dead_rank(grace=2.0) if self.rank == 0 and self.ranks else None
+            if dead is not None:
+                r, code = dead
+                raise RuntimeError(f"rank {r} of {self.world} exited with {_exit_text(code)} during training; it said: {_tail(ctx.workdir / f'rank{r}.log')}") from exc
+            raise
+        self.finished = True  # every collective of the run is done on this rank: teardown may meet the others
+        return result
+
+    def _run(self, ctx: llmos.JobContext) -> dict[str, Any]:
         p = ctx.params
         model, opt = self.model, self.opt
         model.train()
@@ -540,6 +580,41 @@ def check_world(ctx: llmos.JobContext, world: int, batch_size: int) -> None:
             raise ValueError(f"world_size {world} is larger than the {cpus:g} CPU core(s) granted; ask for cpus >= {world}")
     if batch_size % world:
         raise ValueError(f"batch_size {batch_size} (the global batch) must be a multiple of world_size {world}")
+
+
+def _wait_all(procs: list[Any], timeout: float) -> None:
+    """Wait for the other ranks' processes, killing any still running after ``timeout`` seconds."""
+    import subprocess
+
+    deadline = time.monotonic() + timeout
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _exit_text(code: int) -> str:
+    """'exit code 1' or 'signal SIGKILL' for a subprocess return code."""
+    import signal
+
+    if code < 0:
+        try:
+            return f"signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"signal {-code}"
+    return f"exit code {code}"
+
+
+def _tail(path: Path, limit: int = 1500) -> str:
+    """The last lines of a rank's output, for the job's error ("(no output)" when there is none)."""
+    try:
+        data = path.read_bytes()[-limit:]
+    except OSError:
+        return "(no output)"
+    text = data.decode("utf-8", "replace").strip()
+    return text or "(no output)"
 
 
 def _free_port() -> int:

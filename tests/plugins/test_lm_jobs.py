@@ -180,3 +180,32 @@ def test_two_ranks_match_one(client: llmos.Client, corpus: Path) -> None:
     assert too_many.state == "failed" and "larger than the 1 CPU core(s) granted" in too_many.reason
     with pytest.raises(llmos.JobRejected, match="multiple of world_size"):
         client.submit("train", params=dict(base, world_size=3, batch_size=8), resources={"cpus": 2})
+
+
+def _children(pid: int) -> list[tuple[int, str]]:
+    """(pid, command line) of the processes whose parent is ``pid``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            found.append((int(entry.name), cmdline))
+    return found
+
+
+def test_a_dead_rank_fails_the_job_and_names_it(client: llmos.Client, corpus: Path) -> None:
+    job = client.submit("train", params=dict(SMALL, data=str(corpus), steps=5000, eval_every=0, threads=1, world_size=2, log_every=1), resources={"cpus": 2})
+    deadline = time.monotonic() + 120
+    while not [e for e in job.events(follow=False) if e.type == "job.metric"]:
+        assert time.monotonic() < deadline and job.info().state in ("pending", "running")
+        time.sleep(0.05)
+    ranks = [pid for pid, cmd in _children(job.info().worker_pid) if "llmos.plugins.lm.rank" in cmd]
+    assert len(ranks) == 1, _children(job.info().worker_pid)
+    os.kill(ranks[0], signal.SIGKILL)
+    info = job.wait(timeout=180)
+    assert info.state == "failed" and "rank 1 of 2 exited with signal SIGKILL during training" in info.reason, info.reason
