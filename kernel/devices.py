@@ -136,7 +136,8 @@ class DeviceTable:
         return None
 
     def place(self, res: Resources) -> dict[str, Any] | None:
-        """A placement for ``res`` on what is free now (best fit by bytes), or None."""
+        """A placement for ``res`` on what is free now, or None: real GPUs before fake ones (fake GPUs
+        simulate placement; a job on a machine with real ones wants a real one), then best fit by bytes."""
         if res.cpus > self.cpu.share_free + _EPS or res.memory > self.cpu.memory_free:
             return None
         placement: dict[str, Any] = {"cpu": {"cores": res.cpus, "memory": res.memory}, "gpus": []}
@@ -149,9 +150,9 @@ class DeviceTable:
             for dev in self.gpus:
                 need = self._gpu_need(res, dev)
                 if dev.share_free + _EPS >= res.gpus and dev.memory_free >= need:
-                    left = dev.memory_free - need
-                    if best is None or left < best[0]:
-                        best = (left, dev, need)
+                    key = (dev.fake, dev.memory_free - need)  # a real GPU before a fake one, then best fit
+                    if best is None or key < best[0]:
+                        best = (key, dev, need)
             if best is None:
                 return None
             _, dev, need = best
@@ -162,11 +163,11 @@ class DeviceTable:
         for dev in self.gpus:
             need = self._gpu_need(res, dev)
             if dev.share_reserved <= _EPS and dev.memory_free >= need:
-                candidates.append((dev.memory_free - need, dev.index or 0, dev, need))
+                candidates.append(((dev.fake, dev.memory_free - need, dev.index or 0), dev, need))
         if len(candidates) < want:
             return None
-        candidates.sort(key=lambda c: (c[0], c[1]))
-        placement["gpus"] = [{"id": d.id, "index": d.index, "share": 1.0, "memory": need, "fake": d.fake} for _, _, d, need in candidates[:want]]
+        candidates.sort(key=lambda c: c[0])  # real GPUs before fake ones, then best fit, then index
+        placement["gpus"] = [{"id": d.id, "index": d.index, "share": 1.0, "memory": need, "fake": d.fake} for _, d, need in candidates[:want]]
         return placement
 
     def reserve(self, job_id: int, placement: dict[str, Any]) -> None:

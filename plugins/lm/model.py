@@ -431,7 +431,7 @@ class Decoder:
             else:
                 cache.k[i][index_put] = k
                 cache.v[i][index_put] = v
-            add(x, F.scaled_dot_product_attention(q, keys[i], values[i], attn_mask=mask).view(b, nq), o_w)
+            add(x, F.scaled_dot_product_attention(q, keys[i], values[i], attn_mask=mask).reshape(b, nq), o_w)
             if norm is None:
                 torch.mul(x, norm2, out=h)
                 scale = 1.0 / math.sqrt(float(torch.dot(row, row)) / width + eps)

@@ -45,3 +45,16 @@ def test_cpu_and_memory_limits_and_never_fits() -> None:
         table.check(Resources(cpus=3))
     with pytest.raises(ResourceError, match="RAM"):
         table.check(Resources(memory=9 * GiB))
+
+
+def test_real_gpus_before_fake_ones() -> None:
+    """Fake GPUs simulate placement: where a real GPU fits, a job gets it even if a fake one fits tighter."""
+    table = DeviceTable(8, 64 * GiB, [8 * GiB, 8 * GiB])
+    table.add_probed([{"index": 0, "name": "real", "memory_total": 80 * GiB}], "nvml")
+    assert [(g.id, g.fake) for g in table.gpus] == [("gpu0", False), ("gpu1", True), ("gpu2", True)]
+    share = table.place(Resources(cpus=1, gpus=0.5, gpu_memory=GiB))
+    assert share["gpus"][0]["id"] == "gpu0" and not share["gpus"][0]["fake"]
+    two = table.place(Resources(cpus=1, gpus=2))
+    assert [g["id"] for g in two["gpus"]] == ["gpu0", "gpu1"]  # the real one, then the tightest fake one
+    table.reserve(1, table.place(Resources(cpus=1, gpus=1)))
+    assert table.place(Resources(cpus=1, gpus=0.5, gpu_memory=GiB))["gpus"][0]["id"] == "gpu1"  # fake ones when no real one is free

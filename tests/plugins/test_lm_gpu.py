@@ -76,10 +76,26 @@ def test_generate_on_gpu_float32_equals_transformers_and_bf16_mostly_agrees(chec
         if expected[-1] == engine.eos:
             expected = expected[:-1]
         assert completion.tokens == expected, prompt
+    # bfloat16 on a GPU rounds every activation to 8 mantissa bits, so on these random weights a
+    # 24-token greedy run drifts apart at its first near-tie (1 of 4 runs stayed equal on an H200).
+    # What must hold is each step's choice: teacher-forced on float32's text, bfloat16 picks the
+    # same next token at most positions (90-96 % with torch's bfloat16 on a CPU), and its logits
+    # stay close (within 8-17 % of the largest there).
     model16, _ = load_checkpoint(checkpoint, device="cuda")
     engine16 = Engine(model16, bytes_tokenizer(), dtype="bfloat16", device="cuda")
-    same = sum(a.tokens == b.tokens for a, b in zip(completions, engine16.generate(PROMPTS, greedy)))
-    assert same >= len(PROMPTS) // 2 + 1, f"bfloat16 agreed with float32 on {same} of {len(PROMPTS)}"
+    assert [c.finish_reason in ("length", "eos") for c in engine16.generate(PROMPTS, greedy)] == [True] * len(PROMPTS)
+    agree = total = 0
+    worst = 0.0
+    for prompt, completion in zip(PROMPTS, completions):
+        n = len(engine.tok.encode(prompt))
+        ids = torch.tensor([engine.tok.encode(prompt) + completion.tokens], device="cuda")
+        with torch.no_grad():
+            ref = engine.model(ids).float()[0, n - 1 : -1]
+            got = engine16.model(ids).float()[0, n - 1 : -1]
+        agree += int((got.argmax(-1) == torch.tensor(completion.tokens, device="cuda")).sum())
+        total += len(completion.tokens)
+        worst = max(worst, float((ref - got).abs().max() / ref.abs().max()))
+    assert agree >= 0.85 * total and worst < 0.25, f"bfloat16 chose float32's token at {agree} of {total} positions; logits off by {worst:.3f} of the largest"
 
 
 def test_serve_from_a_gpu(gpu_kernel: KernelHandle, checkpoint: Path) -> None:
