@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata as metadata
 import json
+import math
 import os
 import time
 import traceback
@@ -75,6 +76,7 @@ class KindEntry:
             "help": self.spec.help,
             "params": describe_schema(self.spec.params),
             "resources": self.spec.resources.to_dict(),
+            "ranks": getattr(self.spec, "ranks", None),
         }
 
 
@@ -118,6 +120,9 @@ class Registry:
                 raise JobRejected(f"{kind}: {exc}", kind=kind) from None
             except Exception as exc:
                 raise JobRejected(f"{kind}: the plugin's check failed: {type(exc).__name__}: {exc}", kind=kind) from None
+        if entry.spec.ranks is not None:
+            given = {k for k, v in (resources or {}).items() if v is not None}
+            res = resources_for_ranks(kind, entry.spec.ranks, int(full[entry.spec.ranks]), res, entry.spec.resources, given)
         return entry, full, res
 
     def describe_plugins(self) -> list[dict[str, Any]]:
@@ -125,6 +130,33 @@ class Registry:
 
     def describe_kinds(self) -> list[dict[str, Any]]:
         return [e.describe() for _, e in sorted(self.kinds.items())]
+
+
+def resources_for_ranks(kind: str, name: str, n: int, res: Resources, base: Resources, given: set[str]) -> Resources:
+    """The resources of a job of ``n`` ranks (the parameter ``name``): the kind's defaults that the
+    submitter did not set are per rank and scale with ``n``; each rank must get a device of its own
+    (whole GPUs, or at least one CPU core when there are no GPUs)."""
+    if n <= 1:
+        return res
+    cpus = res.cpus if "cpus" in given else base.cpus * n
+    memory = res.memory if "memory" in given else base.memory * n
+    gpus = res.gpus if "gpus" in given else float(math.ceil(base.gpus) * n)
+    if gpus:
+        if gpus < n or gpus % n:
+            raise JobRejected(
+                f"{kind}: {name}={n} runs {n} processes, each on whole GPUs of its own: ask for gpus={n} (or a multiple of {n}), not {gpus:g}",
+                kind=kind, field="gpus",
+            )
+    elif cpus < n:
+        raise JobRejected(f"{kind}: {name}={n} runs {n} processes, each on a CPU core of its own: ask for cpus >= {n}, not {cpus:g}", kind=kind, field="cpus")
+    return Resources(cpus=cpus, memory=memory, gpus=gpus, gpu_memory=res.gpu_memory)
+
+
+def ranks_of(spec: Any, params: dict[str, Any]) -> int:
+    """How many ranks a job of this kind with these parameters runs (1 for kinds without ranks)."""
+    name = getattr(spec, "ranks", None)
+    value = params.get(name) if name else None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 1 else 1
 
 
 def make_plugin_manager() -> pluggy.PluginManager:

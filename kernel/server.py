@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -37,7 +38,7 @@ from llmos.errors import (
     ValidationError,
 )
 from llmos.kernel.devices import DeviceTable, parse_fake_gpus
-from llmos.kernel.plugins import Registry, load_plugins
+from llmos.kernel.plugins import Registry, load_plugins, ranks_of
 from llmos.kernel.store import JobRecord, Store
 from llmos.kernel.supervisor import (
     Launcher,
@@ -1265,6 +1266,10 @@ class Kernel:
     def _start(self, job: JobRecord, placement: dict[str, Any], worker: WorkerProc) -> None:
         """Reserve devices and bind a worker: the try begins (the job is running from here)."""
         self.devices.reserve(job.id, placement)
+        entry = self.registry.kinds.get(job.kind)
+        ranks = ranks_of(entry.spec, job.params) if entry is not None else 1
+        if ranks > 1:
+            placement = {**placement, "distributed": self._rank_plan(placement, ranks)}
         job.state = "running"
         job.placement = placement
         job.reason = None
@@ -1281,6 +1286,27 @@ class Kernel:
             self._assign(worker)
         else:
             self.store.update_job(job)
+
+    def _rank_plan(self, placement: dict[str, Any], n: int) -> dict[str, Any]:
+        """Split a gang job's placement among its ``n`` ranks and pick its rendezvous address: a
+        free TCP port on this machine that no other running job was handed."""
+        gpus = placement.get("gpus", [])
+        per = len(gpus) // n
+        cores = float(placement.get("cpu", {}).get("cores", 0)) / n
+        taken = {
+            j.placement["distributed"]["master_port"]
+            for j in self.jobs.values()
+            if j.state == "running" and j.placement and "distributed" in j.placement
+        }
+        port = _free_port()
+        while port in taken:
+            port = _free_port()
+        return {
+            "world_size": n,
+            "master_addr": "127.0.0.1",
+            "master_port": port,
+            "ranks": [{"rank": r, "gpus": [int(g["index"]) for g in gpus[r * per : (r + 1) * per]], "cpus": cores} for r in range(n)],
+        }
 
     def _assign(self, worker: WorkerProc) -> None:
         """Hand a bound job to its (now ready) worker."""
@@ -1306,6 +1332,11 @@ class Kernel:
         }
         if gpus:
             env["LLMOS_GPU_MEMORY"] = str(min(int(g["memory"]) for g in gpus))
+        plan = (job.placement or {}).get("distributed")
+        if plan:
+            # torch.distributed's own names: rank 0 is this worker; it starts the other ranks.
+            n = str(plan["world_size"])
+            env.update(MASTER_ADDR=plan["master_addr"], MASTER_PORT=str(plan["master_port"]), WORLD_SIZE=n, LOCAL_WORLD_SIZE=n, RANK="0", LOCAL_RANK="0")
         if cpus >= 1:
             env["OMP_NUM_THREADS"] = str(int(cpus))
         assign = WorkerAssign(
@@ -1582,6 +1613,12 @@ class Kernel:
 
 _KERNEL_ONLY_TYPES = frozenset({"job.state"})
 _STAMP = struct.Struct(">BQBQ")  # seq and stream_seq as msgpack uint64s, as llmos.protocol.stamp appends them
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def _kill_group(pid: int) -> None:

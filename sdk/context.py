@@ -85,6 +85,9 @@ class JobContext:
     first try), ``resources`` (what was reserved), ``placement`` (which devices), ``gpus`` (the
     GPU indices, also in ``CUDA_VISIBLE_DEVICES``), ``workdir`` (a directory of its own in the
     state dir), ``log`` (a structlog logger whose records become ``job.<id>.log`` events).
+    A job of a kind with ``ranks`` also has ``distributed`` (the kernel's plan: ``world_size``,
+    ``master_addr``, ``master_port`` and each rank's ``gpus`` and ``cpus``; None for other jobs),
+    ``rank`` (0 in the job's worker) and ``world_size``.
     """
 
     def __init__(
@@ -99,6 +102,7 @@ class JobContext:
         workdir: Path,
         emit: Emit,
         cancel_event: threading.Event | None = None,
+        rank: int = 0,
     ) -> None:
         self.job_id = job_id
         self.kind = kind
@@ -107,6 +111,9 @@ class JobContext:
         self.resources = dict(resources)
         self.placement = dict(placement)
         self.gpus: list[int] = [int(g["index"]) for g in placement.get("gpus", [])]
+        self.distributed: dict[str, Any] | None = placement.get("distributed")
+        self.rank = rank
+        self.world_size = int(self.distributed["world_size"]) if self.distributed else 1
         self.workdir = Path(workdir)
         self._emit = emit
         self._cancel = cancel_event or threading.Event()

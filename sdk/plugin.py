@@ -13,6 +13,7 @@ module stays light (no torch) and the heavy module is imported only in the worke
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import math
 from dataclasses import dataclass, field
@@ -132,6 +133,13 @@ class JobKind:
     #: priority that cannot fit otherwise, then queued again. Say True when the runner checkpoints
     #: on stop and resumes from its checkpoint on the next attempt.
     preemptible: bool = False
+    #: The name of an integer parameter that says how many processes (ranks) a job of this kind
+    #: runs under torch.distributed, or None. The kernel then treats the job as one gang: resources
+    #: the submitter did not set scale with the ranks, a job whose ranks cannot each get a device
+    #: of their own is refused at submit, and at start the kernel splits the placement among the
+    #: ranks and picks the rendezvous address (``ctx.distributed``; the usual ``MASTER_ADDR``,
+    #: ``MASTER_PORT``, ``WORLD_SIZE`` and ``RANK`` in the environment of rank 0, the job's worker).
+    ranks: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name or any(c.isspace() for c in self.name):
@@ -141,6 +149,10 @@ class JobKind:
         if not isinstance(self.runner, str | type):
             raise TypeError(f"job kind {self.name!r}: runner must be a class or 'module:Class', got {self.runner!r}")
         schema_of(self.params)  # fails early on a bad schema or default
+        if self.ranks is not None:
+            types = {f.name: f.type for f in dataclasses.fields(self.params)}
+            if types.get(self.ranks) not in (int, "int"):
+                raise TypeError(f"job kind {self.name!r}: ranks={self.ranks!r} must name an int parameter of {self.params.__name__}")
 
 
 @dataclass(frozen=True)

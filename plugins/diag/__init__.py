@@ -52,6 +52,7 @@ class EmitParams:
 @dataclass(frozen=True)
 class DevicesParams:
     torch: bool = param(False, help="Also import torch and report the CUDA devices it sees (slow: seconds).")
+    world_size: int = param(1, ge=1, le=64, help="Ranks to place as one gang (the kernel's rank plan is in the result); the job itself runs rank 0 only.")
 
 
 class SleepRunner(Runner):
@@ -103,6 +104,8 @@ class DevicesRunner(Runner):
             "placement": ctx.placement,
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
             "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+            "distributed": ctx.distributed,
+            "rank_env": {k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")},
         }
         if ctx.params.torch:
             import torch  # only here: the kernel and the diag plugin's import stay torch-free
@@ -120,7 +123,8 @@ KINDS = [
     JobKind("diag.echo", runner=EchoRunner, params=EchoParams, resources=_LIGHT, help="Return the parameters as the result."),
     JobKind("diag.fail", runner=FailRunner, params=FailParams, resources=_LIGHT, help="Raise RuntimeError(message)."),
     JobKind("diag.crash", runner=CrashRunner, params=CrashParams, resources=_LIGHT, help="Kill the worker with SIGKILL."),
-    JobKind("diag.devices", runner=DevicesRunner, params=DevicesParams, resources=_LIGHT, help="Report the devices this job was given (and, with torch=true, what torch sees)."),
+    JobKind("diag.devices", runner=DevicesRunner, params=DevicesParams, resources=_LIGHT, ranks="world_size",
+            help="Report the devices this job was given (and, with torch=true, what torch sees)."),
     JobKind("diag.emit", runner=EmitRunner, params=EmitParams, resources=_LIGHT, help="Send `count` progress events and `count` log records, in order."),
 ]
 

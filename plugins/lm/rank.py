@@ -30,6 +30,7 @@ def main() -> int:
         workdir=Path(spec["workdir"]),
         emit=lambda suffix, type_name, body: None,
         cancel_event=threading.Event(),
+        rank=int(os.environ["RANK"]),
     )
     runner = TrainRunner()
     try:

@@ -42,7 +42,17 @@ def cache_dir() -> Path:
 
 
 def pick_device(ctx: llmos.JobContext, rank: int = 0) -> torch.device:
-    return torch.device("cuda", rank) if ctx.gpus and torch.cuda.is_available() else torch.device("cpu")
+    """The job's GPU for ``rank`` (the first of those the kernel's rank plan gave it), else the CPU."""
+    if not (ctx.gpus and torch.cuda.is_available()):
+        return torch.device("cpu")
+    plan = ctx.distributed
+    if plan and plan["ranks"][rank]["gpus"]:
+        # The job's CUDA_VISIBLE_DEVICES lists its real GPUs in placement order: find this rank's.
+        real = [int(i) for i in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if i.strip().isdigit()]
+        index = plan["ranks"][rank]["gpus"][0]
+        if index in real:
+            return torch.device("cuda", real.index(index))
+    return torch.device("cuda", rank)
 
 
 def set_threads(ctx: llmos.JobContext, threads: int) -> None:
@@ -166,7 +176,7 @@ class TrainRunner(llmos.Runner):
 
     def setup(self, ctx: llmos.JobContext) -> None:
         p = ctx.params
-        self.rank = int(os.environ.get("LLMOS_RANK", "0"))
+        self.rank = ctx.rank
         self.world = p.world_size
         self.ranks: list[Any] = []
         self.distributed = False
@@ -323,8 +333,10 @@ class TrainRunner(llmos.Runner):
         import torch.distributed as dist
 
         if self.rank == 0:
-            addr, port = "127.0.0.1", _free_port()
-            os.environ.update(MASTER_ADDR=addr, MASTER_PORT=str(port))
+            # The kernel placed the ranks and picked the rendezvous address; a job without its plan
+            # (one rank under fsdp, or a runner driven outside the kernel) takes a free port here.
+            plan = ctx.distributed or {"master_addr": "127.0.0.1", "master_port": _free_port()}
+            os.environ.update(MASTER_ADDR=plan["master_addr"], MASTER_PORT=str(plan["master_port"]), WORLD_SIZE=str(self.world))
             tok_path = ctx.workdir / "tokenizer.json"
             tok_path.write_text(self.tok.to_json())
             # What rank 0 decided (an automatic resume, the parallel mode) the others do too.
@@ -335,7 +347,7 @@ class TrainRunner(llmos.Runner):
                 "resources": ctx.resources, "placement": ctx.placement, "workdir": str(ctx.workdir),
             }
             for r in range(1, self.world):
-                env = dict(os.environ, LLMOS_RANK=str(r), LLMOS_RANK_SPEC=json.dumps(spec))
+                env = dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), LLMOS_RANK_SPEC=json.dumps(spec))
                 # Each rank's own output goes to a file in the job's workdir: a failed rank's reason
                 # is then in the job's error, not lost in rank 0's worker log.
                 with open(ctx.workdir / f"rank{r}.log", "wb") as out:

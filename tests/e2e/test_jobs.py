@@ -162,6 +162,26 @@ def test_fake_gpu_fractions_limit_concurrency(client: llmos.Client) -> None:
         j.wait(timeout=30)
 
 
+def test_a_gang_job_gets_its_rank_plan_from_the_kernel(client: llmos.Client) -> None:
+    """A kind with ``ranks``: the kernel splits the placement among the ranks, picks the rendezvous
+    address, sets torch.distributed's variables for rank 0, and refuses ranks without devices."""
+    job = client.submit("diag.devices", params={"world_size": 2}, resources={"gpus": 2, "cpus": 2})
+    out = job.result(timeout=30)
+    plan = out["distributed"]
+    assert plan["world_size"] == 2 and plan["master_addr"] == "127.0.0.1" and 1024 <= plan["master_port"] < 65536
+    assert plan["ranks"] == [{"rank": 0, "gpus": [0], "cpus": 1.0}, {"rank": 1, "gpus": [1], "cpus": 1.0}]
+    assert out["rank_env"] == {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(plan["master_port"])}
+    assert job.info().placement["distributed"] == plan
+    single = client.submit("diag.devices", resources={"cpus": 1}).result(timeout=30)
+    assert single["distributed"] is None and single["rank_env"]["RANK"] is None
+    with pytest.raises(llmos.JobRejected, match=r"world_size=2 runs 2 processes, each on whole GPUs of its own: ask for gpus=2 \(or a multiple of 2\), not 1"):
+        client.submit("diag.devices", params={"world_size": 2}, resources={"gpus": 1})
+    with pytest.raises(llmos.JobRejected, match=r"world_size=2 runs 2 processes, each on a CPU core of its own: ask for cpus >= 2, not 1"):
+        client.submit("diag.devices", params={"world_size": 2}, resources={"cpus": 1})
+    kinds = {k["name"]: k for k in client.kinds()}
+    assert kinds and kinds["diag.devices"]["ranks"] == "world_size" and kinds["diag.echo"]["ranks"] is None
+
+
 def test_priority_runs_first(client: llmos.Client) -> None:
     blocker = client.submit("diag.sleep", params={"seconds": 0.5}, resources={"gpus": 2})
     _wait_state(blocker, "running")

@@ -176,8 +176,12 @@ def test_two_ranks_match_one(client: llmos.Client, corpus: Path) -> None:
     assert max(abs(a[s] - b[s]) for s in a) < 1e-4
     logs = [e.body for e in two.logs(follow=False) if e.body["event"] == "distributed"]
     assert logs and logs[0]["fields"]["world_size"] == 2 and logs[0]["fields"]["backend"] == "gloo"
-    too_many = client.submit("train", params=dict(base, world_size=2)).wait(timeout=120)
-    assert too_many.state == "failed" and "larger than the 1 CPU core(s) granted" in too_many.reason
+    assert two.info().resources["cpus"] == 2 and two.info().placement["distributed"]["world_size"] == 2
+    # Without resources, the kind's per-rank default (1 core) scales with the ranks.
+    default = client.submit("train", params=dict(base, world_size=2, steps=1))
+    assert default.info().resources["cpus"] == 2 and default.wait(timeout=300).state == "succeeded"
+    with pytest.raises(llmos.JobRejected, match="ask for cpus >= 2"):
+        client.submit("train", params=dict(base, world_size=2), resources={"cpus": 1})
     with pytest.raises(llmos.JobRejected, match="multiple of world_size"):
         client.submit("train", params=dict(base, world_size=3, batch_size=8), resources={"cpus": 2})
 
