@@ -134,7 +134,8 @@ def info(name: str, state_dir: Path | None, as_json: bool) -> None:
     for k in mine:
         res = k["resources"]
         click.echo(f"\n{'service' if k['service'] else 'job kind'} {k['name']}: {k['help']}")
-        click.echo(f"  default resources: cpus {res['cpus']:g}, memory {res['memory']}, gpus {res['gpus']:g}, gpu_memory {res['gpu_memory']}")
+        per_rank = f" per rank; `{k['ranks']}` ranks run as one gang" if k.get("ranks") else ""
+        click.echo(f"  default resources: cpus {res['cpus']:g}, memory {res['memory']}, gpus {res['gpus']:g}, gpu_memory {res['gpu_memory']}{per_rank}")
         for p in k["params"]:
             bounds = " ".join(f"{op}{p[key]}" for key, op in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")) if key in p)
             default = "required" if p["required"] else f"default {p['default']!r}"
