@@ -105,11 +105,16 @@ class Registry:
         known = ", ".join(sorted(self.kinds)) or "(none)"
         raise JobRejected(f"unknown job kind {name!r}; known kinds: {known}", kind=name)
 
-    def validate(self, kind: str, params: dict[str, Any] | None, resources: dict[str, Any] | None, *, coerce: bool = False) -> tuple[KindEntry, dict[str, Any], Resources]:
-        """Check a submit against the kind's schema; returns the entry, full params and resources."""
+    def validate(
+        self, kind: str, params: dict[str, Any] | None, resources: dict[str, Any] | None, *, coerce: bool = False, cwd: str | None = None
+    ) -> tuple[KindEntry, dict[str, Any], Resources]:
+        """Check a submit against the kind's schema; returns the entry, full params (relative paths
+        made absolute against the submitter's ``cwd``) and resources."""
         entry = self.kind(kind)
+        if cwd is not None and not os.path.isabs(cwd):
+            raise JobRejected(f"the submitter's working directory must be an absolute path, got {cwd!r}", kind=kind, field="cwd")
         try:
-            full = validate_params(entry.spec.params, params, kind=kind, coerce=coerce)
+            full = validate_params(entry.spec.params, params, kind=kind, coerce=coerce, cwd=cwd)
             res = Resources.parse(resources, base=entry.spec.resources)
         except ValidationError as exc:
             raise JobRejected(str(exc), kind=kind, field=exc.context.get("field")) from None

@@ -807,7 +807,7 @@ class Kernel:
     def _on_submit(self, identity: bytes, msg: SubmitRequest) -> JobReply:
         if self.stopping:
             raise KernelError("the kernel is shutting down")
-        entry, params, res = self.registry.validate(msg.kind, msg.params, msg.resources, coerce=msg.coerce)
+        entry, params, res = self.registry.validate(msg.kind, msg.params, msg.resources, coerce=msg.coerce, cwd=msg.cwd)
         problem = storable_problem(params)
         if problem:
             raise JobRejected(f"{msg.kind}: parameters cannot be stored: {problem}", kind=msg.kind)

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import re
 import types
 import typing
 from dataclasses import dataclass
@@ -23,6 +25,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 from llmos.errors import ValidationError
 
 _META = "llmos"
+_REFERENCE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:(?![\\/])")  # job:12, hf:org/name; not C:\ or a path
 
 
 def param(
@@ -35,9 +38,16 @@ def param(
     le: float | None = None,
     lt: float | None = None,
     choices: typing.Sequence[Any] | None = None,
+    path: bool | typing.Sequence[str] = False,
 ) -> Any:
-    """A dataclass field with bounds and help text for a job parameter."""
-    meta = {_META: {"help": help, "ge": ge, "gt": gt, "le": le, "lt": lt, "choices": list(choices) if choices else None}}
+    """A dataclass field with bounds and help text for a job parameter.
+
+    ``path=True`` marks a filesystem path: a relative one is resolved at submit against the
+    submitter's working directory (the job itself runs in a folder of its own). A sequence names
+    the words that are not paths (``path=("stdlib",)``); ``job:12``-style references are left alone.
+    """
+    words = None if path is False else () if path is True else tuple(path)
+    meta = {_META: {"help": help, "ge": ge, "gt": gt, "le": le, "lt": lt, "choices": list(choices) if choices else None, "path": words}}
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -58,6 +68,8 @@ class ParamField:
     le: float | None
     lt: float | None
     choices: tuple[Any, ...] | None
+    #: None: not a path; else the words that are not paths ("stdlib").
+    path: tuple[str, ...] | None = None
 
     def describe(self) -> dict[str, Any]:
         """A JSON-friendly description."""
@@ -69,7 +81,15 @@ class ParamField:
                 out[key] = getattr(self, key)
         if self.choices is not None:
             out["choices"] = list(self.choices)
+        if self.path is not None:
+            out["path"] = True
         return out
+
+    def resolve(self, value: Any, cwd: str) -> Any:
+        """A path value made absolute against ``cwd`` (other values unchanged)."""
+        if self.path is None or not isinstance(value, str) or not value or value in self.path or _REFERENCE.match(value):
+            return value
+        return os.path.normpath(os.path.join(cwd, os.path.expanduser(value)))
 
     def expected(self) -> str:
         """What a valid value looks like, in words."""
@@ -120,6 +140,7 @@ def schema_of(cls: type) -> tuple[ParamField, ...]:
             le=meta.get("le"),
             lt=meta.get("lt"),
             choices=tuple(choices) if choices is not None else None,
+            path=meta.get("path"),
         )
         if not required:
             try:
@@ -242,11 +263,12 @@ def _check_value(field: ParamField, value: Any, coerce: bool) -> Any:
     return value
 
 
-def validate_params(cls: type, values: dict[str, Any] | None, *, kind: str = "", coerce: bool = False) -> dict[str, Any]:
+def validate_params(cls: type, values: dict[str, Any] | None, *, kind: str = "", coerce: bool = False, cwd: str | None = None) -> dict[str, Any]:
     """Check ``values`` against the schema ``cls`` and return the complete map with defaults.
 
     ``coerce`` converts strings (``"3"``, ``"true"``, JSON lists) to the declared types, as the
-    CLI's ``-p KEY=VALUE`` needs. Errors name the kind, the field and what was expected.
+    CLI's ``-p KEY=VALUE`` needs. With ``cwd`` (the submitter's working directory), relative
+    values of path parameters become absolute. Errors name the kind, the field and what was expected.
     """
     where = f"{kind}: " if kind else ""
     if values is None:
@@ -265,6 +287,8 @@ def validate_params(cls: type, values: dict[str, Any] | None, *, kind: str = "",
             raw = values[f.name]
             try:
                 out[f.name] = _check_value(f, raw, coerce)
+                if cwd is not None and f.path is not None:
+                    out[f.name] = f.resolve(out[f.name], cwd)
             except (ValueError, TypeError, OverflowError):
                 raise ValidationError(
                     f"{where}parameter {f.name!r} expected {f.expected()}, got {type(raw).__name__} {raw!r}"[:400],

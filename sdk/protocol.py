@@ -557,6 +557,8 @@ class SubmitRequest:
     coerce: bool = False
     #: May the scheduler stop it for a job of higher priority (it resumes later)? None: the kind's default.
     preemptible: bool | None = None
+    #: The submitter's working directory: relative path parameters are resolved against it.
+    cwd: str | None = None
 
 
 @message("kernel.job_reply")

@@ -20,14 +20,14 @@ LLMOS_API = ">=1,<2"
 
 @dataclass(frozen=True)
 class TrainParams:
-    data: str = param(help="A text file, a directory of them (see glob), a .jsonl file (see text_field), or 'stdlib'.")
+    data: str = param(help="A text file, a directory of them (see glob), a .jsonl file (see text_field), or 'stdlib'.", path=("stdlib",))
     glob: str = param("**/*.txt", help="Which files of a data directory to read.")
     text_field: str = param("text", help="The field holding the text in JSON-lines data.")
     max_bytes: int = param(10_000_000, ge=1, help="Read at most this many characters of the corpus.")
     val_fraction: float = param(0.05, gt=0, lt=1, help="The share of the corpus held out for validation.")
     preset: str = param("nano", choices=tuple(PRESETS), help="The model shape (ignored with config or init_from).")
     config: dict[str, Any] | None = param(None, help="A full model config (Hugging Face field names) instead of a preset.")
-    tokenizer: str = param("bpe", help="'bpe' (learned from the corpus), 'bytes', or a path to a tokenizer.json.")
+    tokenizer: str = param("bpe", help="'bpe' (learned from the corpus), 'bytes', or a path to a tokenizer.json.", path=("bpe", "bytes"))
     vocab_size: int = param(2048, ge=258, le=262_144, help="The vocabulary size of a learned BPE tokenizer.")
     steps: int = param(100, ge=1, le=100_000_000, help="Optimizer steps.")
     batch_size: int = param(8, ge=1, le=65_536, help="Sequences per micro-batch.")
@@ -45,13 +45,14 @@ class TrainParams:
     eval_every: int = param(50, ge=0, help="Validation loss every this many steps (0: only at the end).")
     eval_batches: int = param(8, ge=1, help="Batches of validation per evaluation.")
     checkpoint_every: int = param(0, ge=0, help="A checkpoint every this many steps (0: only at the end).")
-    init_from: str | None = param(None, help="Start from this checkpoint's weights (fine-tuning).")
+    init_from: str | None = param(None, help="Start from this checkpoint's weights (fine-tuning).", path=True)
     resume: str | None = param(
         None,
         help="Continue this checkpoint's run exactly (weights, optimizer, data order). Without it (and init_from), a retried "
         "or preempted attempt resumes from the newest checkpoint an earlier attempt of the same job left in its output.",
+        path=True,
     )
-    output: str | None = param(None, help="Where to write the checkpoint (default: the job's directory).")
+    output: str | None = param(None, help="Where to write the checkpoint (default: the job's directory).", path=True)
     threads: int = param(0, ge=0, le=1024, help="Torch CPU threads per rank (0: the job's reserved cpus / world_size).")
     world_size: int = param(1, ge=1, le=1024, help="Ranks under torch.distributed (gloo on CPU, NCCL on GPUs); batch_size is the global batch.")
     parallel: Literal["ddp", "fsdp", "auto"] = param(
@@ -64,8 +65,8 @@ class TrainParams:
 
 @dataclass(frozen=True)
 class EvalParams:
-    model: str = param(help="A checkpoint directory.")
-    data: str | None = param(None, help="A corpus (as for train), or none for the one the model was trained on.")
+    model: str = param(help="A checkpoint directory.", path=True)
+    data: str | None = param(None, help="A corpus (as for train), or none for the one the model was trained on.", path=("stdlib",))
     glob: str | None = param(None, help="Which files of a data directory to read.")
     split: Literal["validation", "all"] = param("validation", help="The held-out split, or the whole corpus.")
     max_bytes: int = param(50_000_000, ge=1, help="Read at most this many characters of the corpus.")
@@ -81,11 +82,11 @@ class EvalParams:
 
 @dataclass(frozen=True)
 class GenerateParams:
-    model: str = param(help="A checkpoint directory.")
+    model: str = param(help="A checkpoint directory.", path=True)
     prompts: list[str] | None = param(None, help="Prompts to complete.")
-    prompts_file: str | None = param(None, help="A JSON-lines file of prompts (see prompt_field).")
+    prompts_file: str | None = param(None, help="A JSON-lines file of prompts (see prompt_field).", path=True)
     prompt_field: str = param("prompt", help="The field of a prompts_file line that holds the prompt.")
-    output: str | None = param(None, help="Where to write the completions (JSON lines; default: the job's directory).")
+    output: str | None = param(None, help="Where to write the completions (JSON lines; default: the job's directory).", path=True)
     max_new_tokens: int = param(64, ge=0, le=1_000_000, help="Tokens to generate at most.")
     temperature: float = param(1.0, ge=0, le=100, help="0 is greedy.")
     top_k: int = param(0, ge=0, help="Keep the k most likely tokens (0: all).")
@@ -102,7 +103,7 @@ class GenerateParams:
 
 @dataclass(frozen=True)
 class ServeParams:
-    model: str = param(help="A checkpoint directory.")
+    model: str = param(help="A checkpoint directory.", path=True)
     name: str | None = param(None, help="The service name (default: the checkpoint directory's name).")
     max_seqs: int = param(16, ge=1, le=4096, help="Sequences decoded together (continuous batching).")
     max_len: int = param(1024, ge=2, help="Tokens per sequence the KV cache holds (prompt and completion).")

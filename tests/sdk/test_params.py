@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Literal
 
@@ -78,3 +79,20 @@ def test_sizes() -> None:
     assert format_size(24 * 1024**3) == "24.0GiB"
     with pytest.raises(ValueError, match="expected a size"):
         parse_size("4 potatoes")
+
+
+@dataclass
+class Paths:
+    data: str = param("stdlib", path=("stdlib",))
+    output: str | None = param(None, path=True)
+    model: str = param("m", path=True)
+    name: str = param("x")
+
+
+def test_relative_paths_resolve_against_the_submitters_directory() -> None:
+    got = validate_params(Paths, {"data": "corpus/a.txt", "output": "../ck", "model": "job:12", "name": "rel"}, cwd="/home/u/proj")
+    assert got == {"data": "/home/u/proj/corpus/a.txt", "output": "/home/u/ck", "model": "job:12", "name": "rel"}
+    assert validate_params(Paths, {"data": "stdlib", "output": "/abs/ck"}, cwd="/w") == {"data": "stdlib", "output": "/abs/ck", "model": "m", "name": "x"}  # defaults are the kind's own
+    assert validate_params(Paths, {"output": "~/ck"}, cwd="/w")["output"] == os.path.expanduser("~/ck")
+    assert validate_params(Paths, {"output": "ck"})["output"] == "ck"  # no cwd given: left as sent
+    assert [f.get("path") for f in describe_schema(Paths)] == [True, True, True, None]
