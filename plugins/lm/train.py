@@ -221,6 +221,14 @@ class TrainRunner(llmos.Runner):
             files, self.tok, cache_dir(), text_field=p.text_field, max_bytes=p.max_bytes, val_fraction=p.val_fraction
         )
         ctx.log.info("corpus_ready", files=len(files), train_tokens=len(self.train_tokens), val_tokens=len(self.val_tokens), cached=cached)
+        # Provenance: exactly which tokens (both splits) and which tokenizer made the model.
+        digest = hashlib.sha256(np.ascontiguousarray(self.train_tokens).tobytes())
+        digest.update(np.ascontiguousarray(self.val_tokens).tobytes())
+        self.data_hashes = {
+            "files": len(files), "train_tokens": len(self.train_tokens), "val_tokens": len(self.val_tokens),
+            "tokens_sha256": digest.hexdigest(), "tokenizer_sha256": hashlib.sha256(self.tok.to_json().encode()).hexdigest(),
+        }
+        self.last_good: Path | None = Path(self.resume) if self.resume else None
         if len(self.train_tokens) < p.seq_len + 2:
             raise ValueError(f"the corpus has {len(self.train_tokens)} training tokens, fewer than one sequence of {p.seq_len + 1}")
         if len(self.val_tokens) < p.seq_len + 2:
@@ -452,12 +460,17 @@ class TrainRunner(llmos.Runner):
             "produced_by": {"job_id": ctx.job_id, "kind": ctx.kind, "attempt": ctx.attempt},
             "parent": self.parent,
             "recipe": asdict(p),
-            "data": {"source": p.data, "glob": p.glob, "text_field": p.text_field, "max_bytes": p.max_bytes, "val_fraction": p.val_fraction},
+            "data": {
+                "source": p.data, "glob": p.glob, "text_field": p.text_field, "max_bytes": p.max_bytes, "val_fraction": p.val_fraction,
+                **self.data_hashes,
+            },
             "metrics": metrics,
             "train_state": {"step": step, "parallel": self.parallel, "world_size": self.world},
         }
         save_checkpoint(path, weights, self.tok.to_json(), manifest, extra_state=train_state)
         ctx.artifact(path, kind="checkpoint", step=step, **{k: v for k, v in metrics.items() if isinstance(v, int | float)})
+        if "stopped" not in metrics:
+            self.last_good = path
         return path
 
     def _full_state(self) -> tuple[Any, dict[str, torch.Tensor]]:
@@ -488,8 +501,10 @@ class TrainRunner(llmos.Runner):
             result = self._run(ctx)
         except Exception as exc:
             # A collective that failed because another rank died says only "connection closed":
-            # name the rank and what it printed instead.
-            dead = self._dead_rank(grace=2.0) if self.rank == 0 and self.ranks else None
+            # name the rank and what it printed instead. Errors every rank meets alike (a NaN loss,
+            # bad input) keep their own words.
+            broken = isinstance(exc, RuntimeError | OSError)
+            dead = self._dead_rank(grace=2.0) if broken and self.rank == 0 and self.ranks else None
             if dead is not None:
                 r, code = dead
                 raise RuntimeError(f"rank {r} of {self.world} exited with {_exit_text(code)} during training; it said: {_tail(ctx.workdir / f'rank{r}.log')}") from exc
@@ -542,7 +557,7 @@ class TrainRunner(llmos.Runner):
             if self.world > 1:
                 total = self._mean_across_ranks(total)
             if not math.isfinite(total):
-                good = self.out_dir if (self.out_dir / "model.safetensors").exists() else None
+                good = self.last_good  # this run's newest checkpoint (or the one it resumed from)
                 raise FloatingPointError(f"the loss became {total} at step {step}; last good checkpoint: {good or 'none (no checkpoint yet)'}")
             if p.grad_clip > 0:
                 # Under fsdp the gradients are DTensor shards: the norm is reduced over the ranks.

@@ -19,6 +19,7 @@ torch = pytest.importorskip("torch")
 from llmos.plugins.lm.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from llmos.plugins.lm.config import config_from_preset  # noqa: E402
 from llmos.plugins.lm.model import Llama  # noqa: E402
+from llmos.plugins.lm.text import bytes_tokenizer  # noqa: E402
 
 SMALL = dict(preset="nano", tokenizer="bytes", seq_len=32, batch_size=8, lr=3e-3, warmup_steps=5, eval_batches=4, log_every=5)
 
@@ -155,7 +156,33 @@ def test_nan_loss_stops_with_reason(client: llmos.Client, corpus: Path, tmp_path
         model.model.embed_tokens.weight.fill_(float("nan"))
     save_checkpoint(tmp_path / "nan", model, None, {})
     info = _train(client, corpus, steps=5, init_from=str(tmp_path / "nan")).wait(timeout=120)
-    assert info.state == "failed" and "the loss became nan at step 1" in info.reason
+    assert info.state == "failed" and "the loss became nan at step 1; last good checkpoint: none (no checkpoint yet)" in info.reason
+    # Under ddp every rank meets the NaN: the job says so, not that rank 1 exited.
+    two = _train(client, corpus, steps=5, threads=1, world_size=2, init_from=str(tmp_path / "nan")).wait(timeout=120)
+    assert two.state == "failed" and two.reason.startswith("FloatingPointError: the loss became nan at step 1"), two.reason
+
+
+def test_nan_loss_later_names_the_runs_last_good_checkpoint(client: llmos.Client, tmp_path: Path) -> None:
+    """Only the byte '~' has a NaN embedding, and it occurs a few times in the corpus: the loss turns
+    NaN at the first step whose batch holds one. The reason names the checkpoint of the step before."""
+    (tmp_path / "corpus").mkdir()
+    root = write_word_corpus(tmp_path / "corpus", 40)
+    for i in (5, 15, 25, 35):
+        doc = root / f"doc{i:02}.txt"
+        doc.write_text(doc.read_text().replace("gamma", "gam~ma", 1))
+    model = Llama(config_from_preset("nano", 257))
+    model.init_weights(seed=0)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[bytes_tokenizer().encode("~")[0]] = float("nan")
+    save_checkpoint(tmp_path / "start", model, None, {})
+    out = tmp_path / "run"
+    info = _train(client, root, steps=400, eval_every=0, checkpoint_every=1, init_from=str(tmp_path / "start"), output=str(out)).wait(timeout=300)
+    assert info.state == "failed", info
+    step = int(info.reason.split("at step ")[1].split(";")[0])
+    assert step > 1 and info.reason.endswith(f"last good checkpoint: {out}-step{step - 1}"), info.reason
+    load_checkpoint(f"{out}-step{step - 1}")  # and it loads
+    data = json.loads(Path(f"{out}-step{step - 1}", "llmos.json").read_text())["data"]
+    assert len(data["tokens_sha256"]) == 64 and len(data["tokenizer_sha256"]) == 64 and data["files"] == 40
 
 
 def test_train_cli_follows_with_progress(kernel: KernelHandle, corpus: Path) -> None:
