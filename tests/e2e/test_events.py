@@ -137,10 +137,11 @@ def test_a_lost_last_event_of_a_stream_is_caught_up(client, monkeypatch) -> None
 
     monkeypatch.setattr(sdk_client, "_decode_pub", lossy)
     since = client.status()["last_seq"]
-    # The victim ends a second from now, while the follower is live on PUB.
-    first = client.submit("diag.sleep", params={"seconds": 1.0})
+    # The victim ends seconds from now, when the follower is live on PUB (a second was too short
+    # when the machine was busy: the end then came in the follower's first replay, not on PUB).
+    first = client.submit("diag.sleep", params={"seconds": 4.0})
     victim = first.id
-    stream = client.events("job.", since=since, follow=True, timeout=20)
+    stream = client.events("job.", since=since, follow=True, timeout=30)
     others = [client.submit("diag.echo", params={"message": m}) for m in ("b", "c")]
     want = {first.id, *(j.id for j in others)}
     ended: list[int] = []
