@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import time
+import traceback
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -106,7 +107,7 @@ def boot(state_dir: Path | None, config_file: Path | None, fake_gpus: str | None
     from llmos.kernel.logs import configure_logging
     from llmos.kernel.server import Kernel
 
-    state.mkdir(parents=True, exist_ok=True, mode=0o700)
+    _make_state_dir(state)
     log_file = open(state / "kernel.log", "a", buffering=1)  # noqa: SIM115 - open for the kernel's lifetime
     configure_logging(json_lines=True, level=settings["kernel"]["log_level"], stream=log_file)
     kernel = Kernel(settings, state)
@@ -125,8 +126,23 @@ def boot(state_dir: Path | None, config_file: Path | None, fake_gpus: str | None
     kernel.boot = boot_and_announce  # type: ignore[method-assign]
     try:
         kernel.run()
+    except OSError as exc:
+        # A file or socket the kernel needs could not be made (the runtime dir, the database):
+        # one line here, the traceback in the kernel's log.
+        traceback.print_exc(file=log_file)
+        raise click.ClickException(f"the kernel could not run: {exc} (details in {state / 'kernel.log'})") from None
     finally:
         log_file.close()
+
+
+def _make_state_dir(state: Path) -> None:
+    """Create the state directory (mode 0700), or say in one line why it cannot be used."""
+    try:
+        state.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if not os.access(state, os.W_OK | os.X_OK):
+            raise PermissionError(f"[Errno 13] Permission denied: {str(state)!r}")
+    except OSError as exc:
+        raise click.ClickException(f"cannot use state dir {state}: {exc.strerror or exc}; choose another with --state-dir or LLMOS_STATE_DIR") from None
 
 
 def _boot_detached(state: Path, config_file: Path | None, fake_gpus: str | None, log_level: str | None, as_json: bool) -> None:
@@ -135,7 +151,7 @@ def _boot_detached(state: Path, config_file: Path | None, fake_gpus: str | None,
     held = holder_pid(state)
     if held:
         raise click.ClickException(f"another kernel (pid {held}) is running on state dir {state}; stop it with: llmos shutdown --state-dir {state}")
-    state.mkdir(parents=True, exist_ok=True, mode=0o700)
+    _make_state_dir(state)
     argv = [sys.executable, "-m", "llmos.kernel.cli", "boot", "--state-dir", str(state)]
     if config_file:
         argv += ["--config", str(config_file.absolute())]

@@ -143,8 +143,15 @@ def runtime_dir_for(state_dir: Path, configured: str) -> Path:
 
 
 def _make_private_dir(path: Path) -> None:
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(path, 0o700)
+    """A directory this user owns and only this user can enter. The shared fallback /tmp/llmos-UID
+    is made private first: another local user could otherwise create it and reach the sockets."""
+    shared = Path(f"/tmp/llmos-{os.getuid()}")
+    for d in ((shared, path) if path.parent == shared else (path,)):
+        d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        owner = d.stat().st_uid
+        if owner != os.getuid():
+            raise PermissionError(f"{d} belongs to another user (uid {owner}): the kernel's sockets cannot live there; set [kernel] runtime_dir or XDG_RUNTIME_DIR")
+        os.chmod(d, 0o700)
 
 
 class Kernel:
@@ -329,6 +336,8 @@ class Kernel:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
+            # GPU indices in PCI bus order, NVML's order: the same numbers in CUDA_VISIBLE_DEVICES.
+            env=dict(os.environ, CUDA_DEVICE_ORDER="PCI_BUS_ID"),
         )
         self._probe_deadline = time.monotonic() + 60
 
@@ -1324,6 +1333,9 @@ class Kernel:
         gpus = job.placement.get("gpus", []) if job.placement else []
         cpus = float(job.resources.get("cpus", 0))
         env = {
+            # The probe numbered the GPUs in PCI bus order (NVML's); CUDA's default order is
+            # fastest first, which on a machine of mixed GPUs would hand the job another GPU.
+            "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
             "CUDA_VISIBLE_DEVICES": ",".join(str(g["index"]) for g in gpus if not g.get("fake")),
             "LLMOS_JOB_ID": str(job.id),
             "LLMOS_ATTEMPT": str(job.attempts),

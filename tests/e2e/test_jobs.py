@@ -174,6 +174,7 @@ def test_a_gang_job_gets_its_rank_plan_from_the_kernel(client: llmos.Client) -> 
     assert job.info().placement["distributed"] == plan
     single = client.submit("diag.devices", resources={"cpus": 1}).result(timeout=30)
     assert single["distributed"] is None and single["rank_env"]["RANK"] is None
+    assert single["cuda_device_order"] == "PCI_BUS_ID"  # the probe's numbering (NVML's) is what CUDA_VISIBLE_DEVICES means
     with pytest.raises(llmos.JobRejected, match=r"world_size=2 runs 2 processes, each on whole GPUs of its own: ask for gpus=2 \(or a multiple of 2\), not 1"):
         client.submit("diag.devices", params={"world_size": 2}, resources={"gpus": 1})
     with pytest.raises(llmos.JobRejected, match=r"world_size=2 runs 2 processes, each on a CPU core of its own: ask for cpus >= 2, not 1"):

@@ -198,3 +198,13 @@ def _wait(cond, timeout: float = 15) -> None:
     while not cond():
         assert time.monotonic() < deadline, "condition never became true"
         time.sleep(0.02)
+
+
+@pytest.mark.parametrize("detach", [False, True])
+def test_boot_on_an_unusable_state_dir_says_why_in_one_line(tmp_path: Path, detach: bool) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    for state in (blocker / "state", Path("/proc/llmos-cannot-exist")):
+        proc = cli("boot", "--state-dir", str(state), *(["--detach"] if detach else []), check=False, timeout=30)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert proc.stderr.startswith(f"Error: cannot use state dir {state}: ") and proc.stderr.count("\n") == 1, proc.stderr
