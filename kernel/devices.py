@@ -116,6 +116,13 @@ class DeviceTable:
             return int(dev.memory_total * res.gpus)
         return dev.memory_total
 
+    def needs_probe(self, res: Resources) -> bool:
+        """Whether only the GPU probe, still running, can say if ``res`` ever fits."""
+        if not self.probing or res.gpus <= 0:
+            return False
+        want = 1 if res.gpus < 1 else int(res.gpus)
+        return sum(self._gpu_need(res, g) <= g.memory_total for g in self.gpus) < want
+
     def never_fits(self, res: Resources) -> str | None:
         """Why ``res`` can never be placed here, or None if it could be (on an idle machine)."""
         have = f"this machine has {self.cpu.capacity:g} CPU cores, {format_size(self.cpu.memory_total)} RAM"

@@ -10,6 +10,7 @@ import importlib.util
 import json
 import os
 import sys
+import time
 from typing import Any
 
 
@@ -62,5 +63,7 @@ def probe() -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+    # LLMOS_PROBE_DELAY: seconds to wait first, as a slow probe (torch starting CUDA) would; for tests.
+    time.sleep(float(os.environ.get("LLMOS_PROBE_DELAY") or 0))
     json.dump(probe(), sys.stdout)
     sys.stdout.write("\n")

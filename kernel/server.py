@@ -178,6 +178,8 @@ class Kernel:
         self._fast_checks: dict[str, Any] = {}
         self.generation = 0
         self._service_crashes: dict[str, list[float]] = {}
+        #: GPU submits that only the probe can answer (fit or never fit), answered when it ends.
+        self._held_submits: list[tuple[bytes, SubmitRequest, str | None]] = []
         self._service_restarts: list[tuple[float, str, dict[str, Any], dict[str, Any]]] = []
         self.quarantined: dict[str, str] = {}
         self.services: dict[str, list[str]] = {}  # name -> replica worker ids
@@ -360,6 +362,12 @@ class Kernel:
         log.info("devices_probed", source=source, gpus=len(gpus))
         self._schedule_needed = True
         self._fail_never_fitting()
+        held, self._held_submits = self._held_submits, []
+        for identity, msg, parent_id in held:
+            try:
+                self.reply(identity, self._on_submit(identity, msg), parent_id)
+            except Exception as exc:
+                self.reply_error(identity, exc, parent_id)
 
     def _fail_never_fitting(self) -> None:
         """Pending jobs that can never fit on this machine fail rather than wait forever (and
@@ -826,6 +834,11 @@ class Kernel:
             raise JobRejected(f"max_retries must be between 0 and 1000, got {msg.max_retries}", field="max_retries")
         if not -1_000_000 <= msg.priority <= 1_000_000:
             raise JobRejected(f"priority must be between -1000000 and 1000000, got {msg.priority}", field="priority")
+        if self.devices.needs_probe(res):
+            # Whether this can ever fit depends on GPUs the probe has not reported yet: answer
+            # when it has, so a request that never fits is refused at submit, not failed later.
+            self._held_submits.append((identity, msg, self._current_parent))
+            return None
         self.devices.check(res)
         preemptible = bool(getattr(entry.spec, "preemptible", False)) if msg.preemptible is None else msg.preemptible
         if preemptible and entry.service:
@@ -1579,6 +1592,9 @@ class Kernel:
     def _shutdown(self) -> None:
         reason = self.stopping or "kernel loop ended"
         log.info("kernel_stopping", reason=reason)
+        for identity, _msg, parent_id in self._held_submits:
+            self.reply_error(identity, KernelError(f"the kernel is shutting down ({reason}); the job was not submitted"), parent_id)
+        self._held_submits = []
         try:
             self.emit("kernel.stopping", KernelStopping(reason=reason))
             self._flush_out()

@@ -9,6 +9,7 @@ import pytest
 
 import llmos
 from llmos.errors import JobCancelled, JobFailed, JobNotFound, JobRejected, ResourceError
+from tests.conftest import KernelHandle
 
 
 def test_echo_through_sdk_returns_params(client: llmos.Client) -> None:
@@ -215,3 +216,21 @@ def _wait_state(job: llmos.Job, state: str, timeout: float = 15) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"job {job.id} never reached {state}: {job.info()}")
         time.sleep(0.02)
+
+
+def test_gpu_requests_wait_for_the_probe_to_be_answered(tmp_path) -> None:
+    """While the GPU probe runs, a request only real GPUs could hold gets its answer when the probe
+    ends: refused at submit if it can never fit, not accepted and failed later."""
+    handle = KernelHandle(tmp_path / "state", "--fake-gpus", "1x8GiB", env={"LLMOS_PROBE_DELAY": "2"}).boot()
+    try:
+        with handle.client() as c:
+            t0 = time.monotonic()
+            fits = c.submit("diag.echo", resources={"gpus": 1, "gpu_memory": "4GiB"})  # the fake GPU holds it: no wait
+            assert time.monotonic() - t0 < 1.5
+            with pytest.raises(ResourceError, match=r"asked for 2 GPU\(s\)"):
+                c.submit("diag.echo", resources={"gpus": 2})
+            assert time.monotonic() - t0 >= 1.0  # answered once the probe was done
+            assert fits.wait(timeout=30).state == "succeeded"
+            assert [j.kind for j in c.jobs()] == ["diag.echo"]  # the refused request left no job behind
+    finally:
+        handle.shutdown()
