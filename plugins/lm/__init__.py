@@ -69,7 +69,8 @@ class EvalParams:
     data: str | None = param(None, help="A corpus (as for train), or none for the one the model was trained on.", path=("stdlib",))
     glob: str | None = param(None, help="Which files of a data directory to read.")
     split: Literal["validation", "all"] = param("validation", help="The held-out split, or the whole corpus.")
-    max_bytes: int = param(50_000_000, ge=1, help="Read at most this many characters of the corpus.")
+    max_bytes: int = param(50_000_000, ge=1, help="Read at most this many characters of another corpus (the model's own is read as training read it).")
+    text_field: str | None = param(None, help="The field holding the text in JSON-lines data (default: the model's record, else 'text').")
     seq_len: int = param(128, ge=8, help="Tokens per window.")
     batch_size: int = param(8, ge=1, help="Windows per batch.")
     batches: int = param(16, ge=1, help="Batches to average over.")
@@ -113,11 +114,11 @@ class ServeParams:
 
 
 def check_serve(p: ServeParams) -> None:
-    _check_checkpoint(p.model, "model")
+    _check_model(p.model)
 
 
 def check_generate(p: GenerateParams) -> None:
-    _check_checkpoint(p.model, "model")
+    _check_model(p.model)
     if p.prompts_file is not None and not Path(p.prompts_file).expanduser().is_file():
         raise ValueError(f"prompts_file {p.prompts_file} does not exist")
     if not p.prompts and p.prompts_file is None:
@@ -127,6 +128,13 @@ def check_generate(p: GenerateParams) -> None:
 def _check_data(data: str | None) -> None:
     if data is not None and data != "stdlib" and not Path(data).expanduser().exists():
         raise ValueError(f"data path {data} does not exist (give a file, a directory, or 'stdlib')")
+
+
+def _check_model(path: str) -> None:
+    """A model to run exists. Its format is the business of the ``llmos_load_model`` hook, in the
+    worker: this plugin loads checkpoint directories, other plugins may load other files."""
+    if not Path(path).expanduser().exists():
+        raise ValueError(f"model {path} does not exist (give a checkpoint directory, or job:ID for a job's checkpoint)")
 
 
 def _check_checkpoint(path: str | None, what: str) -> None:
@@ -150,7 +158,7 @@ def check_train(p: TrainParams) -> None:
 
 
 def check_eval(p: EvalParams) -> None:
-    _check_checkpoint(p.model, "model")
+    _check_model(p.model)
     _check_data(p.data)
 
 

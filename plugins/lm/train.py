@@ -657,6 +657,26 @@ def _maybe_hash(path: str) -> str | None:
     return file_sha256(f) if f.exists() else None
 
 
+def load_for_job(ctx: llmos.JobContext, path: str, device: torch.device) -> tuple[Llama, dict[str, Any]]:
+    """The model at ``path`` through the plugins' ``llmos_load_model`` hook (this plugin's loads
+    llmos and Hugging Face checkpoint directories; other plugins may add formats), with its
+    llmos.json manifest when it has one. The tokenizer is the ``tokenizer.json`` beside it."""
+    model = ctx.load_model(path, device=device)
+    if not isinstance(model, Llama):
+        raise ValueError(f"{path}: the plugin that loaded it gave a {type(model).__name__}, not a Llama-family model these jobs can run")
+    manifest_file = Path(path) / "llmos.json"
+    try:
+        manifest = json.loads(manifest_file.read_text()) if manifest_file.is_file() else {}
+    except ValueError:
+        manifest = {}
+    return model, manifest if isinstance(manifest, dict) else {}
+
+
+def _tokenizer_beside(path: str) -> Tok:
+    where = Path(path)
+    return load_tokenizer(where if where.is_dir() else where.parent)
+
+
 class EvalRunner(llmos.Runner):
     """Perplexity of a checkpoint on a corpus (or on its own validation split), and greedy samples."""
 
@@ -664,16 +684,20 @@ class EvalRunner(llmos.Runner):
         p = ctx.params
         set_threads(ctx, p.threads)
         device = pick_device(ctx)
-        model, manifest = load_checkpoint(p.model, device=device)
-        tok = load_tokenizer(p.model)
+        model, manifest = load_for_job(ctx, p.model, device)
+        tok = _tokenizer_beside(p.model)
         data = manifest.get("data", {})
         source = p.data or data.get("source")
         if not source:
             raise ValueError(f"{p.model} does not say what it was trained on; give data=PATH or data=stdlib")
-        files = corpus_files(source, p.glob or data.get("glob", "**/*.txt"))
+        # On the model's own corpus, read it as training did (the same validation split); on
+        # another corpus, as this job's parameters say.
+        own = p.data is None
+        files = corpus_files(source, p.glob or (data.get("glob") if own else None) or "**/*.txt")
         train, val, _ = tokenize_corpus(
-            files, tok, cache_dir(), text_field=data.get("text_field", "text"),
-            max_bytes=int(data.get("max_bytes", p.max_bytes)), val_fraction=float(data.get("val_fraction", 0.05)),
+            files, tok, cache_dir(), text_field=p.text_field or (data.get("text_field") if own else None) or "text",
+            max_bytes=int(data.get("max_bytes", p.max_bytes)) if own else p.max_bytes,
+            val_fraction=float(data.get("val_fraction", 0.05)) if own else 0.05,
         )
         tokens = val if p.split == "validation" else np.concatenate([np.asarray(train), np.asarray(val)])
         ctx.progress(0, 1, message="evaluating")
@@ -714,15 +738,18 @@ class GenerateRunner(llmos.Runner):
         p = ctx.params
         set_threads(ctx, p.threads)
         device = pick_device(ctx)
-        model, _ = load_checkpoint(p.model, device=device)
-        engine = Engine(model, load_tokenizer(p.model), dtype=p.dtype, device=device)
+        model, _ = load_for_job(ctx, p.model, device)
+        engine = Engine(model, _tokenizer_beside(p.model), dtype=p.dtype, device=device)
         prompts = list(p.prompts or [])
         if p.prompts_file:
             with open(p.prompts_file, encoding="utf-8") as f:
                 for n, line in enumerate(f, 1):
                     if line.strip():
                         try:
-                            prompts.append(json.loads(line)[p.prompt_field])
+                            prompt = json.loads(line)[p.prompt_field]
+                            if not isinstance(prompt, str):
+                                raise TypeError(prompt)
+                            prompts.append(prompt)
                         except (ValueError, KeyError, TypeError):
                             raise ValueError(f"{p.prompts_file}:{n}: expected a JSON object with a string field {p.prompt_field!r}") from None
         if not prompts:
