@@ -22,7 +22,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 @dataclass(frozen=True)
 class Sampling:
-    """How to pick tokens. ``temperature=0`` is greedy; a ``seed`` makes sampling repeatable."""
+    """How to pick tokens. ``temperature=0`` is greedy; a ``seed`` makes sampling repeatable.
+
+    ``stop`` and ``stop_tokens`` may be given as lists (as they arrive in JSON); ``stop`` may be
+    one string, which is one stop string (not a set of characters)."""
 
     max_new_tokens: int = 64
     temperature: float = 1.0
@@ -33,18 +36,44 @@ class Sampling:
     stop: tuple[str, ...] = ()
     stop_tokens: tuple[int, ...] = ()
 
+    def __post_init__(self) -> None:
+        # Only the containers are normalised here; validate() judges what is inside them.
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        elif isinstance(self.stop, list):
+            object.__setattr__(self, "stop", tuple(self.stop))
+        if isinstance(self.stop_tokens, list):
+            object.__setattr__(self, "stop_tokens", tuple(self.stop_tokens))
+
     def validate(self) -> Sampling:
-        if self.max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
-        if not 0 <= self.temperature <= 100:
-            raise ValueError(f"temperature must be between 0 and 100, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not self.repetition_penalty > 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        """Self, if every field has the right type and range; ValueError naming the first that does not."""
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an integer >= 0, got {self.max_new_tokens!r}")
+        if not _is_number(self.temperature) or not 0 <= self.temperature <= 100:
+            raise ValueError(f"temperature must be a number between 0 and 100, got {self.temperature!r}")
+        if not _is_int(self.top_k) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0, got {self.top_k!r}")
+        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
+        if not _is_number(self.repetition_penalty) or not 0 < self.repetition_penalty <= 100:
+            raise ValueError(f"repetition_penalty must be a number in (0, 100], got {self.repetition_penalty!r}")
+        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**64):
+            raise ValueError(f"seed must be an integer in [0, 2**64) or None, got {self.seed!r}")
+        if not isinstance(self.stop, tuple) or not all(isinstance(s, str) for s in self.stop):
+            raise ValueError(f"stop must be a string or a list of strings, got {self.stop!r}")
+        if "" in self.stop:
+            raise ValueError("stop strings must not be empty (an empty one would end every request at once)")
+        if not isinstance(self.stop_tokens, tuple) or not all(_is_int(t) and t >= 0 for t in self.stop_tokens):
+            raise ValueError(f"stop_tokens must be a list of token ids (integers >= 0), got {self.stop_tokens!r}")
         return self
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # True is an int to Python, not to a caller
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 @dataclass
@@ -53,7 +82,8 @@ class _Seq:
     sampling: Sampling
     slot: int
     generator: torch.Generator | None
-    started: float
+    started: float  # when the request arrived: ttft and total_s count from here
+    admitted: float  # when it got its slot (started + the time it queued)
     out: list[int] = field(default_factory=list)
     first_token_at: float | None = None
     finish: str | None = None
@@ -129,11 +159,15 @@ class Engine:
         """A cache for ``slots`` sequences of up to ``length`` tokens (prompt and completion)."""
         return KVCache(self.model.config, slots, min(length, self.context), self.dtype, self.device)
 
-    def start(self, prompt: str | list[int], sampling: Sampling, slot: int) -> _Seq:
-        """A sequence for ``prompt`` in cache ``slot`` (not run yet: see :meth:`prefill`)."""
+    def start(self, prompt: str | list[int], sampling: Sampling, slot: int, arrived: float | None = None) -> _Seq:
+        """A sequence for ``prompt`` in cache ``slot`` (not run yet: see :meth:`prefill`).
+
+        ``arrived`` (a ``time.perf_counter()`` reading) is when the request came in, if it waited
+        before this call (a service's queue): its timings count from then, not from now."""
         sampling.validate()
         gen = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
-        return _Seq(prompt=self.encode(prompt), sampling=sampling, slot=slot, generator=gen, started=time.perf_counter())
+        now = time.perf_counter()
+        return _Seq(prompt=self.encode(prompt), sampling=sampling, slot=slot, generator=gen, started=now if arrived is None else min(arrived, now), admitted=now)
 
     @torch.inference_mode()
     def prefill(self, seq: _Seq, cache: KVCache, on_token: Any = None) -> None:
@@ -174,6 +208,7 @@ class Engine:
             timings={
                 "ttft_s": (seq.first_token_at or done) - seq.started,
                 "total_s": done - seq.started,
+                "queue_s": seq.admitted - seq.started,
                 "tokens_per_s": (len(seq.out) - 1) / decode_time if len(seq.out) > 1 and decode_time > 0 else 0.0,
             },
         )
@@ -215,7 +250,11 @@ class Engine:
             self._finish(seq, "length", token, on_token)
 
     def _text_step(self, seq: _Seq, token: int, on_token: Any) -> None:
-        """Decode the text so far: stop strings, and pieces for ``on_token``."""
+        """Decode the text so far: stop strings, and pieces for ``on_token``.
+
+        What goes to ``on_token`` is always a prefix of the Completion's text: a tail that could be
+        the start of a stop string is held until the next tokens show it is not (or the sequence
+        ends), since the Completion cuts a stop string off."""
         text = self.tok.decode(seq.out)
         for stop in seq.sampling.stop:
             at = text.find(stop)
@@ -225,9 +264,12 @@ class Engine:
                 return
         seq.text = text
         # A character split across tokens decodes as U+FFFD until its last byte arrives: hold it.
-        if on_token and not text.endswith("\ufffd") and len(text) > seq.emitted:
-            on_token(seq.slot, token, text[seq.emitted :])
-            seq.emitted = len(text)
+        if not on_token or text.endswith("\ufffd"):
+            return
+        end = len(text) - _stop_prefix_at_end(text, seq.sampling.stop, seq.emitted)
+        if end > seq.emitted:
+            on_token(seq.slot, token, text[seq.emitted : end])
+            seq.emitted = end
 
     @staticmethod
     def _finish(seq: _Seq, reason: str, token: int, on_token: Any) -> None:
@@ -238,3 +280,14 @@ class Engine:
         if on_token and len(seq.text) > seq.emitted:
             on_token(seq.slot, token, seq.text[seq.emitted :])
         seq.emitted = len(seq.text)
+
+
+def _stop_prefix_at_end(text: str, stops: tuple[str, ...], start: int) -> int:
+    """The length of the longest end of ``text[start:]`` that begins some stop string."""
+    longest = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text) - start), longest, -1):
+            if text.endswith(stop[:n]):
+                longest = n
+                break
+    return longest

@@ -108,6 +108,67 @@ def test_stops_and_limits(engine: Engine) -> None:
     assert len(set(penalized.tokens)) >= len(set(free.tokens))
 
 
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"seed": 1.5}, "seed"),
+        ({"seed": "a"}, "seed"),
+        ({"seed": -1}, "seed"),
+        ({"seed": True}, "seed"),
+        ({"stop": 5}, "stop"),
+        ({"stop": ("ok", 5)}, "stop"),
+        ({"stop": ("",)}, "must not be empty"),
+        ({"stop": ""}, "must not be empty"),
+        ({"stop_tokens": ("a",)}, "stop_tokens"),
+        ({"stop_tokens": 5}, "stop_tokens"),
+        ({"stop_tokens": (-1,)}, "stop_tokens"),
+        ({"max_new_tokens": 2.5}, "max_new_tokens"),
+        ({"max_new_tokens": "8"}, "max_new_tokens"),
+        ({"temperature": "hot"}, "temperature"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"top_k": 1.5}, "top_k"),
+        ({"top_p": None}, "top_p"),
+        ({"repetition_penalty": float("inf")}, "repetition_penalty"),
+    ],
+)
+def test_sampling_checks_every_field(options: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        Sampling(**options).validate()
+
+
+def test_sampling_takes_lists_and_one_stop_string() -> None:
+    s = Sampling(stop=["a", "bc"], stop_tokens=[1, 2], seed=3, temperature=1).validate()
+    assert s.stop == ("a", "bc") and s.stop_tokens == (1, 2)
+    assert Sampling(stop="END").validate().stop == ("END",)  # one stop string, not three
+
+
+def test_the_stream_never_shows_what_a_stop_string_cuts(engine: Engine) -> None:
+    free = engine.generate(["abc"], Sampling(max_new_tokens=30, temperature=0))[0]
+    stop = free.text[5:8]
+    unfinished = free.text[10:12] + "\x00\x00"  # its start appears; the whole never does
+    for stops in [(stop,), (unfinished,), (unfinished, stop)]:
+        pieces: list[str] = []
+        completion = engine.generate(["abc"], Sampling(max_new_tokens=30, temperature=0, stop=stops), on_token=lambda _i, _t, piece, pieces=pieces: pieces.append(piece))[0]
+        assert "".join(pieces) == completion.text, stops
+        assert completion.text == (free.text[: free.text.find(stop)] if stop in stops else free.text)
+
+
+def test_timings_count_from_arrival(engine: Engine) -> None:
+    import time
+
+    arrived = time.perf_counter()
+    time.sleep(0.2)  # as if it waited in a service's queue
+    cache = engine.new_cache(1, 64)
+    seq = engine.start("abc", Sampling(max_new_tokens=4, temperature=0), 0, arrived=arrived)
+    engine.prefill(seq, cache)
+    while seq.finish is None:
+        engine.decode([seq], cache)
+    timings = engine.completion(seq).timings
+    assert timings["queue_s"] >= 0.2 and timings["ttft_s"] >= timings["queue_s"] and timings["total_s"] >= timings["ttft_s"]
+    direct = engine.generate(["abc"], Sampling(max_new_tokens=4, temperature=0))[0].timings
+    assert direct["queue_s"] < 0.05 and direct["ttft_s"] < 0.2
+
+
 def test_generate_job_sdk_and_cli(kernel: KernelHandle, checkpoint: Path, engine: Engine, tmp_path: Path) -> None:
     expected = engine.generate(PROMPTS, Sampling(max_new_tokens=12, temperature=0))
     with kernel.client() as c:
