@@ -25,7 +25,10 @@ class TrainParams:
     text_field: str = param("text", help="The field holding the text in JSON-lines data.")
     max_bytes: int = param(10_000_000, ge=1, help="Read at most this many characters of the corpus.")
     val_fraction: float = param(0.05, gt=0, lt=1, help="The share of the corpus held out for validation.")
-    preset: str = param("nano", choices=tuple(PRESETS), help="The model shape (ignored with config or init_from).")
+    preset: str = param(
+        "nano", choices=tuple(PRESETS),
+        help="The model shape (ignored with config or init_from): nano (<1M parameters), micro (~10M with a 10k vocabulary), small (~125M with 32k), or a common model's.",
+    )
     config: dict[str, Any] | None = param(None, help="A full model config (Hugging Face field names) instead of a preset.")
     tokenizer: str = param("bpe", help="'bpe' (learned from the corpus), 'bytes', or a path to a tokenizer.json.", path=("bpe", "bytes"))
     vocab_size: int = param(2048, ge=258, le=262_144, help="The vocabulary size of a learned BPE tokenizer.")

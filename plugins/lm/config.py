@@ -99,6 +99,9 @@ class LlamaConfig:
 
 
 #: Named shapes. Small ones for tests and this machine; the big ones are the shapes of common models.
+#: Parameter counts depend on the vocabulary: nano is under 1M with vocabularies up to 6k; micro
+#: is about 10M with a 10k vocabulary (5.4M with the default 2,048-token BPE); small is about 125M
+#: with a 32k vocabulary, as GPT-2 small and Llama tokenizers have (79M with 2,048 tokens).
 PRESETS: dict[str, dict[str, Any]] = {
     "nano": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512),
     "micro": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024),

@@ -22,7 +22,7 @@ from llmos.plugins.lm.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from llmos.plugins.lm.config import config_from_dict, config_from_preset
+from llmos.plugins.lm.config import PRESETS, config_from_dict, config_from_preset
 from llmos.plugins.lm.model import Llama
 from llmos.plugins.lm.text import (
     Tok,
@@ -237,7 +237,7 @@ class TrainRunner(llmos.Runner):
             if p.config:
                 config = config_from_dict(p.config, vocab_size=self.tok.vocab_size)
             else:
-                config = config_from_preset(p.preset, self.tok.vocab_size, max_position_embeddings=max(p.seq_len, 512))
+                config = config_from_preset(p.preset, self.tok.vocab_size, max_position_embeddings=max(p.seq_len, PRESETS[p.preset]["max_position_embeddings"]))
             if self.tok.eos_id is not None:
                 config = type(config)(**{**asdict(config), "eos_token_id": self.tok.eos_id, "bos_token_id": self.tok.eos_id})
             self.model = Llama(config)

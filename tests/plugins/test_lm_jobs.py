@@ -240,3 +240,11 @@ def test_a_dead_rank_fails_the_job_and_names_it(client: llmos.Client, corpus: Pa
     os.kill(ranks[0], signal.SIGKILL)
     info = job.wait(timeout=180)
     assert info.state == "failed" and "rank 1 of 2 exited with signal SIGKILL during training" in info.reason, info.reason
+
+
+def test_a_preset_keeps_its_context_length(client: llmos.Client, corpus: Path) -> None:
+    """micro is built for 1,024 positions: training on shorter sequences does not shrink the context
+    that generate and serve may use later."""
+    result = _train(client, corpus, preset="micro", steps=1, eval_every=0, eval_batches=1).result(timeout=180)
+    config = json.loads((Path(result["checkpoint"]) / "config.json").read_text())
+    assert config["max_position_embeddings"] == 1024 and config["hidden_size"] == 256
