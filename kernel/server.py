@@ -878,8 +878,21 @@ class Kernel:
         ss = self.settings["services"]
         now = time.monotonic()
         window = float(ss["restart_window"])
-        crashes = [t for t in self._service_crashes.get(job.kind, []) if now - t <= window] + [now]
-        self._service_crashes[job.kind] = crashes
+        # An autostart service is the kind itself: its crashes quarantine the kind. A service people
+        # start with parameters (serve MODEL) is counted per instance: one bad model stops being
+        # restarted without taking the kind from everyone else.
+        per_kind = bool(getattr(entry.spec, "autostart", False))
+        key = job.kind if per_kind else f"{job.kind} {json.dumps(job.params, sort_keys=True, default=str)}"
+        crashes = [t for t in self._service_crashes.get(key, []) if now - t <= window] + [now]
+        self._service_crashes[key] = crashes
+        if len(crashes) > int(ss["max_restarts"]) and not per_kind:
+            self._service_crashes.pop(key, None)  # a later submit of the same instance starts afresh
+            self.emit(
+                "kernel.service_quarantined",
+                ServiceQuarantined(service=job.kind, plugin=entry.plugin, crashes=len(crashes), window=window, reason=job.reason or "", job_id=job.id),
+            )
+            log.warning("service_instance_given_up", service=job.kind, job_id=job.id, crashes=len(crashes))
+            return
         if len(crashes) > int(ss["max_restarts"]):
             why = f"service {job.kind!r} failed {len(crashes)} times in {window:g}s (last: {job.reason}); reload plugins to try again"
             self.quarantined[job.kind] = why

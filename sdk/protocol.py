@@ -738,13 +738,15 @@ class PluginsChanged:
 @message("kernel.service_quarantined")
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ServiceQuarantined:
-    """A service crashed too often and will not be restarted until the plugins are reloaded."""
+    """A service crashed too often and will not be restarted: an autostart service's kind until
+    the plugins are reloaded (``job_id`` None), or one started instance (its last job, ``job_id``)."""
 
     service: str
     plugin: str
     crashes: int
     window: float
     reason: str
+    job_id: int | None = None
 
 
 @message("monitor.usage_report")

@@ -254,3 +254,56 @@ def test_builtin_command_names_are_current() -> None:
 def test_the_example_plugins_own_tests_pass() -> None:
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"], cwd=EXAMPLE, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+EACH = '''
+import os, signal
+from dataclasses import dataclass
+import llmos
+
+@dataclass
+class P:
+    name: str = "a"
+
+class Crash(llmos.Runner):
+    def run(self, ctx):
+        if ctx.params.name == "bad":
+            os.kill(os.getpid(), signal.SIGKILL)
+        ctx.sleep(60)
+
+@llmos.hookimpl
+def llmos_register_services(register):
+    register(llmos.ServiceKind("each.svc", runner=Crash, params=P, resources=llmos.Resources(cpus=0)))
+'''
+
+
+def test_a_crashing_service_instance_is_given_up_alone(tmp_path: Path) -> None:
+    """A service started with parameters (like serve MODEL) that keeps crashing stops being
+    restarted; the kind stays available for other instances."""
+    (tmp_path / "plug").mkdir()
+    (tmp_path / "plug" / "each_plugin.py").write_text(EACH)
+    config = tmp_path / "c.toml"
+    config.write_text("[services]\nmax_restarts = 1\nrestart_window = 60.0\nrestart_backoff_max = 0.1\n")
+    env = {"PYTHONPATH": str(tmp_path / "plug"), "LLMOS_PLUGIN_MODULES": "each=each_plugin"}
+    handle = KernelHandle(tmp_path / "state", "--config", str(config), env=env).boot()
+    try:
+        with handle.client() as c:
+            c.submit("each.svc", params={"name": "bad"})
+            deadline = time.monotonic() + 30
+            while not [e for e in c.events("kernel.", follow=False) if e.type == "kernel.service_quarantined"]:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+            time.sleep(0.5)  # no restart comes after the give-up
+            runs = [j for j in c.jobs() if j.kind == "each.svc"]
+            assert len(runs) == 2 and all(j.state == "failed" for j in runs)
+            event = next(e for e in c.events("kernel.", follow=False) if e.type == "kernel.service_quarantined")
+            assert event.body["job_id"] == max(j.id for j in runs) and event.body["crashes"] == 2
+            assert {r["name"]: r for r in c.plugins()}["each"]["status"] == "ok"
+            good = c.submit("each.svc", params={"name": "good"})
+            deadline = time.monotonic() + 30
+            while good.info().state != "running":
+                assert time.monotonic() < deadline and not good.info().ended
+                time.sleep(0.05)
+            good.cancel()
+    finally:
+        handle.shutdown()
