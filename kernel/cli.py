@@ -31,6 +31,10 @@ from llmos.units import format_size, parse_size
 _LEVELS = {"debug": 10, "info": 20, "warning": 30, "warn": 30, "error": 40, "critical": 50}
 
 
+class _OneLineUsageError(click.ClickException):
+    exit_code = 2
+
+
 class LlmosGroup(click.Group):
     """Turns llmos errors into one-line messages; adds plugin commands on first use."""
 
@@ -67,6 +71,11 @@ class LlmosGroup(click.Group):
             return super().invoke(ctx)
         except LlmosError as exc:
             raise click.ClickException(str(exc)) from None
+        except click.UsageError as exc:
+            # A bad option or argument: one line that says what was wrong and where help is,
+            # not click's usage block (exit code 2, as click gives).
+            where = exc.ctx.command_path if exc.ctx is not None else "llmos"
+            raise _OneLineUsageError(f"{exc.format_message()} (see '{where} --help')") from None
         except KeyboardInterrupt:
             click.echo("", err=True)
             ctx.exit(130)

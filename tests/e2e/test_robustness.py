@@ -208,3 +208,16 @@ def test_boot_on_an_unusable_state_dir_says_why_in_one_line(tmp_path: Path, deta
         proc = cli("boot", "--state-dir", str(state), *(["--detach"] if detach else []), check=False, timeout=30)
         assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
         assert proc.stderr.startswith(f"Error: cannot use state dir {state}: ") and proc.stderr.count("\n") == 1, proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (("job", "abc"), "Error: Invalid value for 'JOB_ID': 'abc' is not a valid integer. (see 'llmos job --help')"),
+        (("submit", "diag.echo", "--gpu-memory", "4Gx"), "expected a size such as 4GiB"),
+        (("no-such-command",), "Error: No such command 'no-such-command'. (see 'llmos --help')"),
+    ],
+)
+def test_bad_options_are_one_line_errors(args: tuple[str, ...], says: str, tmp_path: Path) -> None:
+    proc = cli(*args, "--state-dir", str(tmp_path), check=False) if args[0] != "no-such-command" else cli(*args, check=False)
+    assert proc.returncode == 2 and says in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
