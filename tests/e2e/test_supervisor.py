@@ -60,6 +60,19 @@ def test_runner_that_ignores_cancel_is_terminated(quick_kernel: KernelHandle, sh
         assert info.state == "cancelled"
 
 
+def test_a_worker_deaf_to_sigterm_is_killed(quick_kernel: KernelHandle) -> None:
+    """Cancel asks, then SIGTERM, then SIGKILL: a stopped worker takes neither the ask nor SIGTERM."""
+    with quick_kernel.client() as c:
+        job = c.submit("diag.sleep", params={"seconds": 60})
+        pid = _worker_pid(c, job)
+        os.kill(pid, signal.SIGSTOP)  # SIGTERM stays pending on a stopped process; SIGKILL does not
+        t0 = time.monotonic()
+        job.cancel()
+        info = job.wait(timeout=30)
+        assert info.state == "cancelled" and info.exit_code == -9 and "SIGKILL" in info.reason, info
+        assert time.monotonic() - t0 < 0.5 + 1.0 + 2.0  # cancel_grace + kill_grace, plus reaping
+
+
 def test_aging_lets_an_old_low_priority_job_go_first(quick_kernel: KernelHandle) -> None:
     with quick_kernel.client() as c:
         blocker = c.submit("diag.sleep", params={"seconds": 1.5}, resources={"gpus": 1})
