@@ -31,8 +31,9 @@ class WordcountParams:
     """The parameters of a ``wordcount`` job (validated by the kernel at submit)."""
 
     path: str = llmos.param(
-        help="A text file, or a directory of text files. Use an absolute path: the job runs in "
-        "a worker process whose working directory is the kernel's."
+        help="A text file, or a directory of text files (a relative path is taken from where "
+        "you submit: the kernel makes it absolute).",
+        path=True,
     )
     glob: str = llmos.param(
         "*.txt", help="Which files of a directory to count (e.g. '*.md', '**/*.txt')."

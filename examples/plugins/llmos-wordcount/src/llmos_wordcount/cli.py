@@ -31,7 +31,7 @@ import llmos
 @click.option("--json", "as_json", is_flag=True, help="Print the job's result as JSON.")
 def wordcount(path: Path, pattern: str, state_dir: Path | None, as_json: bool) -> None:
     """Count the words in PATH (a text file, or a directory of text files) with a wordcount job."""
-    # The job runs in a worker whose working directory is the kernel's, not ours.
+    # The job runs in a folder of its own: an absolute path means the same there.
     params = {"path": str(path.expanduser().absolute()), "glob": pattern}
     try:
         with llmos.connect(state_dir) as client:
