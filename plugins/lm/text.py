@@ -102,7 +102,8 @@ def corpus_files(data: str, glob: str) -> list[Path]:
 
 
 def documents(files: list[Path], text_field: str, max_bytes: int) -> Iterator[str]:
-    """The corpus's documents: a text file is one, a .jsonl file has one per line (``text_field``)."""
+    """The corpus's documents: a text file is one, a .jsonl file has one per line (``text_field``);
+    at most ``max_bytes`` characters in all (the last one read is cut short)."""
     total = 0
     for path in files:
         if path.suffix == ".jsonl":
@@ -116,12 +117,13 @@ def documents(files: list[Path], text_field: str, max_bytes: int) -> Iterator[st
                         raise ValueError(f"{path}:{n}: expected a JSON object with a string field {text_field!r}") from None
                     if not isinstance(text, str):
                         raise ValueError(f"{path}:{n}: field {text_field!r} is not a string")
+                    text = text[: max_bytes - total]  # the last document is cut at the budget
                     total += len(text)
                     yield text
                     if total >= max_bytes:
                         return
         else:
-            text = path.read_text(encoding="utf-8", errors="replace")
+            text = path.read_text(encoding="utf-8", errors="replace")[: max_bytes - total]
             total += len(text)
             yield text
             if total >= max_bytes:
@@ -139,7 +141,8 @@ def files_signature(files: list[Path]) -> str:
 
 def corpus_key(files: list[Path], tok: Tok, text_field: str, max_bytes: int, val_fraction: float) -> str:
     h = hashlib.sha256(files_signature(files).encode())
-    h.update(f"{tok.sha256()}|{text_field}|{max_bytes}|{val_fraction}".encode())
+    # "v2": documents are cut at max_bytes (v1 read the last one whole): older caches are not reused.
+    h.update(f"v2|{tok.sha256()}|{text_field}|{max_bytes}|{val_fraction}".encode())
     return h.hexdigest()[:24]
 
 

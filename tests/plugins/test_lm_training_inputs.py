@@ -221,18 +221,13 @@ def test_stdlib_corpus_on_cpu(client: llmos.Client) -> None:
     files = corpus_files("stdlib", "**/*.txt")  # every .py file of the standard library; the glob is for directories
     assert ready["files"] == len(files) > 100
     read = list(documents(files, "text", 200_000))
-    assert sum(len(t) for t in read) >= 200_000 and len(read) < len(files)  # it stopped after max_bytes
+    assert sum(len(t) for t in read) == 200_000 and len(read) < len(files)  # it stopped at max_bytes
     assert ready["train_tokens"] + ready["val_tokens"] == _token_count(read, bytes_tokenizer())
     data = _manifest(result["checkpoint"])["data"]
     assert data["source"] == "stdlib" and data["max_bytes"] == 200_000
     assert result["val_loss"] > 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="max_bytes ('read at most this many characters') is checked only after a whole document: "
-    "a one-file corpus is read in full whatever max_bytes says (text.documents)",
-)
 def test_max_bytes_caps_a_one_file_corpus(client: llmos.Client, tmp_path: Path) -> None:
     path = tmp_path / "one.txt"
     path.write_text("\n".join(p.read_text() for p in sorted(write_word_corpus(tmp_path, 30).glob("doc*.txt"))))
@@ -240,7 +235,7 @@ def test_max_bytes_caps_a_one_file_corpus(client: llmos.Client, tmp_path: Path) 
     job = _train(client, path, max_bytes=10_000, steps=1)
     job.result(timeout=120)
     ready = _log(job, "corpus_ready")
-    assert ready["train_tokens"] + ready["val_tokens"] <= 10_000 + 1  # at most max_bytes bytes, and one end-of-text
+    assert ready["train_tokens"] + ready["val_tokens"] == 10_000 + 1  # max_bytes bytes (ASCII), and one end-of-text
 
 
 # ---------------------------------------------------------------------------------------------
