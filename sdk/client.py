@@ -15,6 +15,7 @@ A :class:`Client` owns ZeroMQ sockets, so use it from one thread (make one per t
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import gc
 import os
@@ -205,6 +206,9 @@ class Client:
         self._ctx = zmq.Context()
         self._sock = self._dealer()
         self._sender = f"client-{os.getpid()}-{os.urandom(3).hex()}"
+        # Open service requests -> their replies that arrived while something else was reading
+        # the socket (another request, another stream): kept until their own reader asks.
+        self._held: dict[str, collections.deque[Any]] = {}
 
     def _dealer(self) -> zmq.Socket:
         sock = self._ctx.socket(zmq.DEALER)
@@ -247,23 +251,33 @@ class Client:
             if left <= 0 or not self._sock.poll(int(min(left, 0.5) * 1000) + 1):
                 if left <= 0:
                     self._check_alive()
-                    # A late reply would confuse the next request: start over on a fresh socket.
-                    self._sock.close(0)
-                    self._sock = self._dealer()
+                    if not self._held:
+                        # A late reply would confuse the next request: start over on a fresh
+                        # socket (not while service requests are open: their replies come here).
+                        self._sock.close(0)
+                        self._sock = self._dealer()
                     raise KernelError(f"the kernel did not answer within {timeout}s", endpoint=self.kernel["control"])
                 if not self._sock.poll(0):
                     self._check_alive()
                     continue
-            reply_frames = self._sock.recv_multipart()
-            try:
-                header, reply = decode_control(reply_frames)
-            except ProtocolError as exc:
-                raise KernelError(f"undecodable reply from the kernel: {exc}") from exc
-            if header.get("parent_id") != msg_id:
-                continue  # a reply to an earlier request that timed out
+            parent_id, reply = self._recv()
+            if parent_id != msg_id:
+                continue  # kept for its open service request, or a reply to one that timed out
             if isinstance(reply, ErrorReply):
                 raise error_from_reply(reply.ename, reply.evalue, reply.code, reply.context)
             return reply
+
+    def _recv(self) -> tuple[str | None, Any]:
+        """One reply off the socket: (its parent id, the message). A reply to another open
+        service request is kept for it (see :meth:`call`)."""
+        try:
+            header, reply = decode_control(self._sock.recv_multipart())
+        except ProtocolError as exc:
+            raise KernelError(f"undecodable reply from the kernel: {exc}") from exc
+        parent_id = header.get("parent_id")
+        if parent_id in self._held:
+            self._held[parent_id].append(reply)
+        return parent_id, reply
 
     def _check_alive(self) -> None:
         if not pid_alive(int(self.kernel["pid"])):
@@ -338,9 +352,15 @@ class Client:
         Returns a :class:`~llmos.completion.Completion`; with ``stream=True``, an iterator of text
         pieces as they are made (the job's ``job.<id>.token`` events). Sampling options are the
         ``generate`` job's parameters: ``max_new_tokens``, ``temperature`` (0 is greedy),
-        ``top_k``, ``top_p``, ``repetition_penalty``, ``seed``, ``stop``, ``stop_tokens``, ``dtype``.
-        Errors (an unknown model, values out of range) are raised before anything runs.
+        ``top_k``, ``top_p``, ``repetition_penalty``, ``seed``, ``stop`` (a string or a list of
+        them), ``stop_tokens``, and ``dtype`` for a checkpoint (a service has its own). Errors (an
+        unknown model, values out of range) are raised before anything runs.
+
+        ``model`` may also name a running service (``llmos serve``): then the request waits as long
+        as it is queued or running, unless ``timeout`` bounds the wait for each reply.
         """
+        if isinstance(sampling.get("stop"), str):
+            sampling["stop"] = [sampling["stop"]]  # one stop string, not a list of its characters
         model = self.resolve_model(model)
         if not Path(model).exists():
             # Not a checkpoint here: a running service of that name (``llmos serve``).
@@ -368,6 +388,8 @@ class Client:
         return str(found[-1]["path"])
 
     def _generate_with_service(self, service: str, prompt: str, stream: bool, timeout: float | None, sampling: dict[str, Any]) -> Completion | Iterator[str]:
+        if "dtype" in sampling:
+            raise ValidationError(f"dtype is the service's own: {service!r} runs with the dtype it was started with (llmos serve --dtype)", field="dtype")
         replies = self.call(service, {"prompt": prompt, "sampling": sampling, "stream": stream}, timeout=timeout)
         if stream:
             return (r["text"] for r in replies if "text" in r)
@@ -393,20 +415,20 @@ class Client:
     def call(self, service: str, body: dict[str, Any] | None = None, *, timeout: float | None = None) -> Iterator[dict[str, Any]]:
         """Send a request to a running service and yield the bodies of its responses until it is
         done. ServiceUnavailable (no such service), ServiceError (it failed or its replica died),
-        TimeoutError (no response for ``timeout`` seconds: the request is cancelled)."""
+        KernelUnavailable (the kernel is gone), TimeoutError (``timeout`` given and no response
+        for that many seconds: the request is cancelled).
+
+        Without ``timeout`` it waits as long as the request takes, queued or running: the kernel
+        answers with an error if the replica dies, and the kernel's own process is checked every
+        half second. Other requests, and other streams, may use this client meanwhile."""
         frames = encode_control(ServiceRequest(service=service, body=dict(body or {})), self._sender)
         request_id = unpackb(frames[0])["id"]
+        held = self._held[request_id] = collections.deque()
         self._sock.send_multipart(frames)
-        wait = self.timeout if timeout is None else timeout
         finished = False
         try:
             while True:
-                if not self._sock.poll(int(wait * 1000)):
-                    self._check_alive()
-                    raise TimeoutError(f"service {service!r} did not answer within {wait}s")
-                header, reply = decode_control(self._sock.recv_multipart())
-                if header.get("parent_id") != request_id:
-                    continue
+                reply = held.popleft() if held else self._next_reply(request_id, held, service, timeout)
                 if isinstance(reply, ErrorReply):
                     finished = True
                     raise error_from_reply(reply.ename, reply.evalue, reply.code, reply.context)
@@ -418,8 +440,24 @@ class Client:
                     finished = True
                     return
         finally:
-            if not finished:  # the caller stopped early: free the replica's slot
-                self._sock.send_multipart(encode_control(ServiceCancel(request_id=request_id), self._sender))
+            del self._held[request_id]
+            if not finished and not self._ctx.closed:  # the caller stopped early: free the replica's slot
+                with contextlib.suppress(zmq.ZMQError):
+                    self._sock.send_multipart(encode_control(ServiceCancel(request_id=request_id), self._sender), zmq.NOBLOCK)
+
+    def _next_reply(self, request_id: str, held: collections.deque[Any], service: str, timeout: float | None) -> Any:
+        """Read the socket until a reply for ``request_id`` is held (others are held for theirs)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not held:
+            wait = 0.5 if deadline is None else min(0.5, deadline - time.monotonic())
+            if wait <= 0:
+                self._check_alive()
+                raise TimeoutError(f"service {service!r} did not answer within {timeout}s")
+            if self._sock.poll(int(wait * 1000) + 1):
+                self._recv()
+            else:
+                self._check_alive()
+        return held.popleft()
 
     def acct(self, since: float | None = None, limit: int = 1000) -> list[dict[str, Any]]:
         """Accounting of finished jobs (ended after ``since``, epoch seconds): one map per job with
