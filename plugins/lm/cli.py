@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -131,25 +132,34 @@ def train_command(data: str, preset: str | None, steps: int | None, batch_size: 
 @click.option("--repetition-penalty", type=float, default=None)
 @click.option("--seed", type=int, default=None, help="Make sampling repeatable.")
 @click.option("--stop", multiple=True, help="Stop at this string (repeatable).")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None)
+@click.option("--stop-token", "stop_tokens", type=int, multiple=True, help="Stop at this token id (repeatable).")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None, help="The weights' type (a checkpoint only: a service has its own).")
 @click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="The kernel's state directory.")
 @click.option("--json", "as_json", is_flag=True, help="Print the Completion as JSON.")
 def generate_command(model: str, prompt: str, stream: bool, max_new_tokens: int | None, temperature: float | None, top_k: int | None, top_p: float | None,
-                     repetition_penalty: float | None, seed: int | None, stop: tuple[str, ...], dtype: str | None, state_dir: Path | None, as_json: bool) -> None:
+                     repetition_penalty: float | None, seed: int | None, stop: tuple[str, ...], stop_tokens: tuple[int, ...], dtype: str | None,
+                     state_dir: Path | None, as_json: bool) -> None:
     """Complete PROMPT with MODEL: a checkpoint directory, job:ID (that job's newest checkpoint)
     or the name of a running service (streamed to the terminal by default)."""
-    sampling = {k: v for k, v in (("max_new_tokens", max_new_tokens), ("temperature", temperature), ("top_k", top_k), ("top_p", top_p),
-                                   ("repetition_penalty", repetition_penalty), ("seed", seed), ("dtype", dtype)) if v is not None}
+    options: dict[str, Any] = {k: v for k, v in (("max_new_tokens", max_new_tokens), ("temperature", temperature), ("top_k", top_k), ("top_p", top_p),
+                                                  ("repetition_penalty", repetition_penalty), ("seed", seed)) if v is not None}
     if stop:
-        sampling["stop"] = list(stop)
+        options["stop"] = list(stop)
+    if stop_tokens:
+        options["stop_tokens"] = list(stop_tokens)
     try:
         with llmos.connect(state_dir) as client:
+            if dtype is not None:
+                # dtype is how a checkpoint is loaded for this job; a service loaded its model once.
+                if not Path(client.resolve_model(model)).exists():
+                    raise click.ClickException(f"--dtype is for a checkpoint; {model!r} is a service, which runs with the dtype it was started with (llmos serve --dtype)")
+                options["dtype"] = dtype
             if stream and not as_json:
-                for piece in client.generate(model, prompt, stream=True, **sampling):
+                for piece in client.generate(model, prompt, stream=True, **options):
                     click.echo(piece, nl=False)
                 click.echo("")
                 return
-            completion = client.generate(model, prompt, **sampling)
+            completion = client.generate(model, prompt, **options)
     except llmos.LlmosError as exc:
         raise click.ClickException(str(exc)) from None
     if as_json:
@@ -163,36 +173,44 @@ def generate_command(model: str, prompt: str, stream: bool, max_new_tokens: int 
 @click.option("--name", default=None, help="The service name (default: the checkpoint directory's name).")
 @click.option("--replicas", type=click.IntRange(1, 64), default=1, show_default=True, help="Workers behind the one name.")
 @click.option("--max-seqs", type=int, default=None, help="Sequences decoded together per replica.")
+@click.option("--max-len", type=int, default=None, help="Tokens per sequence (prompt and completion) each replica's KV cache holds.")
+@click.option("--max-queue", type=int, default=None, help="Requests that may wait for a slot per replica; past that, 'busy'.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None, help="The weights' type.")
+@click.option("-p", "--param", "extra", multiple=True, metavar="KEY=VALUE", help="Any other parameter (see `llmos plugins info lm`).")
 @click.option("--cpus", type=float, default=None, help="CPU cores per replica.")
 @click.option("--gpus", type=float, default=None, help="GPUs per replica.")
+@click.option("--timeout", "wait_s", type=float, default=300, show_default=True, help="Seconds to wait for every replica to answer requests.")
 @click.option("--follow", is_flag=True, help="Stay attached and print the replicas' logs (Ctrl-C detaches).")
 @click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="The kernel's state directory.")
 @click.option("--json", "as_json", is_flag=True, help="Print the service as JSON.")
-def serve_command(model: str, name: str | None, replicas: int, max_seqs: int | None, cpus: float | None, gpus: float | None, follow: bool, state_dir: Path | None, as_json: bool) -> None:
+def serve_command(model: str, name: str | None, replicas: int, max_seqs: int | None, max_len: int | None, max_queue: int | None, dtype: str | None,
+                  extra: tuple[str, ...], cpus: float | None, gpus: float | None, wait_s: float, follow: bool, state_dir: Path | None, as_json: bool) -> None:
     """Serve the checkpoint MODEL (a directory, or job:ID for that job's newest checkpoint);
-    returns once every replica answers requests."""
+    returns once every replica answers requests. If one fails first (or the wait times out),
+    the replicas already started are cancelled."""
     from llmos.plugins.lm.serve import service_name
 
     path = model_path(model, state_dir)
     service = service_name(path, name or (f"job-{model[4:]}" if model.startswith("job:") else None))
     params: dict[str, Any] = {"model": path, "name": service}
-    if max_seqs is not None:
-        params["max_seqs"] = max_seqs
+    for key, value in (("max_seqs", max_seqs), ("max_len", max_len), ("max_queue", max_queue), ("dtype", dtype)):
+        if value is not None:
+            params[key] = value
+    params.update(_params(extra))
     resources = {k: v for k, v in (("cpus", cpus), ("gpus", gpus)) if v is not None}
     try:
         with llmos.connect(state_dir) as client:
-            jobs = [client.submit("serve", params, resources) for _ in range(replicas)]
-            deadline = time.monotonic() + 300
-            while True:
-                entry = next((s for s in client.services() if s["name"] == service), None)
-                if entry and len(entry["replicas"]) >= replicas:
-                    break
-                failed = [j.info() for j in jobs if j.info().ended]
-                if failed:
-                    raise click.ClickException(f"a replica of {service!r} ended before it answered: job {failed[0].id} {failed[0].state}: {failed[0].reason}")
-                if time.monotonic() > deadline:
-                    raise click.ClickException(f"service {service!r} did not come up within 300s")
-                time.sleep(0.1)
+            jobs: list[llmos.Job] = []
+            try:
+                for _ in range(replicas):
+                    jobs.append(client.submit("serve", params, resources, coerce=True))
+                entry = _wait_for_replicas(client, service, jobs, wait_s)
+            except BaseException:
+                # Half a service is no service: take back what was started (Ctrl-C included).
+                for job in jobs:
+                    with contextlib.suppress(llmos.LlmosError):
+                        job.cancel(f"llmos serve {service!r} did not come up")
+                raise
             if as_json:
                 click.echo(json.dumps(entry))
             else:
@@ -203,6 +221,21 @@ def serve_command(model: str, name: str | None, replicas: int, max_seqs: int | N
                         click.echo(f"job {event.topic.split('.')[1]}: {event.type} {json.dumps(event.body)}")
     except llmos.LlmosError as exc:
         raise click.ClickException(str(exc)) from None
+
+
+def _wait_for_replicas(client: llmos.Client, service: str, jobs: list[llmos.Job], wait_s: float) -> dict[str, Any]:
+    """The service's entry once all of ``jobs`` answer under its name; ClickException if one ends first or time runs out."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        entry = next((s for s in client.services() if s["name"] == service), None)
+        if entry and {r["job_id"] for r in entry["replicas"]} >= {j.id for j in jobs}:
+            return entry
+        ended = [info for info in (j.info() for j in jobs) if info.ended]
+        if ended:
+            raise click.ClickException(f"a replica of {service!r} ended before it answered: job {ended[0].id} {ended[0].state}: {ended[0].reason}")
+        if time.monotonic() > deadline:
+            raise click.ClickException(f"service {service!r} did not come up within {wait_s:g}s")
+        time.sleep(0.1)
 
 
 @click.command("services")
