@@ -241,3 +241,41 @@ def test_cli_serve_options_and_cleanup(kernel: KernelHandle, checkpoint: Path) -
         assert len(started) == 2
         for j in started:
             assert j.wait(timeout=60).state == "cancelled"
+
+
+def test_a_waiting_caller_learns_its_replica_or_kernel_died(fresh_kernel: KernelHandle, checkpoint: Path) -> None:
+    """No reply is due for a long while (a request not streamed), and then none will come: the
+    caller gets an error soon, not at some timeout, and never hangs."""
+    import os
+    import signal
+
+    outcome: dict[str, BaseException | float] = {}
+
+    def wait_for_it(key: str) -> None:
+        start = time.monotonic()
+        with fresh_kernel.client() as cc:
+            try:
+                cc.generate("mortal", f"{key}: ", max_new_tokens=30000, **GREEDY)
+            except BaseException as exc:
+                outcome[key] = exc
+        outcome[f"{key}_s"] = time.monotonic() - start
+
+    with fresh_kernel.client() as c:
+        c.submit("serve", params={"model": str(checkpoint), "name": "mortal", "max_len": 32768})
+        _wait("the service", lambda: _in_flight(c, "mortal") == 0 and any(s["name"] == "mortal" for s in c.services()))
+        pid = c.services()[0]["replicas"][0]["pid"]
+        t = threading.Thread(target=wait_for_it, args=("replica",))
+        t.start()
+        _wait("the request", lambda: _in_flight(c, "mortal") == 1)
+        os.kill(pid, signal.SIGKILL)
+        t.join(30)
+        assert isinstance(outcome["replica"], llmos.ServiceError) and "replica stopped" in str(outcome["replica"])
+        # The service comes back (a new replica); then the kernel itself dies under a waiting caller.
+        _wait("the service back", lambda: any(r["pid"] != pid for s in c.services() if s["name"] == "mortal" for r in s["replicas"]))
+        t = threading.Thread(target=wait_for_it, args=("kernel",))
+        t.start()
+        _wait("the request", lambda: _in_flight(c, "mortal") == 1)
+        fresh_kernel.kill()
+        t.join(30)
+    assert isinstance(outcome["kernel"], llmos.KernelUnavailable), outcome["kernel"]
+    assert outcome["kernel_s"] < 10  # checked every half second, not after a 30 s timeout
