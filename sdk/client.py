@@ -424,11 +424,11 @@ class Client:
         frames = encode_control(ServiceRequest(service=service, body=dict(body or {})), self._sender)
         request_id = unpackb(frames[0])["id"]
         held = self._held[request_id] = collections.deque()
-        self._sock.send_multipart(frames)
         finished = False
         try:
+            self._sock.send_multipart(frames)
             while True:
-                reply = held.popleft() if held else self._next_reply(request_id, held, service, timeout)
+                reply = held.popleft() if held else self._next_reply(held, service, timeout)
                 if isinstance(reply, ErrorReply):
                     finished = True
                     raise error_from_reply(reply.ename, reply.evalue, reply.code, reply.context)
@@ -445,8 +445,9 @@ class Client:
                 with contextlib.suppress(zmq.ZMQError):
                     self._sock.send_multipart(encode_control(ServiceCancel(request_id=request_id), self._sender), zmq.NOBLOCK)
 
-    def _next_reply(self, request_id: str, held: collections.deque[Any], service: str, timeout: float | None) -> Any:
-        """Read the socket until a reply for ``request_id`` is held (others are held for theirs)."""
+    def _next_reply(self, held: collections.deque[Any], service: str, timeout: float | None) -> Any:
+        """Read the socket until ``held`` (one open request's) has a reply; replies to other open
+        requests are held for them meanwhile."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while not held:
             wait = 0.5 if deadline is None else min(0.5, deadline - time.monotonic())
