@@ -31,6 +31,7 @@ from llmos.completion import Completion
 from llmos.errors import (
     JobCancelled,
     JobFailed,
+    JobRejected,
     KernelError,
     KernelUnavailable,
     LlmosError,
@@ -304,6 +305,9 @@ class Client:
     ) -> Job:
         """Queue a job; JobRejected (unknown kind, bad parameters) or ResourceError (never fits).
 
+        Relative values of path parameters (``param(path=True)``) are taken from this process's
+        working directory: the kernel makes them absolute, as the job runs in a folder of its own.
+
         ``preemptible`` (default: the kind's own default) lets the scheduler stop the job for a
         job of higher priority that cannot fit otherwise; it goes back to the queue and starts
         again (a kind that checkpoints, like ``train``, resumes where it stopped)."""
@@ -317,6 +321,7 @@ class Client:
                 timeout=None if timeout is None else float(timeout),
                 coerce=coerce,
                 preemptible=preemptible,
+                cwd=_cwd(),  # relative path parameters mean what they mean here
             )
         )
         info = JobInfo.from_dict(reply.job)
@@ -363,6 +368,9 @@ class Client:
             sampling["stop"] = [sampling["stop"]]  # one stop string, not a list of its characters
         model = self.resolve_model(model)
         if not Path(model).exists():
+            if os.sep in str(model) or str(model).startswith((".", "~")):
+                # Written as a path, so meant as one: say it is missing, not that no service has that name.
+                raise JobRejected(f"model {model} does not exist (give a checkpoint directory, job:ID, or the name of a running service)", field="model")
             # Not a checkpoint here: a running service of that name (``llmos serve``).
             return self._generate_with_service(str(model), prompt, stream, timeout, sampling)
         params = {"model": str(Path(model).absolute()), "prompts": [prompt], "stream": stream, **sampling}
@@ -725,3 +733,10 @@ def connect(state_dir: str | os.PathLike[str] | None = None, *, timeout: float =
 
 
 __all__ = ["Client", "Job", "JobInfo", "connect", "stream_of"]
+
+
+def _cwd() -> str | None:
+    try:
+        return os.getcwd()
+    except OSError:  # the working directory was deleted: relative paths mean nothing anyway
+        return None

@@ -248,3 +248,17 @@ def test_a_preset_keeps_its_context_length(client: llmos.Client, corpus: Path) -
     result = _train(client, corpus, preset="micro", steps=1, eval_every=0, eval_batches=1).result(timeout=180)
     config = json.loads((Path(result["checkpoint"]) / "config.json").read_text())
     assert config["max_position_embeddings"] == 1024 and config["hidden_size"] == 256
+
+
+def test_relative_paths_mean_the_submitters_directory(client: llmos.Client, corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The job runs in a folder of its own: relative path parameters are resolved where they were written."""
+    (tmp_path / "here").mkdir()
+    os.symlink(corpus, tmp_path / "here" / "corpus")
+    monkeypatch.chdir(tmp_path / "here")
+    job = client.submit("train", params={**SMALL, "data": "corpus", "output": "ck", "steps": 1, "eval_every": 0, "eval_batches": 1})
+    assert job.info().params["data"] == str(tmp_path / "here" / "corpus") and job.info().params["output"] == str(tmp_path / "here" / "ck")
+    assert job.result(timeout=120)["checkpoint"] == str(tmp_path / "here" / "ck")
+    tuned = client.submit("train", params={**SMALL, "data": "stdlib", "max_bytes": 50_000, "init_from": "ck", "output": "../tuned", "steps": 1, "eval_every": 0, "eval_batches": 1})
+    assert tuned.result(timeout=120)["checkpoint"] == str(tmp_path / "tuned")
+    with pytest.raises(llmos.JobRejected, match=f"init_from {tmp_path / 'here' / 'nope'} is not a checkpoint directory"):
+        client.submit("train", params={**SMALL, "data": "corpus", "init_from": "nope"})
