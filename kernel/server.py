@@ -601,11 +601,13 @@ class Kernel:
             self._reap()
         elif self.launcher.zygote_fd is not None and self.launcher.zygote_fd in ready:
             self._read_zygote()
+        # Control before events: a worker sends its control messages (a service's last replies)
+        # before its job's end, and the end must not overtake them.
+        if self.control in ready:
+            self._drain_control()
         if self.ingest in ready or self._ingest_more:
             self._ingest_more = False
             self._drain_ingest()
-        if self.control in ready:
-            self._drain_control()
         self._timers()
         if self._probe is not None:
             self._check_probe()

@@ -205,9 +205,11 @@ class Bus:
                 except BlockingIOError:
                     pass
                 self._wake_pending = False
-                self._flush()
+                # Control first: a service's last replies ("is stopping") reach the kernel before
+                # the job's end, which would otherwise fail those requests as "replica stopped".
                 while self._control_out:
                     self._send_control(self._control_out.popleft())
+                self._flush()
             if self._dealer in events:
                 while True:
                     try:

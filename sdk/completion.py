@@ -13,7 +13,8 @@ class Completion:
     ``text``: the generated text (stop strings cut off); ``tokens``: the generated token ids;
     ``finish_reason``: ``"length"`` (max_new_tokens or the context window), ``"stop"`` (a stop
     string or stop token) or ``"eos"`` (end of sequence); ``timings``: ``ttft_s`` (time to the
-    first token), ``tokens_per_s`` (decode rate), ``total_s``.
+    first token), ``tokens_per_s`` (decode rate), ``total_s``, and ``queue_s`` (time waiting for a
+    slot; from a service, all of them count from the request's arrival at the replica).
     """
 
     text: str

@@ -16,10 +16,8 @@ from typing import Any
 
 import llmos
 from llmos.errors import ServiceBusy, ServiceError, ValidationError
-from llmos.plugins.lm.checkpoint import load_checkpoint
 from llmos.plugins.lm.engine import Engine, Sampling
-from llmos.plugins.lm.text import load_tokenizer
-from llmos.plugins.lm.train import pick_device, set_threads
+from llmos.plugins.lm.train import load_for_job, pick_device, set_threads, tokenizer_beside
 
 SAMPLING_KEYS = {"max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed", "stop", "stop_tokens"}
 
@@ -44,8 +42,8 @@ class ServeRunner(llmos.Runner):
         p = ctx.params
         set_threads(ctx, p.threads)
         device = pick_device(ctx)
-        model, _ = load_checkpoint(p.model, device=device)
-        self.engine = Engine(model, load_tokenizer(p.model), dtype=p.dtype, device=device)
+        model, _ = load_for_job(ctx, p.model, device)  # through the llmos_load_model hook
+        self.engine = Engine(model, tokenizer_beside(p.model), dtype=p.dtype, device=device)
         self.cache = self.engine.new_cache(p.max_seqs, p.max_len)
         self.name = service_name(p.model, p.name)
 

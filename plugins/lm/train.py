@@ -672,7 +672,7 @@ def load_for_job(ctx: llmos.JobContext, path: str, device: torch.device) -> tupl
     return model, manifest if isinstance(manifest, dict) else {}
 
 
-def _tokenizer_beside(path: str) -> Tok:
+def tokenizer_beside(path: str) -> Tok:
     where = Path(path)
     return load_tokenizer(where if where.is_dir() else where.parent)
 
@@ -685,7 +685,7 @@ class EvalRunner(llmos.Runner):
         set_threads(ctx, p.threads)
         device = pick_device(ctx)
         model, manifest = load_for_job(ctx, p.model, device)
-        tok = _tokenizer_beside(p.model)
+        tok = tokenizer_beside(p.model)
         data = manifest.get("data", {})
         source = p.data or data.get("source")
         if not source:
@@ -739,7 +739,7 @@ class GenerateRunner(llmos.Runner):
         set_threads(ctx, p.threads)
         device = pick_device(ctx)
         model, _ = load_for_job(ctx, p.model, device)
-        engine = Engine(model, _tokenizer_beside(p.model), dtype=p.dtype, device=device)
+        engine = Engine(model, tokenizer_beside(p.model), dtype=p.dtype, device=device)
         prompts = list(p.prompts or [])
         if p.prompts_file:
             with open(p.prompts_file, encoding="utf-8") as f:

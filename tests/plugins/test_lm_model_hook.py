@@ -1,11 +1,12 @@
 """Models of another format, loaded by a third-party plugin's ``llmos_load_model`` hook, run in the
-lm plugin's eval and generate jobs."""
+lm plugin's eval and generate jobs and its serve service."""
 
 from __future__ import annotations
 
 import json
 import math
 import textwrap
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -44,7 +45,7 @@ PLUGIN = textwrap.dedent(
 )
 
 
-def test_a_plugins_model_format_runs_in_eval_and_generate(tmp_path: Path) -> None:
+def test_a_plugins_model_format_runs_in_eval_generate_and_serve(tmp_path: Path) -> None:
     (tmp_path / "plug").mkdir()
     (tmp_path / "plug" / "recipe_plugin.py").write_text(PLUGIN)
     models = tmp_path / "models"
@@ -68,6 +69,13 @@ def test_a_plugins_model_format_runs_in_eval_and_generate(tmp_path: Path) -> Non
             assert [x["tokens"] for x in got["completions"]] == [x["tokens"] for x in want["completions"]]
             scored = c.submit("eval", params={"model": str(models / "nano.recipe"), "data": str(corpus), "batches": 1, "seq_len": 32, "max_new_tokens": 2}).result(timeout=120)
             assert math.isfinite(scored["loss"]) and scored["tokens"] > 0
+            served = c.submit("serve", params={"model": str(models / "nano.recipe"), "name": "recipe"})
+            deadline = time.monotonic() + 60
+            while not any(s["name"] == "recipe" and s["replicas"] for s in c.services()):
+                assert time.monotonic() < deadline and not served.info().ended, served.info()
+                time.sleep(0.1)
+            assert c.generate("recipe", "alpha beta", max_new_tokens=8, temperature=0).tokens == want["completions"][0]["tokens"]
+            served.cancel()
             info = c.submit("generate", params={"model": str(models / "x.unknown"), "prompts": ["a"]}).wait(timeout=120)
             assert info.state == "failed" and f"no plugin can load a model from {models / 'x.unknown'}" in info.reason
     finally:
