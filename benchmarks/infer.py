@@ -4,7 +4,7 @@ and ``transformers``, bfloat16 against float32, and the ``serve`` service under 
 Run ``python benchmarks/infer.py`` (about 6 minutes on 2 cores) or ``--quick`` (about 2 minutes).
 Everything runs on one set of weights: the ``small`` preset (12 layers, width 768, 12 heads with 4
 key/value heads, MLP 2048, a BPE vocabulary of up to 32,000 tokens: about 125M parameters), trained
-first by a ``train`` job on 2 MB of the standard library's source (40 steps; 10 with ``--quick``)
+first by a ``train`` job on 6 MB of the standard library's source (40 steps; 10 with ``--quick``)
 into a temporary directory. Speed does not depend on the weights' values, but agreement between
 float32 and bfloat16 does: random weights give nearly flat logits whose near-ties any rounding
 flips, so a model that has learned something is the fair test. The engines and ``transformers``
@@ -426,7 +426,7 @@ def trained_agreement(kernel: Kernel, directory: Path, cfg: dict[str, Any], thre
     give near-ties that any rounding flips; a model that has learned something does not."""
     assert kernel.client is not None
     params = {
-        "data": "stdlib", "max_bytes": 2_000_000, "preset": "small", "tokenizer": "bpe", "vocab_size": VOCAB,
+        "data": "stdlib", "max_bytes": 6_000_000, "preset": "small", "tokenizer": "bpe", "vocab_size": VOCAB,
         "steps": cfg["train_steps"], "batch_size": 4, "seq_len": 128, "lr": 1e-3, "warmup_steps": 5,
         "eval_every": 0, "eval_batches": 2, "threads": threads, "output": str(directory),
     }
@@ -632,7 +632,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{t['forced'][0]} of {t['forced'][1]} positions", "-", f"{t['forced'][0] / t['forced'][1]:.1%}", "-",
         ))
         notes.append(
-            f"The weights: a `train` job (preset `small`, BPE vocabulary learned from 2 MB of the standard library's source,"
+            f"The weights: a `train` job (preset `small`, BPE vocabulary learned from 6 MB of the standard library's source,"
             f" {t['steps']} steps of 4 x 128 tokens, lr 1e-3, {t['train_s']:.0f} s), then the float32 and bfloat16 engines greedy on {t['prompts']} code prompts,"
             f" {cfg['new_tokens']} new tokens; identical prefix per prompt: {', '.join(map(str, t['prefix']))}. The first float32 completion"
             f" begins {t['sample']!r}: a model this briefly trained repeats its likeliest tokens, so equal greedy text is weak evidence"
