@@ -279,3 +279,32 @@ def test_a_waiting_caller_learns_its_replica_or_kernel_died(fresh_kernel: Kernel
         t.join(30)
     assert isinstance(outcome["kernel"], llmos.KernelUnavailable), outcome["kernel"]
     assert outcome["kernel_s"] < 10  # checked every half second, not after a 30 s timeout
+
+
+def test_replicas_share_one_name_and_the_load(kernel: KernelHandle, checkpoint: Path) -> None:
+    """`llmos serve --replicas 2`: two workers behind one name; two requests at once go one to each
+    (the kernel routes to the least loaded), so killing one replica ends exactly one of them."""
+    import os
+    import signal
+
+    kernel.cli("serve", str(checkpoint), "--name", "duo", "--replicas", "2", "-p", "max_len=32768", timeout=180)
+    with kernel.client() as c, kernel.client() as c2:
+        entry = next(s for s in c.services() if s["name"] == "duo")
+        assert len(entry["replicas"]) == 2 and len({r["pid"] for r in entry["replicas"]}) == 2
+        streams = [cc.generate("duo", f"{n}: ", stream=True, max_new_tokens=2000, **GREEDY) for n, cc in (("one", c), ("two", c2))]
+        for stream in streams:
+            next(stream)  # both running, one on each replica
+        os.kill(entry["replicas"][0]["pid"], signal.SIGKILL)
+        outcomes = []
+        for stream in streams:
+            try:
+                for _ in stream:
+                    pass
+                outcomes.append("finished")
+            except llmos.ServiceError as exc:
+                assert "replica stopped" in str(exc)
+                outcomes.append("failed")
+        assert sorted(outcomes) == ["failed", "finished"], outcomes
+        for job in c.jobs(state="running"):
+            if job.kind == "serve":
+                c.job(job.id).cancel()
