@@ -85,6 +85,30 @@ class EvalParams:
 
 
 @dataclass(frozen=True)
+class EvalSample:
+    prompt: str
+    completion: str
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """What an ``eval`` job returns (as a map: ``asdict``), and how other jobs and SDK users read it
+    back: ``EvalResult.from_dict(job.result())``. Pruning and quantization jobs report their
+    models' quality in these terms."""
+
+    model: str
+    split: Literal["validation", "all"]
+    loss: float  # mean cross-entropy per token, in nats
+    perplexity: float
+    tokens: int  # tokens the windows were drawn from
+    samples: list[EvalSample]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EvalResult:
+        return cls(**{**data, "samples": [EvalSample(**s) for s in data.get("samples", [])]})
+
+
+@dataclass(frozen=True)
 class GenerateParams:
     model: str = param(help="A checkpoint directory.", path=True)
     prompts: list[str] | None = param(None, help="Prompts to complete.")

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 import llmos
+from llmos.plugins.lm import EvalResult, EvalSample
 from llmos.plugins.lm.checkpoint import (
     CheckpointError,
     file_sha256,
@@ -706,9 +707,9 @@ class EvalRunner(llmos.Runner):
         for prompt in p.prompts:
             ids = torch.tensor([tok.encode(prompt) or [tok.eos_id or 0]], device=device)
             out = greedy(model, ids, p.max_new_tokens, tok.eos_id)
-            samples.append({"prompt": prompt, "completion": tok.decode(out[0, ids.shape[1]:].tolist())})
+            samples.append(EvalSample(prompt=prompt, completion=tok.decode(out[0, ids.shape[1]:].tolist())))
         ctx.progress(1, 1, message="done")
-        return {"model": str(p.model), "split": p.split, "loss": loss, "perplexity": math.exp(min(loss, 50)), "tokens": len(tokens), "samples": samples}
+        return asdict(EvalResult(model=str(p.model), split=p.split, loss=loss, perplexity=math.exp(min(loss, 50)), tokens=len(tokens), samples=samples))
 
 
 @torch.no_grad()

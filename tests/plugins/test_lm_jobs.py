@@ -16,6 +16,7 @@ from tests.conftest import KernelHandle, write_word_corpus
 
 torch = pytest.importorskip("torch")
 
+from llmos.plugins.lm import EvalResult  # noqa: E402
 from llmos.plugins.lm.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from llmos.plugins.lm.config import config_from_preset  # noqa: E402
 from llmos.plugins.lm.model import Llama  # noqa: E402
@@ -54,6 +55,8 @@ def test_training_lowers_validation_loss_and_eval_agrees(client: llmos.Client, c
     ev = client.submit("eval", params={"model": str(ck), "seq_len": 32, "batches": 4, "prompts": ["alpha"], "max_new_tokens": 8}).result(timeout=120)
     assert ev["loss"] == pytest.approx(result["val_loss"], rel=0.05)
     assert ev["perplexity"] == pytest.approx(math.exp(ev["loss"]))
+    typed = EvalResult.from_dict(ev)  # the typed result other jobs read back
+    assert typed.samples[0].prompt == "alpha" and typed.split == "validation" and typed.tokens > 0
     assert ev["samples"][0]["prompt"] == "alpha" and len(ev["samples"][0]["completion"]) > 0
 
 
