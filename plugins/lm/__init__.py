@@ -14,6 +14,7 @@ from typing import Any, Literal
 import llmos
 from llmos import JobKind, Resources, ServiceKind, param
 from llmos.plugins.lm.config import PRESETS, config_from_dict
+from llmos.units import parse_size
 
 LLMOS_API = ">=1,<2"
 
@@ -138,10 +139,19 @@ class ServeParams:
     max_queue: int = param(64, ge=0, le=100_000, help="Requests that may wait for a slot; past that, 'busy'.")
     dtype: Literal["float32", "bfloat16", "float16"] = param("float32", help="The weights' type.")
     threads: int = param(0, ge=0, le=1024, help="Torch CPU threads (0: the job's reserved cpus).")
+    kv_memory: int | str = param(
+        0,
+        help="The KV cache's budget: bytes, or a size such as 2GiB. 0: max_seqs x max_len tokens, whatever that takes; "
+        "with a budget, each sequence holds as many tokens (at most max_len) as max_seqs sequences fit in it.",
+    )
 
 
 def check_serve(p: ServeParams) -> None:
     _check_model(p.model)
+    try:
+        parse_size(p.kv_memory)
+    except ValueError as exc:
+        raise ValueError(f"kv_memory: {exc}") from None
 
 
 def check_generate(p: GenerateParams) -> None:

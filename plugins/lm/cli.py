@@ -176,6 +176,7 @@ def generate_command(model: str, prompt: str, stream: bool, max_new_tokens: int 
 @click.option("--max-len", type=int, default=None, help="Tokens per sequence (prompt and completion) each replica's KV cache holds.")
 @click.option("--max-queue", type=int, default=None, help="Requests that may wait for a slot per replica; past that, 'busy'.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None, help="The weights' type.")
+@click.option("--kv-memory", default=None, metavar="SIZE", help="The KV cache's budget per replica (2GiB, bytes): sequences hold as many tokens as max-seqs of them fit in it (at most max-len).")
 @click.option("-p", "--param", "extra", multiple=True, metavar="KEY=VALUE", help="Any other parameter (see `llmos plugins info lm`).")
 @click.option("--cpus", type=float, default=None, help="CPU cores per replica.")
 @click.option("--gpus", type=float, default=None, help="GPUs per replica.")
@@ -184,7 +185,7 @@ def generate_command(model: str, prompt: str, stream: bool, max_new_tokens: int 
 @click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="The kernel's state directory.")
 @click.option("--json", "as_json", is_flag=True, help="Print the service as JSON.")
 def serve_command(model: str, name: str | None, replicas: int, max_seqs: int | None, max_len: int | None, max_queue: int | None, dtype: str | None,
-                  extra: tuple[str, ...], cpus: float | None, gpus: float | None, wait_s: float, follow: bool, state_dir: Path | None, as_json: bool) -> None:
+                  kv_memory: str | None, extra: tuple[str, ...], cpus: float | None, gpus: float | None, wait_s: float, follow: bool, state_dir: Path | None, as_json: bool) -> None:
     """Serve the checkpoint MODEL (a directory, or job:ID for that job's newest checkpoint);
     returns once every replica answers requests. If one fails first (or the wait times out),
     the replicas already started are cancelled."""
@@ -193,7 +194,7 @@ def serve_command(model: str, name: str | None, replicas: int, max_seqs: int | N
     path = model_path(model, state_dir)
     service = service_name(path, name or (f"job-{model[4:]}" if model.startswith("job:") else None))
     params: dict[str, Any] = {"model": path, "name": service}
-    for key, value in (("max_seqs", max_seqs), ("max_len", max_len), ("max_queue", max_queue), ("dtype", dtype)):
+    for key, value in (("max_seqs", max_seqs), ("max_len", max_len), ("max_queue", max_queue), ("dtype", dtype), ("kv_memory", kv_memory)):
         if value is not None:
             params[key] = value
     params.update(_params(extra))

@@ -159,6 +159,11 @@ class Engine:
         """A cache for ``slots`` sequences of up to ``length`` tokens (prompt and completion)."""
         return KVCache(self.model.config, slots, min(length, self.context), self.dtype, self.device)
 
+    def kv_bytes_per_token(self) -> int:
+        """Bytes one token of one sequence takes in a cache of this engine (keys and values, every layer)."""
+        c = self.model.config
+        return 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * torch.finfo(self.dtype).bits // 8
+
     def start(self, prompt: str | list[int], sampling: Sampling, slot: int, arrived: float | None = None) -> _Seq:
         """A sequence for ``prompt`` in cache ``slot`` (not run yet: see :meth:`prefill`).
 

@@ -18,6 +18,7 @@ import llmos
 from llmos.errors import ServiceBusy, ServiceError, ValidationError
 from llmos.plugins.lm.engine import Engine, Sampling
 from llmos.plugins.lm.train import load_for_job, pick_device, set_threads, tokenizer_beside
+from llmos.units import format_size, parse_size
 
 SAMPLING_KEYS = {"max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed", "stop", "stop_tokens"}
 
@@ -44,7 +45,18 @@ class ServeRunner(llmos.Runner):
         device = pick_device(ctx)
         model, _ = load_for_job(ctx, p.model, device)  # through the llmos_load_model hook
         self.engine = Engine(model, tokenizer_beside(p.model), dtype=p.dtype, device=device)
-        self.cache = self.engine.new_cache(p.max_seqs, p.max_len)
+        length = p.max_len
+        budget = parse_size(p.kv_memory)
+        if budget:
+            # A memory budget: as many tokens per sequence (up to max_len) as max_seqs sequences fit in.
+            per_token = self.engine.kv_bytes_per_token()
+            length = min(length, budget // (p.max_seqs * per_token))
+            if length < 2:
+                raise ValueError(
+                    f"kv_memory {format_size(budget)} holds {length} tokens per sequence for max_seqs={p.max_seqs} "
+                    f"({per_token} bytes a token): raise kv_memory or lower max_seqs"
+                )
+        self.cache = self.engine.new_cache(p.max_seqs, length)
         self.name = service_name(p.model, p.name)
 
     def _parse(self, body: Any) -> tuple[str, Sampling, bool]:
@@ -86,7 +98,7 @@ class ServeRunner(llmos.Runner):
     def run(self, ctx: llmos.JobContext) -> dict[str, Any]:
         p, engine, cache = ctx.params, self.engine, self.cache
         ctx.register_service(self.name)
-        ctx.log.info("serving", service=self.name, max_seqs=p.max_seqs, max_queue=p.max_queue, max_len=cache.length)
+        ctx.log.info("serving", service=self.name, max_seqs=p.max_seqs, max_queue=p.max_queue, max_len=cache.length, kv_bytes=cache.k.nbytes + cache.v.nbytes)
         waiting: collections.deque[_Request] = collections.deque()
         active: dict[int, tuple[str, Any, bool]] = {}  # slot -> (request id, sequence, stream)
         free = list(range(p.max_seqs))

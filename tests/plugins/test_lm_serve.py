@@ -308,3 +308,25 @@ def test_replicas_share_one_name_and_the_load(kernel: KernelHandle, checkpoint: 
         for job in c.jobs(state="running"):
             if job.kind == "serve":
                 c.job(job.id).cancel()
+
+
+def test_a_kv_memory_budget_bounds_each_sequence(kernel: KernelHandle, checkpoint: Path) -> None:
+    """kv_memory: the cache takes at most that many bytes; each of max_seqs sequences holds what fits."""
+    engine = Engine(load_checkpoint(checkpoint)[0], bytes_tokenizer())
+    per_token = engine.kv_bytes_per_token()
+    assert per_token == 2 * 2 * 2 * 16 * 4  # nano: k and v, 2 layers, 2 key/value heads of 16, float32
+    budget = 4 * 100 * per_token
+    kernel.cli("serve", str(checkpoint), "--name", "budget", "--max-seqs", "4", "--kv-memory", str(budget), timeout=180)
+    with kernel.client() as c:
+        job = c.job(next(s for s in c.services() if s["name"] == "budget")["replicas"][0]["job_id"])
+        serving = next(e.body["fields"] for e in job.logs(follow=False) if e.body["event"] == "serving")
+        assert serving["max_len"] == 100 and serving["kv_bytes"] == budget
+        assert len(c.generate("budget", "x" * 90, max_new_tokens=5, **GREEDY).tokens) == 5
+        with pytest.raises(llmos.ValidationError, match="the prompt is 120 tokens; this service holds 100 per sequence"):
+            c.generate("budget", "x" * 120, max_new_tokens=5, **GREEDY)
+        job.cancel()
+        too_small = c.submit("serve", params={"model": str(checkpoint), "name": "tiny-budget", "max_seqs": 4, "kv_memory": "1KiB"}).wait(timeout=60)
+        assert too_small.state == "failed" and "holds 0 tokens per sequence for max_seqs=4" in too_small.reason, too_small.reason
+        assert "raise kv_memory or lower max_seqs" in too_small.reason
+        with pytest.raises(llmos.JobRejected, match="kv_memory"):
+            c.submit("serve", params={"model": str(checkpoint), "kv_memory": "lots"})
