@@ -172,14 +172,19 @@ def llmos_register_services(register):
 '''
 
 
+def _kernel_with_service_plugin(tmp_path: Path, name: str, source: str, *, max_restarts: int, backoff: float) -> KernelHandle:
+    """A kernel that loads plugin ``name`` (the module ``source``) and restarts failed services quickly."""
+    (tmp_path / "plug").mkdir()
+    (tmp_path / "plug" / f"{name}_plugin.py").write_text(source)
+    config = tmp_path / "c.toml"
+    config.write_text(f"[services]\nmax_restarts = {max_restarts}\nrestart_window = 60.0\nrestart_backoff_max = {backoff}\n")
+    env = {"PYTHONPATH": str(tmp_path / "plug"), "LLMOS_PLUGIN_MODULES": f"{name}={name}_plugin"}
+    return KernelHandle(tmp_path / "state", "--config", str(config), env=env).boot()
+
+
 @pytest.mark.slow
 def test_crashing_service_is_restarted_then_quarantined(tmp_path: Path) -> None:
-    (tmp_path / "plug").mkdir()
-    (tmp_path / "plug" / "crashy_plugin.py").write_text(CRASHY)
-    config = tmp_path / "c.toml"
-    config.write_text("[services]\nmax_restarts = 2\nrestart_window = 60.0\nrestart_backoff_max = 0.2\n")
-    env = {"PYTHONPATH": str(tmp_path / "plug"), "LLMOS_PLUGIN_MODULES": "crashy=crashy_plugin"}
-    handle = KernelHandle(tmp_path / "state", "--config", str(config), env=env).boot()
+    handle = _kernel_with_service_plugin(tmp_path, "crashy", CRASHY, max_restarts=2, backoff=0.2)
     try:
         with handle.client() as c:
             deadline = time.monotonic() + 60
@@ -280,12 +285,7 @@ def llmos_register_services(register):
 def test_a_crashing_service_instance_is_given_up_alone(tmp_path: Path) -> None:
     """A service started with parameters (like serve MODEL) that keeps crashing stops being
     restarted; the kind stays available for other instances."""
-    (tmp_path / "plug").mkdir()
-    (tmp_path / "plug" / "each_plugin.py").write_text(EACH)
-    config = tmp_path / "c.toml"
-    config.write_text("[services]\nmax_restarts = 1\nrestart_window = 60.0\nrestart_backoff_max = 0.1\n")
-    env = {"PYTHONPATH": str(tmp_path / "plug"), "LLMOS_PLUGIN_MODULES": "each=each_plugin"}
-    handle = KernelHandle(tmp_path / "state", "--config", str(config), env=env).boot()
+    handle = _kernel_with_service_plugin(tmp_path, "each", EACH, max_restarts=1, backoff=0.1)
     try:
         with handle.client() as c:
             c.submit("each.svc", params={"name": "bad"})
