@@ -47,7 +47,7 @@ from torch import nn
 
 log = structlog.get_logger(__name__)
 
-__all__ = ["BF16Linear", "KernelStatus", "StepArgs", "bf16_linear", "kernel_status", "use_bf16_weights"]
+__all__ = ["BF16Linear", "DenseLinear", "KernelStatus", "LinearDesc", "PackedLinear", "StepArgs", "bf16_linear", "build_library", "kernel_status", "linear_call", "use_bf16_weights"]
 
 #: Above this many input rows (prefill), upcast weight tiles and let torch's GEMM do the math:
 #: the kernel's 4-row reuse is built for decode batches, not for compute-bound matrix products
@@ -253,12 +253,61 @@ static void rows(const float* x, const void* w, float* y, const float* add, int6
 
 /* Thread t of T takes a contiguous block of output rows (in blocks of 4): each streams its own
    part of w. */
-static void linear_part(const float* x, const void* w, float* y, const float* add, int64_t add_ld,
-                        int64_t M, int64_t K, int64_t N, int isa, int wt, int64_t t, int64_t T) {
+/* A linear layer in any storage (quantized, packed), for the decode step: wt 2 in llmos_step
+   means each weight address is an llmos_linear. fn computes y[m * N + n] = add[m * add_ld + n]
+   (add may be NULL) + sum_k x[m * K + k] * W[n, k] for every m < M and thread t's share (of T)
+   of the output rows n; the threads' shares are disjoint and cover all N rows, and fn meets no
+   barrier (the step does). Plugins provide fn from their own libraries (llmos.plugins.compress). */
+typedef struct llmos_linear llmos_linear;
+typedef void (*llmos_linear_fn)(const llmos_linear* w, const float* x, float* y, const float* add,
+                                int64_t add_ld, int64_t M, int64_t t, int64_t T);
+struct llmos_linear {
+  llmos_linear_fn fn;
+  int64_t N, K;
+  const void* data;   /* the weights, in the layout fn reads */
+  const void* scales; /* whatever else fn needs: scales, zero points, sums, ... */
+  const void* zeros;
+  const void* extra;
+  int64_t group;      /* weights per scale along K (quantized layouts), or 0 */
+  int64_t isa;        /* fn's instruction set, as fn's library numbers them */
+  int64_t flags;
+};
+
+static void linear_part_dense(const float* x, const void* w, float* y, const float* add, int64_t add_ld,
+                              int64_t M, int64_t K, int64_t N, int isa, int wt, int64_t t, int64_t T) {
   const int64_t blocks = (N + 3) / 4;
   const int64_t b0 = blocks * t / T, b1 = blocks * (t + 1) / T;
   const int64_t n1 = b1 * 4 < N ? b1 * 4 : N;
   if (b0 * 4 < n1) rows(x, w, y, add, add_ld, M, K, N, b0 * 4, n1, isa, wt);
+}
+
+static void linear_part(const float* x, const void* w, float* y, const float* add, int64_t add_ld,
+                        int64_t M, int64_t K, int64_t N, int isa, int wt, int64_t t, int64_t T) {
+  if (wt == 2) {
+    const llmos_linear* l = (const llmos_linear*)w;
+    l->fn(l, x, y, add, add_ld, M, t, T);
+    return;
+  }
+  linear_part_dense(x, w, y, add, add_ld, M, K, N, isa, wt, t, T);
+}
+
+/* The llmos_linear fn of dense weights: data float32 (flags 1) or bf16 bits (flags 0), [N, K]. */
+void llmos_dense_linear_fn(const llmos_linear* l, const float* x, float* y, const float* add,
+                           int64_t add_ld, int64_t M, int64_t t, int64_t T) {
+  linear_part_dense(x, l->data, y, add, add_ld, M, l->K, l->N, (int)l->isa, (int)l->flags, t, T);
+}
+
+/* Any llmos_linear on its own, on `threads` threads (what a layer outside the step calls). */
+void llmos_linear_call(const llmos_linear* l, const float* x, float* y, const float* add, int64_t add_ld,
+                       int64_t M, int threads) {
+  int64_t nt = threads < 1 ? 1 : threads;
+  if (l->N * l->K < 65536) nt = 1;
+#ifdef _OPENMP
+#pragma omp parallel num_threads((int)nt) if (nt > 1)
+  l->fn(l, x, y, add, add_ld, M, omp_get_thread_num(), omp_get_num_threads());
+#else
+  l->fn(l, x, y, add, add_ld, M, 0, 1);
+#endif
 }
 
 static void linear(const float* x, const void* w, float* y, const float* add, int64_t add_ld,
@@ -450,6 +499,27 @@ class StepArgs(ctypes.Structure):
     ]
 
 
+class LinearDesc(ctypes.Structure):
+    """``llmos_linear`` in the C source: a linear layer in any storage, as a native kernel reads it.
+
+    ``fn`` is the address of a C function ``fn(desc, x, y, add, add_ld, M, t, T)`` computing thread
+    t's share (of T) of the output rows (see the C source); the other fields are what ``fn`` reads.
+    The object that made a descriptor keeps the tensors it points into alive."""
+
+    _fields_ = [
+        ("fn", ctypes.c_void_p),
+        ("N", ctypes.c_int64),
+        ("K", ctypes.c_int64),
+        ("data", ctypes.c_void_p),
+        ("scales", ctypes.c_void_p),
+        ("zeros", ctypes.c_void_p),
+        ("extra", ctypes.c_void_p),
+        ("group", ctypes.c_int64),
+        ("isa", ctypes.c_int64),
+        ("flags", ctypes.c_int64),
+    ]
+
+
 class _Native:
     def __init__(self, lib: ctypes.CDLL, isa: int) -> None:
         self.fn = lib.llmos_bf16_linear
@@ -460,6 +530,10 @@ class _Native:
         self.step = lib.llmos_decode_step
         self.step.restype = None
         self.step.argtypes = [ctypes.POINTER(StepArgs)]
+        self.call = lib.llmos_linear_call
+        self.call.restype = None
+        self.call.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2 + [ctypes.c_int]
+        self.dense_fn = ctypes.cast(lib.llmos_dense_linear_fn, ctypes.c_void_p).value
         self.isa = isa
 
 
@@ -483,30 +557,41 @@ def _compiler() -> str | None:
     return None
 
 
-def _build(cc: str) -> tuple[Path, float | None]:
-    """The shared library for this source, compiler and flags: from the cache, or compiled into it.
+def build_library(source: str, name: str, cc: str | None = None, flags: list[str] | None = None) -> tuple[Path, float | None]:
+    """A shared library compiled from C ``source``, from the kernel cache or compiled into it
+    (``name`` prefixes the file; the key hashes source, compiler, flags and machine). Returns the
+    path and the compile time (None from the cache). Plugins build their own kernels with it.
 
     Process-safe without locks: each process compiles to its own temporary name and renames it into
-    place atomically, so a reader sees either no library or a whole one.
+    place atomically, so a reader sees either no library or a whole one. RuntimeError when there
+    is no compiler or it fails.
     """
+    cc = cc or _compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler found (cc, gcc, clang; or set CC)")
+    flags = list(_CFLAGS if flags is None else flags)
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout.split("\n")[0]
-    key = hashlib.sha256("\0".join([_SOURCE, cc, version, platform.machine(), *_CFLAGS]).encode()).hexdigest()[:16]
+    key = hashlib.sha256("\0".join([source, cc, version, platform.machine(), *flags]).encode()).hexdigest()[:16]
     directory = _cache_dir()
-    target = directory / f"llmos_bf16_{key}.so"
+    target = directory / f"{name}_{key}.so"
     if target.exists():
         return target, None
     directory.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=directory, prefix=".build-") as tmp:
-        source = Path(tmp) / "bf16_linear.c"
-        source.write_text(_SOURCE)
+        src = Path(tmp) / f"{name}.c"
+        src.write_text(source)
         out = Path(tmp) / target.name
-        proc = subprocess.run([cc, *_CFLAGS, str(source), "-o", str(out)], capture_output=True, text=True, timeout=300)
+        proc = subprocess.run([cc, *flags, str(src), "-o", str(out)], capture_output=True, text=True, timeout=300)
         if proc.returncode != 0:
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
             raise RuntimeError(f"{Path(cc).name} exited {proc.returncode}: {' | '.join(tail)}")
         os.replace(out, target)
     return target, time.perf_counter() - start
+
+
+def _build(cc: str) -> tuple[Path, float | None]:
+    return build_library(_SOURCE, "llmos_bf16", cc)
 
 
 def _load() -> KernelStatus:
@@ -707,3 +792,84 @@ def use_bf16_weights(model: nn.Module) -> nn.Module:
                     swapped[id(child)] = BF16Linear.from_linear(child)
                 setattr(parent, name, swapped[id(child)])
     return model
+
+
+def linear_call(desc: LinearDesc, x: torch.Tensor, out: torch.Tensor | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """Run the native linear ``desc`` on float32 ``x`` [M, K] (contiguous): ``x @ W.T`` (+ residual),
+    on torch's thread count. RuntimeError when the native library is not in use here."""
+    native = _load_native()
+    if native is None:
+        raise RuntimeError(f"the native kernels are not in use here: {kernel_status().reason}")
+    m = x.shape[0]
+    if out is None:
+        out = torch.empty(m, desc.N, dtype=torch.float32)
+    add = 0 if residual is None else residual.data_ptr()
+    add_ld = 0 if residual is None else residual.stride(0)
+    native.call(ctypes.addressof(desc), x.data_ptr(), out.data_ptr(), add, add_ld, m, torch.get_num_threads())
+    return out
+
+
+class PackedLinear(nn.Module):
+    """A bias-free linear layer whose weight is stored in another form than a float matrix
+    (quantized, packed): what :class:`~llmos.plugins.lm.model.Decoder` runs when a model holds
+    such layers (the compress plugin's quantized layers are these).
+
+    A subclass holds ``in_features`` and ``out_features`` and implements:
+
+    - ``forward(x, residual=None)``: ``x @ W.T`` (+ ``residual``) for ``x`` [..., in_features];
+    - ``stack(parts)`` (a classmethod): one layer of the parts' rows concatenated (q, k, v into
+      qkv), and each part as a view of its rows, so the weights are held once;
+    - ``descriptor(rows)``: the :class:`LinearDesc` of the native kernel this layer runs for that
+      many input rows, or None when its fastest path for them is not a native kernel (the decoder
+      then takes its torch path for that batch size).
+    """
+
+    in_features: int
+    out_features: int
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    @classmethod
+    def stack(cls, parts: list[PackedLinear]) -> tuple[PackedLinear, list[PackedLinear]]:
+        raise NotImplementedError
+
+    def descriptor(self, rows: int) -> LinearDesc | None:
+        return None
+
+
+class DenseLinear(PackedLinear):
+    """A float32 (or bfloat16-stored) weight [out, in] behind the :class:`PackedLinear` interface:
+    the layers a compressed model keeps dense (an lm_head left as it was) run in the same step."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.weight = nn.Parameter(weight.detach(), requires_grad=False)
+        self._desc: LinearDesc | None = None
+
+    @classmethod
+    def stack(cls, parts: list[PackedLinear]) -> tuple[DenseLinear, list[PackedLinear]]:
+        fused = cls(torch.cat([p.weight.detach() for p in parts]).contiguous())  # type: ignore[union-attr]
+        views, row = [], 0
+        for p in parts:
+            views.append(cls(fused.weight.detach()[row : row + p.out_features]))
+            row += p.out_features
+        return fused, views
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        w = self.weight
+        if w.dtype == torch.bfloat16 and x.dtype == torch.float32:
+            return bf16_linear(x, w, residual=residual)
+        if residual is None:
+            return F.linear(x, w.to(x.dtype))
+        return torch.addmm(residual.reshape(-1, w.shape[0]), x.reshape(-1, w.shape[1]), w.to(x.dtype).t()).view(*x.shape[:-1], w.shape[0])
+
+    def descriptor(self, rows: int) -> LinearDesc | None:
+        native = _load_native()
+        w = self.weight
+        if native is None or w.device.type != "cpu" or w.dtype not in (torch.float32, torch.bfloat16) or not w.is_contiguous():
+            return None
+        if self._desc is None:
+            self._desc = LinearDesc(fn=native.dense_fn, N=w.shape[0], K=w.shape[1], data=w.data_ptr(), isa=native.isa, flags=1 if w.dtype == torch.float32 else 0)
+        return self._desc
