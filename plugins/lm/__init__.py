@@ -81,6 +81,7 @@ class EvalParams:
     prompts: list[str] = param(default_factory=lambda: ["def ", "import "], help="Prompts for greedy samples.")
     max_new_tokens: int = param(32, ge=0, le=4096, help="Tokens per sample.")
     threads: int = param(0, ge=0, le=1024, help="Torch CPU threads (0: the job's reserved cpus).")
+    allow_rejected: bool = param(False, help="Use a checkpoint that a compression job's quality gate rejected (its llmos.json says why).")
 
 
 
@@ -128,6 +129,7 @@ class GenerateParams:
     batch_size: int = param(8, ge=1, le=4096, help="Prompts decoded together.")
     stream: bool = param(False, help="Also send every text piece as a job.<id>.token event.")
     threads: int = param(0, ge=0, le=1024, help="Torch CPU threads (0: the job's reserved cpus).")
+    allow_rejected: bool = param(False, help="Use a checkpoint that a compression job's quality gate rejected (its llmos.json says why).")
 
 
 @dataclass(frozen=True)
@@ -144,10 +146,12 @@ class ServeParams:
         help="The KV cache's budget: bytes, or a size such as 2GiB. 0: max_seqs x max_len tokens, whatever that takes; "
         "with a budget, each sequence holds as many tokens (at most max_len) as max_seqs sequences fit in it.",
     )
+    allow_rejected: bool = param(False, help="Use a checkpoint that a compression job's quality gate rejected (its llmos.json says why).")
 
 
 def check_serve(p: ServeParams) -> None:
     _check_model(p.model)
+    _check_rejected(p.model, p.allow_rejected)
     try:
         parse_size(p.kv_memory)
     except ValueError as exc:
@@ -156,6 +160,7 @@ def check_serve(p: ServeParams) -> None:
 
 def check_generate(p: GenerateParams) -> None:
     _check_model(p.model)
+    _check_rejected(p.model, p.allow_rejected)
     if p.prompts_file is not None and not Path(p.prompts_file).expanduser().is_file():
         raise ValueError(f"prompts_file {p.prompts_file} does not exist")
     if not p.prompts and p.prompts_file is None:
@@ -172,6 +177,21 @@ def _check_model(path: str) -> None:
     worker: this plugin loads checkpoint directories, other plugins may load other files."""
     if not Path(path).expanduser().exists():
         raise ValueError(f"model {path} does not exist (give a checkpoint directory, or job:ID for a job's checkpoint)")
+
+
+def _check_rejected(path: str, allow: bool) -> None:
+    """A checkpoint a quality gate rejected (``rejected`` in its llmos.json, written by the
+    compress plugin's jobs) is refused unless the caller allows it."""
+    import json
+
+    try:
+        manifest = json.loads((Path(path).expanduser() / "llmos.json").read_text())
+    except (OSError, ValueError):
+        return
+    rejected = manifest.get("rejected") if isinstance(manifest, dict) else None
+    if rejected and not allow:
+        why = rejected.get("reason", "rejected") if isinstance(rejected, dict) else str(rejected)
+        raise ValueError(f"model {path} was rejected by its quality gate ({why}); pass allow_rejected=true to use it anyway")
 
 
 def _check_checkpoint(path: str | None, what: str) -> None:
@@ -196,6 +216,7 @@ def check_train(p: TrainParams) -> None:
 
 def check_eval(p: EvalParams) -> None:
     _check_model(p.model)
+    _check_rejected(p.model, p.allow_rejected)
     _check_data(p.data)
 
 

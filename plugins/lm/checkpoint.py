@@ -45,8 +45,12 @@ def library_versions() -> dict[str, str]:
     return out
 
 
-def save_checkpoint(directory: Path, model: Llama, tokenizer_json: str | None, manifest: dict[str, Any], extra_state: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write the checkpoint atomically (a temporary directory renamed into place)."""
+def save_checkpoint(directory: Path, model: Llama, tokenizer_json: str | None, manifest: dict[str, Any], extra_state: dict[str, torch.Tensor] | None = None, config_extra: dict[str, Any] | None = None) -> Path:
+    """Write the checkpoint atomically (a temporary directory renamed into place).
+
+    The tensors are the model's ``state_dict`` (layers that store themselves differently, such as
+    quantized ones, name their own tensors); ``config_extra`` adds keys to ``config.json`` (a
+    ``quantization_config``)."""
     directory = Path(directory)
     tmp = directory.with_name(directory.name + f".tmp{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
@@ -55,7 +59,7 @@ def save_checkpoint(directory: Path, model: Llama, tokenizer_json: str | None, m
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)  # shared with embed_tokens, as transformers saves it
     save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    (tmp / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2))
+    (tmp / "config.json").write_text(json.dumps({**config.to_hf_dict(), **(config_extra or {})}, indent=2))
     if tokenizer_json is not None:
         (tmp / "tokenizer.json").write_text(tokenizer_json)
     if extra_state:

@@ -176,6 +176,7 @@ def generate_command(model: str, prompt: str, stream: bool, max_new_tokens: int 
 @click.option("--max-len", type=int, default=None, help="Tokens per sequence (prompt and completion) each replica's KV cache holds.")
 @click.option("--max-queue", type=int, default=None, help="Requests that may wait for a slot per replica; past that, 'busy'.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None, help="The weights' type.")
+@click.option("--allow-rejected", is_flag=True, default=None, help="Serve a checkpoint a quality gate rejected.")
 @click.option("--kv-memory", default=None, metavar="SIZE", help="The KV cache's budget per replica (2GiB, bytes): sequences hold as many tokens as max-seqs of them fit in it (at most max-len).")
 @click.option("-p", "--param", "extra", multiple=True, metavar="KEY=VALUE", help="Any other parameter (see `llmos plugins info lm`).")
 @click.option("--cpus", type=float, default=None, help="CPU cores per replica.")
@@ -185,7 +186,7 @@ def generate_command(model: str, prompt: str, stream: bool, max_new_tokens: int 
 @click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="The kernel's state directory.")
 @click.option("--json", "as_json", is_flag=True, help="Print the service as JSON.")
 def serve_command(model: str, name: str | None, replicas: int, max_seqs: int | None, max_len: int | None, max_queue: int | None, dtype: str | None,
-                  kv_memory: str | None, extra: tuple[str, ...], cpus: float | None, gpus: float | None, wait_s: float, follow: bool, state_dir: Path | None, as_json: bool) -> None:
+                  allow_rejected: bool | None, kv_memory: str | None, extra: tuple[str, ...], cpus: float | None, gpus: float | None, wait_s: float, follow: bool, state_dir: Path | None, as_json: bool) -> None:
     """Serve the checkpoint MODEL (a directory, or job:ID for that job's newest checkpoint);
     returns once every replica answers requests. If one fails first (or the wait times out),
     the replicas already started are cancelled."""
@@ -194,7 +195,7 @@ def serve_command(model: str, name: str | None, replicas: int, max_seqs: int | N
     path = model_path(model, state_dir)
     service = service_name(path, name or (f"job-{model[4:]}" if model.startswith("job:") else None))
     params: dict[str, Any] = {"model": path, "name": service}
-    for key, value in (("max_seqs", max_seqs), ("max_len", max_len), ("max_queue", max_queue), ("dtype", dtype), ("kv_memory", kv_memory)):
+    for key, value in (("max_seqs", max_seqs), ("max_len", max_len), ("max_queue", max_queue), ("dtype", dtype), ("kv_memory", kv_memory), ("allow_rejected", allow_rejected)):
         if value is not None:
             params[key] = value
     params.update(_params(extra))
@@ -260,18 +261,31 @@ def services_command(state_dir: Path | None, as_json: bool) -> None:
 
 
 @click.command("eval")
-@click.argument("model")
-@click.option("--data", default=None, help="A corpus; default: the one the model was trained on.")
-@click.option("--split", type=click.Choice(["validation", "all"]), default=None, help="Which part of the corpus.")
+@click.argument("models", nargs=-1, required=True, metavar="MODEL...")
+@click.option("--data", default=None, help="A corpus; default: the one the (first) model was trained on.")
+@click.option("--split", type=click.Choice(["validation", "all"]), default=None, help="Which part of the corpus (one model).")
+@click.option("--allow-rejected", is_flag=True, default=None, help="Evaluate a checkpoint a quality gate rejected.")
 @_with_common
-def eval_command(model: str, data: str | None, split: str | None, extra: tuple[str, ...], cpus: float | None, gpus: float | None, detach: bool, state_dir: Path | None, as_json: bool) -> None:
-    """Perplexity of a checkpoint (a directory, or job:ID) and a few greedy samples."""
-    params: dict[str, Any] = {"model": model_path(model, state_dir)}
+def eval_command(models: tuple[str, ...], data: str | None, split: str | None, allow_rejected: bool | None, extra: tuple[str, ...], cpus: float | None,
+                 gpus: float | None, detach: bool, state_dir: Path | None, as_json: bool) -> None:
+    """Perplexity of a checkpoint (a directory, or job:ID) and a few greedy samples.
+
+    With several MODELs: each measured on the same held-out tokens (the first model's own validation
+    split by default) and printed side by side: perplexity, agreement with the first, bytes on disk,
+    parameters, decode tokens/s at batch 1 and 8, peak memory (the compress plugin's compare job)."""
+    if len(models) > 1:
+        try:
+            from llmos.plugins.compress.cli import compare
+        except ImportError:
+            raise click.ClickException("comparing several models needs the compress plugin (llmos plugins list)") from None
+        compare(models, data, _params(extra), state_dir, cpus, gpus, detach, as_json)
+        return
+    params: dict[str, Any] = {"model": model_path(models[0], state_dir)}
     if data:
         params["data"] = data
     if split:
         params["split"] = split
+    if allow_rejected:
+        params["allow_rejected"] = True
     params.update(_params(extra))
     _submit("eval", params, state_dir, cpus, gpus, detach, as_json)
-
-

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from llmos.completion import Completion
+from llmos.plugins.lm.kernels import PackedLinear
 from llmos.plugins.lm.model import Decoder, KVCache, Llama
 from llmos.plugins.lm.text import Tok
 
@@ -139,6 +140,9 @@ class Engine:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         self.device = torch.device(device)
         self.weights_dtype = DTYPES[dtype]
+        packed = any(isinstance(m, PackedLinear) for m in model.modules())
+        if packed and self.device.type == "cpu" and self.weights_dtype != torch.float32:
+            raise ValueError(f"dtype={dtype}: this model's weights are quantized (packed); on the CPU it runs with float32 activations, so use dtype=float32")
         weight_only = self.weights_dtype == torch.bfloat16 and self.device.type == "cpu"
         self.dtype = torch.float32 if weight_only else self.weights_dtype  # activations and the cache
         self.model = model.to(device=self.device, dtype=self.dtype).eval()

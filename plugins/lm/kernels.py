@@ -821,7 +821,8 @@ class PackedLinear(nn.Module):
       qkv), and each part as a view of its rows, so the weights are held once;
     - ``descriptor(rows)``: the :class:`LinearDesc` of the native kernel this layer runs for that
       many input rows, or None when its fastest path for them is not a native kernel (the decoder
-      then takes its torch path for that batch size).
+      then takes its torch path for that batch size);
+    - optionally ``prepare()``: choose kernels up front (the decoder calls it once it has fused).
     """
 
     in_features: int
@@ -836,6 +837,9 @@ class PackedLinear(nn.Module):
 
     def descriptor(self, rows: int) -> LinearDesc | None:
         return None
+
+    def prepare(self) -> None:
+        """Settle how this layer runs (choose its kernels) before the first call; optional."""
 
 
 class DenseLinear(PackedLinear):

@@ -14,7 +14,7 @@ from torch import nn
 
 from llmos.plugins.lm import kernels
 from llmos.plugins.lm.config import LlamaConfig
-from llmos.plugins.lm.kernels import BF16Linear, StepArgs, bf16_linear
+from llmos.plugins.lm.kernels import BF16Linear, DenseLinear, PackedLinear, StepArgs, bf16_linear
 
 
 class RMSNorm(nn.Module):
@@ -179,6 +179,23 @@ def _to_bf16(parent: nn.Module, names: tuple[str, ...], weight: torch.Tensor) ->
     return fused
 
 
+def _stack(parent: nn.Module, names: tuple[str, ...]) -> PackedLinear:
+    """The named layers of ``parent`` as one :class:`PackedLinear` of their rows stacked (a plain
+    ``nn.Linear`` among them taken as a :class:`DenseLinear`); each named layer becomes a view of
+    its rows, so the weights are held once."""
+    parts = [getattr(parent, n) for n in names]
+    parts = [DenseLinear(p.weight) if isinstance(p, nn.Linear) else p for p in parts]
+    kinds = {type(p) for p in parts}
+    if len(kinds) > 1 or not isinstance(parts[0], PackedLinear):
+        raise ValueError(f"{', '.join(names)} are stored differently ({', '.join(sorted(k.__name__ for k in kinds))}); a decoder fuses them only when they share one storage")
+    if len(parts) == 1:
+        return parts[0]  # an nn.Linear stays in the model; its DenseLinear shares its weight
+    fused, views = type(parts[0]).stack(parts)
+    for name, view in zip(names, views):
+        setattr(parent, name, view)
+    return fused
+
+
 class _Gathered:
     """Layer i's keys (or values) of the sequences in ``slots`` up to ``upto``, copied when asked."""
 
@@ -220,12 +237,13 @@ def _step_args(decoder: Decoder, buf: _Buffers, b: int) -> Any:
     buf.att = torch.empty(b, c.num_attention_heads * c.head_dim)
     buf.act = torch.empty(b, c.intermediate_size)
     buf.ids, buf.slots, buf.pos = ((ctypes.c_int64 * b)() for _ in range(3))
+    addresses, head, wt = decoder._native_weights(b)
     a = StepArgs(
         L=c.num_hidden_layers, B=b, H=c.hidden_size, nh=c.num_attention_heads, nkv=c.num_key_value_heads, d=c.head_dim,
-        inter=c.intermediate_size, V=c.vocab_size, layers=decoder.addresses.data_ptr(), norm=decoder.norm.data_ptr(),
-        head=decoder.head_w.data_ptr(), embed=decoder.embed.data_ptr(), ids=ctypes.addressof(buf.ids),
+        inter=c.intermediate_size, V=c.vocab_size, layers=addresses.data_ptr(), norm=decoder.norm.data_ptr(),
+        head=head, embed=decoder.embed.data_ptr(), ids=ctypes.addressof(buf.ids),
         slots=ctypes.addressof(buf.slots), pos=ctypes.addressof(buf.pos), eps=c.rms_norm_eps, isa=decoder.native.isa,
-        wt=0 if decoder.bf16 else 1,
+        wt=wt,
     )
     for name in ("x", "h", "qkv", "att", "gu", "act", "logits"):
         setattr(a, name, getattr(buf, "gate_up" if name == "gu" else name).data_ptr())
@@ -262,10 +280,23 @@ class Decoder:
         self.dtype, self.device = self.embed.dtype, self.embed.device
         if bf16_weights and (self.device.type != "cpu" or self.dtype != torch.float32):
             raise ValueError("bf16_weights: a float32 model on the CPU only (elsewhere, cast the model to bfloat16)")
+        # Packed mode: the model holds quantized (or otherwise packed) layers; every projection
+        # runs through the PackedLinear interface, natively where each layer's kernel for the
+        # batch size has a descriptor (see kernels.PackedLinear).
+        self.packed = any(isinstance(m, PackedLinear) for m in model.modules())
+        if self.packed and bf16_weights:
+            raise ValueError("bf16_weights: this model's weights are already packed (quantized); run it with float32 activations")
         self.bf16 = bf16_weights
         self.layers, self.weights = [], []
+        self._native_for: dict[int, Any] = {}
         with torch.no_grad():
-            for layer in model.model.layers:
+            for layer in model.model.layers if self.packed else ():
+                a, m = layer.self_attn, layer.mlp
+                norms = layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach()
+                qkv, o = _stack(a, ("q_proj", "k_proj", "v_proj")), _stack(a, ("o_proj",))
+                gate_up, down = _stack(m, ("gate_proj", "up_proj")), _stack(m, ("down_proj",))
+                self.layers.append((norms[0], qkv, o, norms[1], gate_up, down))
+            for layer in model.model.layers if not self.packed else ():
                 a, m = layer.self_attn, layer.mlp
                 qkv, gate_up = _fuse(a.q_proj, a.k_proj, a.v_proj), _fuse(m.gate_proj, m.up_proj)
                 o, down = a.o_proj.weight.detach(), m.down_proj.weight.detach()
@@ -278,9 +309,16 @@ class Decoder:
                     self.layers.append(self.weights[-1])
                 else:  # addmm takes [in, out]
                     self.layers.append((norms[0], qkv.t(), o.t(), norms[1], gate_up.t(), down.t()))
-            self.head_w = _to_bf16(model, ("lm_head",), model.lm_head.weight) if bf16_weights else model.lm_head.weight.detach()
+            if self.packed:
+                self.head_w = _stack(model, ("lm_head",))
+            else:
+                self.head_w = _to_bf16(model, ("lm_head",), model.lm_head.weight) if bf16_weights else model.lm_head.weight.detach()
         self.norm = model.model.norm.weight.detach()
-        self.head = self.head_w if bf16_weights else self.head_w.t()
+        self.head = self.head_w if bf16_weights or self.packed else self.head_w.t()
+        if self.packed:
+            self.modules = [w for layer in self.layers for w in (layer[1], layer[2], layer[4], layer[5])] + [self.head_w]
+            for w in self.modules:  # choose each layer's kernels now (measured once per machine), not mid-request
+                w.prepare()
         self.zero = torch.zeros(1, 1, dtype=self.dtype, device=self.device)  # addmm's ignored input (beta=0)
         half = self.head_dim // 2
         swap = torch.zeros(self.head_dim, self.head_dim)  # x @ swap == rotate_half(x)
@@ -290,23 +328,55 @@ class Decoder:
         self.cos = self.sin = torch.empty(0)
         self.buffers: dict[int, _Buffers] = {}
         self.native = self._native()
-        if self.native is not None:
+        if self.native is not None and not self.packed:
             self.addresses = torch.tensor([w.data_ptr() for layer in self.weights for w in layer], dtype=torch.int64)
+
+    def _native_weights(self, b: int) -> Any:
+        """(layer addresses, head address, weight type) for the C step at batch size ``b``, or
+        None when some packed layer's kernel for ``b`` is not native (the torch step runs then)."""
+        if b in self._native_for:
+            return self._native_for[b]
+        if not self.packed:
+            found = (self.addresses, self.head_w.data_ptr(), 0 if self.bf16 else 1)
+        else:
+            descs, addresses = [], []
+            for layer in self.layers:
+                for w in layer:  # norms are tensors, projections PackedLinears
+                    if isinstance(w, torch.Tensor):
+                        addresses.append(w.data_ptr())
+                        continue
+                    d = w.descriptor(b)
+                    descs.append(d)
+                    addresses.append(ctypes.addressof(d) if d is not None else 0)
+            head = self.head_w.descriptor(b)
+            descs.append(head)
+            found = None
+            if all(d is not None for d in descs):
+                found = (torch.tensor(addresses, dtype=torch.int64), ctypes.addressof(head), 2)
+                found[0].descs = descs  # type: ignore[attr-defined]  # keep the descriptors alive with the array
+        self._native_for[b] = found
+        return found
 
     def _native(self) -> Any:
         """The compiled kernels for a whole single-token step, where they apply: float32
         activations on the CPU, contiguous weights, and a kernel that built (see kernels.py)."""
         if self.device.type != "cpu" or self.dtype != torch.float32:
             return None
+        if self.packed:
+            return kernels._load_native()
         tensors = [self.embed, self.norm, self.head_w, *(w for layer in self.weights for w in layer)]
         if not all(t.is_contiguous() for t in tensors):
             return None
         return kernels._load_native()
 
-    def _mm(self, a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    def _mm(self, a: torch.Tensor, w: Any) -> torch.Tensor:
+        if self.packed:
+            return w(a)
         return bf16_linear(a, w) if self.bf16 else torch.mm(a, w)
 
-    def _addmm(self, x: torch.Tensor, a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    def _addmm(self, x: torch.Tensor, a: torch.Tensor, w: Any) -> torch.Tensor:
+        if self.packed:
+            return w(a, residual=x)
         return bf16_linear(a, w, residual=x) if self.bf16 else torch.addmm(x, a, w)
 
     def _rotary(self, length: int) -> None:
@@ -333,7 +403,7 @@ class Decoder:
             raise ValueError(f"position {upto - 1} is past the cache's {cache.length}")
         if self.cos.shape[0] < upto:
             self._rotary(max(cache.length, upto))
-        if t == 1 and self.native is not None and cache.k.dtype == torch.float32:
+        if t == 1 and self.native is not None and cache.k.dtype == torch.float32 and self._native_weights(b) is not None:
             return self._native_step(input_ids.view(-1).tolist(), starts, slots, cache).view(b, 1, -1)
         # Read the cache as views when the slots are a range (serve keeps them so), else gather.
         ranged = slots == list(range(slots[0], slots[0] + b))
@@ -400,7 +470,14 @@ class Decoder:
             k_out, v_out = cache.k[put].unbind(0), cache.v[put].unbind(0)
         else:
             index_put = (torch.tensor(slots, device=self.device), slice(None), positions)
-        if self.bf16:  # the torch path for bfloat16 weights (no C step here): float32 math, slower
+        if self.packed:  # packed layers, where their kernels for this batch size are not native
+
+            def project(h: torch.Tensor, w: Any, out: torch.Tensor, alpha: float) -> None:
+                torch.mul(w(h), alpha, out=out)
+
+            def add(x: torch.Tensor, a: torch.Tensor, w: Any) -> None:
+                x.copy_(w(a, residual=x))
+        elif self.bf16:  # the torch path for bfloat16 weights (no C step here): float32 math, slower
 
             def project(h: torch.Tensor, w: torch.Tensor, out: torch.Tensor, alpha: float) -> None:
                 torch.mul(bf16_linear(h, w), alpha, out=out)
