@@ -217,9 +217,10 @@ def check_prune(p: PruneParams) -> None:
             if k % 4:
                 raise ValueError(f"2:4 needs input widths divisible by 4; {what} has {k}")
     if p.method == "structured":
-        nkv = int(config.get("num_key_value_heads") or config.get("num_attention_heads", 1))
-        if p.heads is not None and round(p.heads * nkv) >= nkv:
-            raise ValueError(f"heads={p.heads} would remove all {nkv} key/value groups; keep at least one")
+        from llmos.plugins.compress.plan import check_structured
+        from llmos.plugins.lm.config import LlamaConfig
+
+        check_structured(LlamaConfig.from_hf_dict(config), p.sparsity, p.heads, p.mlp)
     _check_sources(p, manifest, p.method in ("wanda", "structured") or (p.scores == "wanda" and p.method == "2:4"))
 
 

@@ -117,7 +117,7 @@ def prefill_speed(engine: Any, tokens: np.ndarray, length: int = 128, repeats: i
 
 
 def probe(model_path: str, tokens_file: str, out: str, *, seq_len: int, windows_count: int, batch_size: int, reference: str | None, predictions: str | None,
-          speed_tokens: int, threads: int, prefill: bool = False) -> dict[str, Any]:
+          speed_tokens: int, threads: int, prefill: bool = False, batches: tuple[int, ...] = (1, 8), dtype: str = "float32") -> dict[str, Any]:
     """Measure one checkpoint (see the module docstring); writes and returns the figures."""
     from llmos.plugins.lm.engine import Engine
     from llmos.plugins.lm.text import load_tokenizer
@@ -127,6 +127,9 @@ def probe(model_path: str, tokens_file: str, out: str, *, seq_len: int, windows_
     tokens = np.load(tokens_file, allow_pickle=False)
     model = _load(model_path)
     params, nonzero = count_params(model)
+    engine = None
+    if dtype != "float32":  # the engine's weights (bfloat16 on a CPU: BF16Linear views) are what quality measures then
+        engine = Engine(model, load_tokenizer(Path(model_path)), dtype=dtype)
     loss, preds = quality(model, tokens, seq_len, windows_count, batch_size)
     result: dict[str, Any] = {
         "ppl": math.exp(min(loss, 50.0)),
@@ -142,8 +145,8 @@ def probe(model_path: str, tokens_file: str, out: str, *, seq_len: int, windows_
         result["agreement"] = float((ref == preds).mean()) if ref.shape == preds.shape else None
     else:
         result["agreement"] = 1.0
-    engine = Engine(model, load_tokenizer(Path(model_path)), dtype="float32")
-    result["tokens_per_s"] = {str(b): decode_speed(engine, tokens, b, speed_tokens) for b in (1, 8)}
+    engine = engine or Engine(model, load_tokenizer(Path(model_path)), dtype=dtype)
+    result["tokens_per_s"] = {str(b): decode_speed(engine, tokens, b, speed_tokens) for b in batches}
     if prefill:
         result["prefill_tokens_per_s"] = prefill_speed(engine, tokens)
     result["peak_memory"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -162,7 +165,8 @@ def _load(path: str) -> Any:
 
 
 def run_probe(model_path: str | Path, tokens_file: Path, workdir: Path, name: str, *, seq_len: int, windows_count: int, batch_size: int, reference: Path | None,
-              speed_tokens: int, threads: int, prefill: bool = False, timeout: float = 3600) -> dict[str, Any]:
+              speed_tokens: int, threads: int, prefill: bool = False, batches: tuple[int, ...] = (1, 8), dtype: str = "float32",
+              timeout: float = 3600) -> dict[str, Any]:
     """:func:`probe` in a fresh Python process; RuntimeError with its last output when it fails."""
     out = workdir / f"{name}.json"
     preds = workdir / f"{name}-predictions.npy"
@@ -173,6 +177,7 @@ def run_probe(model_path: str | Path, tokens_file: Path, workdir: Path, name: st
         argv += ["--reference", str(reference)]
     if prefill:
         argv.append("--prefill")
+    argv += ["--batches", ",".join(map(str, batches)), "--dtype", dtype]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=dict(os.environ))
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-6:]
@@ -193,9 +198,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--speed-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--prefill", action="store_true")
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     a = ap.parse_args(argv)
     probe(a.model, a.tokens, a.out, seq_len=a.seq_len, windows_count=a.windows, batch_size=a.batch_size, reference=a.reference, predictions=a.predictions,
-          speed_tokens=a.speed_tokens, threads=a.threads, prefill=a.prefill)
+          speed_tokens=a.speed_tokens, threads=a.threads, prefill=a.prefill, batches=tuple(int(b) for b in a.batches.split(",")), dtype=a.dtype)
 
 
 if __name__ == "__main__":

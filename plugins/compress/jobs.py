@@ -153,10 +153,15 @@ class _CompressRunner(llmos.Runner):
         return {"checkpoint": str(out), "report": report}
 
     @staticmethod
-    def output_manifest(source: str, manifest: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-        """The output's llmos.json: what the source's says of its data and tokenizer, and the method."""
-        keep = {k: manifest[k] for k in ("data", "tokenizer", "kind") if k in manifest}
-        return {**keep, "derived_from": {"path": source, "model_sha256": manifest.get("model_sha256") or _maybe_sha(source)}, **extra}
+    def output_manifest(ctx: llmos.JobContext, source: str, manifest: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+        """The output's llmos.json: what the source's says of its data, where it came from, the method."""
+        keep = {k: manifest[k] for k in ("data", "tokenizer") if k in manifest}
+        return {
+            **keep,
+            "produced_by": {"job_id": ctx.job_id, "kind": ctx.kind, "attempt": ctx.attempt},
+            "parent": {"path": source, "model_sha256": manifest.get("model_sha256") or _maybe_sha(source)},
+            **extra,
+        }
 
 
 def _maybe_sha(source: str) -> str | None:
@@ -206,7 +211,7 @@ class QuantizeRunner(_CompressRunner):
         else:
             method["packing"] = "int8 weights as they are (compressed-tensors int-quantized)" + (", activations int8 per token at run time" if p.scheme == "w8a8" else "")
         params, _ = gate.count_params(model)
-        save_checkpoint(out, model, _tokenizer_json(source), self.output_manifest(source, manifest, {"quantization": method, "parameters": params}),
+        save_checkpoint(out, model, _tokenizer_json(source), self.output_manifest(ctx, source, manifest, {"quantization": method, "parameters": params}),
                         config_extra={"quantization_config": qc})
         return method
 
@@ -249,7 +254,7 @@ class PruneRunner(_CompressRunner):
             healed = heal(ctx, model, teacher, heal_tokens, p, keep_zeros=p.method != "structured")
         stats_after = prune.sparsity_stats(model)
         method = {"method": p.method, "sparsity": pattern, "achieved": stats_after, "healed": healed, "storage": "dense"}
-        save_checkpoint(out, model, _tokenizer_json(source), self.output_manifest(source, manifest, {"pruning": method, "sparsity": pattern}))
+        save_checkpoint(out, model, _tokenizer_json(source), self.output_manifest(ctx, source, manifest, {"pruning": method, "sparsity": pattern}))
         return method
 
 

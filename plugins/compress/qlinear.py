@@ -49,6 +49,15 @@ _MIN_SET_BYTES = 64 << 20
 
 Fn = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
 
+#: How far a candidate that rounds activations to bfloat16 may stray from the reference (max error
+#: over the output's range). Rounding activations is not part of any scheme here: it moves logits
+#: by ~0.3 % (relative L2), as much as int8 weights do, so by default such candidates are refused
+#: (``llmos kernels`` shows why); ``LLMOS_COMPRESS_BF16_ACTIVATIONS=1`` admits them where they win.
+BF16_TOLERANCE = 1e-2 if os.environ.get("LLMOS_COMPRESS_BF16_ACTIVATIONS") == "1" else 1e-4
+
+#: torch's own ops offered as candidates (where the scheme and device allow).
+TORCH_CANDIDATES = ("torch.int8pack_mm", "torch.int8pack_mm.bf16", "torch.int_mm", "torch.int4pack_mm")
+
 
 def bucket(rows: int) -> int:
     for b in BUCKETS:
@@ -225,7 +234,7 @@ class Int8Linear(QuantLinear):
             def fn(x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
                 return _add(torch._weight_int8pack_mm(x.to(torch.bfloat16), q, sb).float(), residual)
 
-            return Candidate(name, fn, tolerance=1e-2, note="aten._weight_int8pack_mm, activations rounded to bfloat16")
+            return Candidate(name, fn, tolerance=BF16_TOLERANCE, note="aten._weight_int8pack_mm, activations rounded to bfloat16")
         if name == "torch.int_mm":
             qt = q.t()
 
@@ -319,7 +328,7 @@ class Int4Linear(QuantLinear):
                 y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), packed, group, sz).float()
                 return _add(y, residual)
 
-            return Candidate(name, fn, tolerance=1e-2, note="aten._weight_int4pack_mm_for_cpu, bfloat16 activations and scales")
+            return Candidate(name, fn, tolerance=BF16_TOLERANCE, note="aten._weight_int4pack_mm_for_cpu, bfloat16 activations and scales")
         return None
 
 
@@ -333,7 +342,7 @@ def cache_key() -> str:
     """What the choices depend on: CPU model and flags, threads, torch, the kernels' source."""
     cpu = _cpu_model()
     flags = " ".join(sorted(native.status().get("cpu_flags", [])))
-    parts = [cpu, flags, platform.machine(), torch.__version__, str(torch.get_num_threads()), str(native.status().get("library"))]  # the library name hashes its source
+    parts = [cpu, flags, platform.machine(), torch.__version__, str(torch.get_num_threads()), str(BF16_TOLERANCE), str(native.status().get("library"))]  # the library name hashes its source
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
 
 
@@ -396,6 +405,10 @@ def forget() -> None:
 def prepare(layers: list[PackedLinear], buckets: tuple[int, ...] = BUCKETS) -> None:
     """Settle every layer's kernel for each batch bucket (measuring where the cache has no answer)."""
     forced = os.environ.get("LLMOS_COMPRESS_KERNEL", "").strip()
+    if forced:
+        known = {"dequant", *TORCH_CANDIDATES, *(k.name for scheme in ("int8", "int4", "w8a8") for k in native.kernels(scheme))}
+        if forced not in known:
+            raise ValueError(f"LLMOS_COMPRESS_KERNEL={forced!r} is not a candidate kernel here; candidates: {', '.join(sorted(known))}")
     with _lock:
         cache = _load_cache()
         dirty = False
@@ -405,9 +418,7 @@ def prepare(layers: list[PackedLinear], buckets: tuple[int, ...] = BUCKETS) -> N
             names = layer.candidate_names()
             device = layer.packed.device if isinstance(layer, Int4Linear) else layer.qweight.device  # type: ignore[attr-defined]
             for b in buckets:
-                if forced:
-                    if forced not in names:
-                        raise ValueError(f"LLMOS_COMPRESS_KERNEL={forced!r} is not a candidate for {layer.key()} here; candidates: {', '.join(names)}")
+                if forced and forced in names:
                     if layer.candidate(forced) is None:
                         raise ValueError(f"LLMOS_COMPRESS_KERNEL={forced!r} cannot run {layer.key()} (unsupported shape)")
                     layer.choice[b] = forced

@@ -25,10 +25,17 @@ class LlamaConfig:
     tie_word_embeddings: bool = False
     bos_token_id: int | None = None
     eos_token_id: int | None = None
+    #: The width of one attention head. Default hidden_size // num_attention_heads; explicit once
+    #: heads are pruned: structured pruning keeps head_dim and drops heads, so the query width
+    #: num_attention_heads * head_dim is then narrower than hidden_size (transformers honours an
+    #: explicit head_dim too).
+    head_dim: int | None = None
 
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+    def __post_init__(self) -> None:
+        h, n = self.hidden_size, self.num_attention_heads
+        # Filled in only where the default is defined; otherwise validate() says what is wrong.
+        if self.head_dim is None and _positive_int(h) and _positive_int(n):
+            object.__setattr__(self, "head_dim", h // n)
 
     def validate(self) -> LlamaConfig:
         """ValueError naming what is wrong with the shape."""
@@ -36,10 +43,13 @@ class LlamaConfig:
             value = getattr(self, f)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"model config: {f} must be a positive integer, got {value!r}")
+        # Also with an explicit head_dim: transformers (5.x) refuses a Llama config otherwise.
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"model config: num_attention_heads ({self.num_attention_heads}) must divide hidden_size ({self.hidden_size})"
             )
+        if not _positive_int(self.head_dim):
+            raise ValueError(f"model config: head_dim must be a positive integer, got {self.head_dim!r}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"model config: num_key_value_heads ({self.num_key_value_heads}) must divide num_attention_heads ({self.num_attention_heads})"
@@ -53,8 +63,8 @@ class LlamaConfig:
     def num_parameters(self) -> int:
         """How many weights a model of this shape has."""
         h, v, i, n = self.hidden_size, self.vocab_size, self.intermediate_size, self.num_hidden_layers
-        kv = self.num_key_value_heads * self.head_dim
-        per_layer = h * h * 2 + h * kv * 2 + 3 * h * i + 2 * h
+        q, kv = self.num_attention_heads * self.head_dim, self.num_key_value_heads * self.head_dim
+        per_layer = h * q * 2 + h * kv * 2 + 3 * h * i + 2 * h
         return v * h * (1 if self.tie_word_embeddings else 2) + n * per_layer + h
 
     def to_hf_dict(self) -> dict[str, Any]:
@@ -91,11 +101,11 @@ class LlamaConfig:
         if isinstance(values.get("eos_token_id"), list):
             values["eos_token_id"] = values["eos_token_id"][0]
         values.setdefault("num_key_value_heads", values.get("num_attention_heads"))
-        head_dim = data.get("head_dim")
-        cfg = cls(**values)
-        if head_dim is not None and head_dim != cfg.head_dim:
-            raise ValueError(f"config.json: head_dim {head_dim} differs from hidden_size / num_attention_heads = {cfg.head_dim}")
-        return cfg.validate()
+        return cls(**values).validate()
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 #: Named shapes. Small ones for tests and this machine; the big ones are the shapes of common models.

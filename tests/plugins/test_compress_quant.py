@@ -111,8 +111,8 @@ def test_every_candidate_agrees_with_the_fallback(index: int, rows: int) -> None
         if cand is None:
             continue
         why = qlinear._check(layer, cand, x, layer.fallback(x, None))
-        if why is not None and why.startswith("failed"):
-            continue  # an op this build lacks (e.g. a torch op with no CPU kernel): never chosen
+        if why is not None and (why.startswith("failed") or cand.tolerance > 1e-4):
+            continue  # an op this build lacks, or one that rounds activations to bfloat16: refused, never chosen
         assert why is None, f"{name}: {why}"
         got = cand.fn(x.clone(), residual.clone())
         assert float((got - ref).abs().max()) <= cand.tolerance * float(ref.abs().max()) * 1.01, name
@@ -188,9 +188,13 @@ def test_decoder_runs_quantized_models_as_their_forward(scheme: str) -> None:
     dec = Decoder(model)
     cache = KVCache(model.config, 2, 32, torch.float32)
     logits = dec(prompt[:, :7], [0], [0], cache)
-    assert torch.allclose(logits[0, -1], full[0, 6], atol=1e-3, rtol=1e-3)
+    assert rel(logits[0, -1], full[0, 6]) < 1e-4
     step = dec(prompt[:, 7:8], [7], [0], cache)
-    assert torch.allclose(step[0, -1], full[0, 7], atol=1e-3, rtol=1e-3)
+    assert rel(step[0, -1], full[0, 7]) < 1e-4
+    two = KVCache(model.config, 2, 32, torch.float32)  # a batch of two in the same step
+    dec(torch.cat([prompt[:, :7], prompt[:, :7]]), [0, 0], [0, 1], two)
+    both = dec(torch.cat([prompt[:, 7:8], prompt[:, 7:8]]), [7, 7], [0, 1], two)
+    assert rel(both[1, -1], full[0, 7]) < 1e-4
 
 
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
@@ -262,7 +266,26 @@ def test_unsupported_schemes_fail_clearly(tmp_path) -> None:
         ctformat.load_quantized(tmp_path / "q")
 
 
-@pytest.mark.parametrize(("scheme", "symmetric"), [("int4", True), ("int4", False), ("w8a8", True), ("int8", True)])
+def test_compressed_tensors_decompresses_asymmetric_int4(tmp_path) -> None:
+    """Asymmetric int4 as compressed-tensors' own compressor writes it (zero points packed along the
+    output dimension). transformers 5.x cannot load such checkpoints at all, llm-compressor's own
+    included (it allocates unpacked zero points: vllm-project/llm-compressor#1618), so the check
+    is compressed-tensors' decompressor on our tensors."""
+    base = pytest.importorskip("compressed_tensors.compressors.pack_quantized.base")
+    from compressed_tensors.quantization import QuantizationScheme
+    from safetensors.torch import load_file
+
+    model = quantize_model(tiny(), "int4", group=32, symmetric=False)
+    _save(model, tmp_path / "q", "int4", symmetric=False)
+    state = load_file(str(tmp_path / "q" / "model.safetensors"))
+    group = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["config_groups"]["group_0"]
+    scheme = QuantizationScheme(targets=group["targets"], weights=group["weights"])
+    prefix = "model.layers.0.mlp.down_proj."
+    out = base.PackedQuantizationCompressor.decompress({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, scheme)
+    assert torch.allclose(out["weight"].float(), model.model.layers[0].mlp.down_proj.dequantized(), atol=1e-6)
+
+
+@pytest.mark.parametrize(("scheme", "symmetric"), [("int4", True), ("w8a8", True), ("int8", True)])
 def test_transformers_loads_llmos_quantized_checkpoints(tmp_path, scheme: str, symmetric: bool) -> None:
     pytest.importorskip("compressed_tensors")
     transformers = pytest.importorskip("transformers")
