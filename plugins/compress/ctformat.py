@@ -119,7 +119,7 @@ def _build_layer(name: str, scheme: dict[str, Any], tensors: dict[str, torch.Ten
         n, k = (int(v) for v in shape.tolist())
         q = quant.unpack_int32(tensors["weight_packed"].to(torch.int32), bits, k)
     elif "weight" in tensors and tensors["weight"].dtype == torch.int8:
-        q = tensors["weight"]
+        q = tensors["weight"].clone()  # own, aligned memory: the file's tensors may sit at any offset, and SIMD kernels (torch's too) assume alignment
         n, k = q.shape
     else:
         raise CheckpointError(f"{where}: {name} holds neither weight_packed nor an int8 weight (format {fmt})")

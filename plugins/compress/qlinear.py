@@ -218,6 +218,8 @@ class Int8Linear(QuantLinear):
     def make(self, name: str) -> Candidate | None:
         q, s = self.qweight, self.scale
         cpu = q.device.type == "cpu"
+        if name.startswith("torch.") and q.data_ptr() % 64:
+            q = q.clone()  # torch's packed kernels assume aligned rows (a misaligned view crashes them)
         for k in native.kernels(self.scheme) if cpu else ():
             if k.name == name:
                 built = native.w8a8_desc(k, q, s) if self.act_int8 else native.int8_desc(k, q, s)
@@ -430,6 +432,9 @@ def prepare(layers: list[PackedLinear], buckets: tuple[int, ...] = BUCKETS) -> N
                     cache[entry_key] = entry
                     dirty = True
                 layer.choice[b] = entry["chosen"]
+            # Candidates that lost hold their own copies of the weights (torch's packed layouts): drop them.
+            for name in [n for n in layer._made if n not in layer.choice.values()]:
+                del layer._made[name]
         if dirty:
             _save_cache()
 

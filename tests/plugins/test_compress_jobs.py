@@ -158,6 +158,8 @@ def test_bad_input_fails_at_submit(client: llmos.Client, trained: tuple[Path, in
     record = json.loads((model / "llmos.json").read_text())["data"]
     odd = Llama(LlamaConfig(vocab_size=300, hidden_size=72, intermediate_size=90, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2))
     save_checkpoint(tmp_path / "odd", odd, None, {"data": record})
+    empty = tmp_path / "empty"
+    empty.mkdir()
     cases = [
         ("prune", {"model": str(model), "method": "magnitude", "sparsity": 1.0}, "sparsity"),
         ("prune", {"model": str(model), "method": "magnitude", "sparsity": -0.1}, "sparsity"),
@@ -165,7 +167,7 @@ def test_bad_input_fails_at_submit(client: llmos.Client, trained: tuple[Path, in
         ("prune", {"model": str(model), "method": "pick"}, "method"),
         ("prune", {"model": str(tmp_path / "odd"), "method": "2:4"}, "divisible by 4"),
         ("prune", {"model": str(model), "method": "structured", "heads": 0.99}, "all 2 key/value groups"),
-        ("prune", {"model": str(model), "method": "wanda", "sparsity": 0.5, "calib_data": str(tmp_path)}, "no text"),
+        ("prune", {"model": str(model), "method": "wanda", "sparsity": 0.5, "calib_data": str(empty)}, "no text"),
         ("quantize", {"model": str(model), "scheme": "int3"}, "scheme"),
         ("quantize", {"model": str(tmp_path / "odd"), "scheme": "int4", "group_size": 64}, "does not divide the input width 72"),
         ("quantize", {"model": str(model), "scheme": "int8", "method": "gptq"}, "gptq is for scheme=int4"),
@@ -183,3 +185,4 @@ def test_bad_input_fails_at_submit(client: llmos.Client, trained: tuple[Path, in
     for kind, params, message in cases:
         with pytest.raises(llmos.JobRejected, match=message):
             client.submit(kind, params)
+            pytest.fail(f"{kind} {params} was accepted")
