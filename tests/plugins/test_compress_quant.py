@@ -111,7 +111,7 @@ def test_every_candidate_agrees_with_the_fallback(index: int, rows: int) -> None
         if cand is None:
             continue
         why = qlinear._check(layer, cand, x, layer.fallback(x, None))
-        if why is not None and (why.startswith("failed") or cand.tolerance > 1e-4):
+        if why is not None and (why.startswith("failed") or "bfloat16" in cand.note):
             continue  # an op this build lacks, or one that rounds activations to bfloat16: refused, never chosen
         assert why is None, f"{name}: {why}"
         got = cand.fn(x.clone(), residual.clone())
