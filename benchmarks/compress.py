@@ -88,8 +88,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer training steps and held-out windows")
     parser.add_argument("--steps", type=int, default=None, help="training steps (default 150; 30 with --quick)")
+    parser.add_argument("--preset", default="small", help="the model shape (default small; a smaller one only to try the script out)")
     parser.add_argument("--no-write", action="store_true", help=f"print the table only; leave {DOC.relative_to(REPO)} alone")
+    parser.add_argument("--render", type=Path, default=None, help="only render the table of an earlier run's raw figures (the JSON it names)")
     args = parser.parse_args(argv)
+    if args.render:
+        render(json.loads(args.render.read_text()), args.no_write)
+        return 0
     q = args.quick
     steps = args.steps or (30 if q else 150)
     windows = 16 if q else 48
@@ -106,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         with Kernel("llmos-bench-compress-") as kernel:
             client = kernel.client
             ckpt = scratch / "small"
-            train = {"data": "stdlib", "max_bytes": 6_000_000, "preset": "small", "vocab_size": 32000, "steps": steps, "batch_size": 4, "seq_len": 128,
+            train = {"data": "stdlib", "max_bytes": 6_000_000, "preset": args.preset, "vocab_size": 32000 if args.preset == "small" else 2048, "steps": steps, "batch_size": 4, "seq_len": 128,
                      "lr": 2e-3, "warmup_steps": 10, "eval_every": 0, "eval_batches": 4, "threads": threads, "output": str(ckpt)}
             t0 = time.perf_counter()
             trained = timed(f"train `small` {steps} steps", lambda: client.submit("train", train, {"cpus": threads}).result(timeout=7200))
@@ -114,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
             outputs: dict[str, Path] = {}
             seconds: dict[str, float] = {}
             for name, kind, params in FORMATS:
+                if args.preset != "small" and "group_size" in params:
+                    params = {**params, "group_size": 32}  # a small shape tried out: its widths are not multiples of 128
                 extra = {"heal_steps": heal} if "healed" in name else {}
                 out = scratch / name.replace(" ", "_").replace("%", "").replace(":", "-")
                 t1 = time.perf_counter()
@@ -141,8 +148,24 @@ def main(argv: list[str] | None = None) -> int:
         cfg = json.loads((ckpt / "config.json").read_text())
         embed = cfg["vocab_size"] * cfg["hidden_size"] * 4
         f32_linear = linear_bytes(ckpt, embed)
+        raw = {"results": results, "weight_bytes": {n: linear_bytes(o, embed) for n, o in outputs.items()}, "seconds": seconds, "notes": notes,
+               "trained": trained, "train_s": train_s, "floor": floor, "f32_linear": f32_linear, "held": len(held), "steps": steps, "windows": windows,
+               "speed_tokens": probe["speed_tokens"], "quick": q, "when": when.isoformat(), "elapsed": time.perf_counter() - started, "threads": threads}
+        RAW.write_text(json.dumps(raw, default=str))
+        say(f"raw figures in {RAW} (re-render with --render {RAW})")
     finally:
-        pass
+        shutil.rmtree(scratch, ignore_errors=True)
+    render(raw, args.no_write)
+    return 0
+
+
+RAW = Path(tempfile.gettempdir()) / "llmos-compress-bench.json"
+
+
+def render(raw: dict[str, Any], no_write: bool) -> None:
+    results, seconds, notes, trained = raw["results"], raw["seconds"], list(raw["notes"]), raw["trained"]
+    floor, f32_linear, steps, windows, q, threads = raw["floor"], raw["f32_linear"], raw["steps"], raw["windows"], raw["quick"], raw["threads"]
+    when = dt.datetime.fromisoformat(raw["when"])
     base = results["float32"]
     rows = []
     for name, r in results.items():
@@ -150,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
             weight_bytes = f32_linear / 2
             disk = "(engine dtype)"
         else:
-            weight_bytes = linear_bytes(outputs.get(name, ckpt), embed) if name != "float32" else f32_linear
+            weight_bytes = raw["weight_bytes"].get(name, f32_linear)
             disk = f"{r['bytes'] / 2**20:.1f} MiB ({r['bytes'] / base['bytes']:.2f}x)"
         floor_tps = (1 / floor) * f32_linear / weight_bytes
         tps1, tps16 = r["tokens_per_s"]["1"], r["tokens_per_s"]["16"]
@@ -180,17 +203,17 @@ def main(argv: list[str] | None = None) -> int:
         ("wanda 50% perplexity below magnitude 50%'s", f"{results.get('wanda 50%', {}).get('ppl', float('nan')):.3f} vs {results.get('magnitude 50%', {}).get('ppl', float('nan')):.3f}",
          "wanda < magnitude", results.get("wanda 50%", {}).get("ppl", 1e9) < results.get("magnitude 50%", {}).get("ppl", 0)),
     ]
-    elapsed = time.perf_counter() - started
+    elapsed = raw["elapsed"]
     table = ["| format | bytes on disk | perplexity (change) | agreement | decode tok/s b1 | decode tok/s b16 | prefill tok/s | b1 share of its bytes floor |",
              "|---|---|---|---|---|---|---|---|"]
     table += ["| " + " | ".join(r) + " |" for r in rows]
     ttable = ["| target (against float32, same run) | measured | target | result |", "|---|---|---|---|"]
     ttable += [f"| {a} | {b} | {c} | {'-' if d is None else verdict(d)} |" for a, b, c, d in targets]
     notes.insert(0, f"The weights: a `train` job, preset `small` ({trained.get('parameters', 0) / 1e6:.1f}M parameters), {steps} steps of 4 x 128 tokens of the standard"
-                    f" library's source, lr 2e-3, {train_s:.0f} s: validation loss {trained.get('val_loss', float('nan')):.2f}"
+                    f" library's source, lr 2e-3, {raw['train_s']:.0f} s: validation loss {trained.get('val_loss', float('nan')):.2f}"
                     f" (perplexity {trained.get('val_perplexity', float('nan')):.1f}; a uniform guess over 32,000 tokens is 10.37 nats).")
-    notes.append(f"Held-out: {windows} windows of 128 tokens of the model's own validation split ({len(held):,} tokens); agreement is top-1 agreement with float32 at every position."
-                 f" Decode: greedy, {probe['speed_tokens']} steps after a 16-token prompt, batch 1 and 16; prefill: one 128-token prompt (best of 2).")
+    notes.append(f"Held-out: {windows} windows of 128 tokens of the model's own validation split ({raw['held']:,} tokens); agreement is top-1 agreement with float32 at every position."
+                 f" Decode: greedy, {raw['speed_tokens']} steps after a 16-token prompt, batch 1 and 16; prefill: one 128-token prompt (best of 2).")
     notes.append(f"Floor: float32 weights-only {1 / floor:.1f} tokens/s ({floor * 1e3:.1f} ms a token for {f32_linear / 2**20:.0f} MiB of linear weights); a format's floor scales it by its"
                  " linear bytes (the checkpoint's, less the embedding). The bfloat16 row is the lm engine's dtype=bfloat16 (bfloat16 weights, float32 activations).")
     notes.append("Job times: " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()) + " (each includes its own gate: two probes).")
@@ -202,11 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     ])
     print()
     print(section)
-    if not args.no_write:
+    if not no_write:
         write_doc(SECTION, section)
         say(f"wrote {DOC}")
-    shutil.rmtree(scratch, ignore_errors=True)
-    return 0
 
 
 if __name__ == "__main__":

@@ -24,9 +24,11 @@ whole-model decode step. Weight rows are split between threads in blocks of 4. L
   an AND and a shift into two runs of 16 consecutive k, which line up with 16 floats of x each:
   no shuffles. K % 32 == 0, G % 32 == 0 and K % G == 0 (else :func:`int4_desc` gives None).
   The weights are dequantized in registers (one fused multiply-subtract per 16, shared by up to
-  4 input rows) rather than folding s and o in per group as s dot(u, x) - o sum(x): measured on
-  this kind of machine both stream at memory speed at one row, and dequantizing needs half the
-  accumulator registers and no per-call sums of x, so it is the faster one from 4 rows up.
+  4 input rows) rather than folding s and o in per group as s dot(u, x) - o sum(x) with
+  per-call group sums of x: that form saves the multiply-subtracts but needs a second set of
+  accumulators, so only 2 input rows fit a pass. Measured (2 threads, 3072x768, G=128): 4 % faster
+  at one row, 1.45x slower at four. At one row int4 is bound by unpacking and dequantizing (9
+  vector operations per 32 weights), not by memory: it runs as fast with its weights in cache.
 - ``w8a8``: ``data`` int8 [N, K], ``scales`` float32 [N] (the weights'), ``extra`` int32 [N]
   (the row sums of q, for the VNNI offset). Each call quantizes each row of x symmetrically,
   sx = max|x| / 127 (1 when x is all zeros), xq = round-half-even(x / sx) clamped to +-127 (as
@@ -40,10 +42,11 @@ whole-model decode step. Weight rows are split between threads in blocks of 4. L
 
 Variants, by name (:attr:`NativeKernel.name`): ``int8.avx512``, ``int8.avx2``, ``int8.scalar``,
 ``int4.avx512``, ``int4.avx2``, ``int4.scalar``, ``w8a8.vnni512``, ``w8a8.avx512``,
-``w8a8.avxvnni``, ``w8a8.avx2``, ``w8a8.scalar``. The AVX-512 ones need F+BW+VL, the AVX2 ones
-AVX2+FMA. Each reuses a loaded (and widened) weight vector for up to 4 input rows and
-prefetches 4 KB ahead in its weight rows, as the float kernels of ``lm`` do. Float results equal
-float64 math on the dequantized weights to float32 rounding (summation order differs).
+``w8a8.avxvnni``, ``w8a8.avx2``, ``w8a8.scalar``. The AVX-512 ones need F+BW+VL (and VNNI for
+vnni512), the AVX2 ones AVX2+FMA (and AVX-VNNI for avxvnni). Each reuses a loaded (and widened)
+weight vector for up to 4 input rows (2 on AVX2) and prefetches 8 KB ahead in its weight rows, as
+the float kernels of ``lm`` do 4 KB ahead. Float results equal float64 math on the dequantized
+weights to float32 rounding (summation order differs).
 
 The library is compiled on first use with :func:`~llmos.plugins.lm.kernels.build_library` (a few
 seconds once per machine; cached by a hash of the source, compiler and flags) and loaded once per
@@ -53,7 +56,6 @@ process. Without a compiler :func:`kernels` is empty and :func:`status` says why
 from __future__ import annotations
 
 import ctypes
-import subprocess
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -77,9 +79,13 @@ _SOURCE = r"""
 #define LLMOS_X86 1
 #endif
 
-/* As in the lm plugin's kernels: the hardware prefetcher alone leaves bandwidth unused on short
-   rows. Rows are contiguous, so 4 KB ahead in one row is a few rows further in the same stream. */
-#define PF_BYTES 4096
+/* As in the lm plugin's kernels the hardware prefetcher alone leaves bandwidth unused, more so here:
+   widening bytes takes several instructions per cache line, so fewer lines are in flight at once
+   than for float32. Rows are contiguous, so 8 KB ahead in one row is a few rows further in the same
+   stream (measured: int8 at one row 15% faster than at 4 KB; 16 and 32 KB no better). */
+#ifndef PF_BYTES
+#define PF_BYTES 8192
+#endif
 
 /* Quantized activations per chunk of input rows, in bytes: on the stack of whichever thread runs
    the kernel (OpenMP workers, the caller's thread), so kept well under any default stack. */
@@ -239,10 +245,10 @@ void llmos_q_w8a8_scalar(const llmos_linear* l, const float* x, float* y, const 
 }
 
 #ifdef LLMOS_X86
-#define T512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
-#define T512I __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma"), always_inline)) static inline
-#define TVNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,avx512vnni")))
-#define TVNNII __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,avx512vnni"), always_inline)) static inline
+#define T512 __attribute__((target("avx512f,avx512bw,avx512vl,fma")))
+#define T512I __attribute__((target("avx512f,avx512bw,avx512vl,fma"), always_inline)) static inline
+#define TVNNI __attribute__((target("avx512f,avx512bw,avx512vl,fma,avx512vnni")))
+#define TVNNII __attribute__((target("avx512f,avx512bw,avx512vl,fma,avx512vnni"), always_inline)) static inline
 #define T256 __attribute__((target("avx2,fma")))
 #define T256I __attribute__((target("avx2,fma"), always_inline)) static inline
 #define TAVXVNNI __attribute__((target("avx2,fma,avxvnni")))
@@ -664,15 +670,10 @@ TAVXVNNII void w8_tile_avxvnni(const uint8_t* xq, int64_t Kp, const float* sx, c
   }
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < MB; ++m) {
-      /* The +128 bias covers the vector part only (the tail takes xq - 128 directly), so what
-         comes off is 128 times the row sum of the first k weights. */
+      /* The tail takes the biased bytes too, so one 128 * rowsum comes off the whole dot. */
       int32_t s = hsum256i(acc[r][m]);
-      int32_t tail_w = 0;
-      for (int64_t kk = k; kk < K; ++kk) {
-        s += ((int32_t)xq[(m0 + m) * Kp + kk] - 128) * w[(n0 + r) * K + kk];
-        tail_w += w[(n0 + r) * K + kk];
-      }
-      s -= 128 * (rs[n0 + r] - tail_w);
+      for (int64_t kk = k; kk < K; ++kk) s += (int32_t)xq[(m0 + m) * Kp + kk] * w[(n0 + r) * K + kk];
+      s -= 128 * rs[n0 + r];
       y[(c + m0 + m) * N + n0 + r] = ADD(c + m0 + m, n0 + r) + (float)s * (sx[m0 + m] * sc[n0 + r]);
     }
 }
@@ -710,7 +711,7 @@ int llmos_q_cpu_flags(void) {
 #: Bits of ``llmos_q_cpu_flags``, by name.
 _FLAG_BITS = {"avx2": 1, "fma": 2, "avx512f": 4, "avx512bw": 8, "avx512vl": 16, "avx512vnni": 32, "avxvnni": 64, "avx512dq": 128}
 _AVX2 = ("avx2", "fma")
-_AVX512 = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "fma")
+_AVX512 = ("avx512f", "avx512bw", "avx512vl", "fma")
 
 #: (scheme, isa, C symbol, CPU features it needs), fastest first where one can tell in advance.
 _VARIANTS: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
@@ -778,7 +779,7 @@ def _open() -> _Library:
     try:
         path, seconds = build_library(_SOURCE, "llmos_compress")
         lib = ctypes.CDLL(str(path))
-    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+    except Exception as e:  # no compiler, a failed build, an unloadable file: run without, and say why
         return _Library(None, None, f"the C kernels did not build: {e}", [], None, empty)
     lib.llmos_q_cpu_flags.restype = ctypes.c_int
     lib.llmos_q_cpu_flags.argtypes = []
@@ -894,4 +895,4 @@ def unpack_int4(packed: torch.Tensor, K: int) -> torch.Tensor:
     n = packed.shape[0]
     p = packed.view(torch.uint8).view(n, K // 32, 1, 16) if packed.dtype is torch.int8 else packed.reshape(n, K // 32, 1, 16)
     u = torch.cat([p & 15, p >> 4], dim=2).reshape(n, K)
-    return (u.to(torch.int8) - 8).to(torch.int8)
+    return u.to(torch.int8) - 8

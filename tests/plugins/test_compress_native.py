@@ -52,7 +52,7 @@ def _reference(x: torch.Tensor, w: torch.Tensor, add: torch.Tensor | None) -> to
 CASES = [(m, r, T) for m in MS for r, T in (("none", 1), ("separate", 3), ("alias", 2))]
 
 
-@pytest.mark.parametrize("K", [96, 128, 256, 100])
+@pytest.mark.parametrize("K", [96, 128, 256, 100, 113])
 def test_int8(K: int) -> None:
     g = torch.Generator().manual_seed(K)
     q = torch.randint(-128, 128, (N, K), generator=g, dtype=torch.int8)
@@ -91,7 +91,7 @@ def _quantize_tokens(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round(x / sx[:, None]).clamp(-127, 127), sx
 
 
-@pytest.mark.parametrize("K", [96, 128, 256, 100, 70])
+@pytest.mark.parametrize("K", [96, 128, 256, 100, 70, 113])  # 113: a 17-wide tail after 32-wide steps
 def test_w8a8(K: int) -> None:
     g = torch.Generator().manual_seed(K)
     q = torch.randint(-128, 128, (N, K), generator=g, dtype=torch.int8)
@@ -177,3 +177,16 @@ def test_status() -> None:
     assert len(names) == len(set(names))
     if st["library"] is not None:
         assert {"int8.scalar", "int4.scalar", "w8a8.scalar"} <= set(names)
+
+
+def test_without_compiler(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No compiler: empty variant lists and a reason, no exception."""
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("no C compiler found (cc, gcc, clang; or set CC)")
+
+    monkeypatch.setattr(native, "build_library", fail)
+    monkeypatch.setattr(native, "_library", None)
+    assert native.kernels("int4") == []
+    st = native.status()
+    assert st["library"] is None and "no C compiler" in st["reason"]
