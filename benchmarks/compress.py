@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     when = dt.datetime.now(dt.UTC)
     say(f"llmos compression benchmarks ({'quick' if q else 'full'}): {cpu_model()}; {threads} threads")
-    scratch = Path(tempfile.mkdtemp(prefix="llmos-bench-compress-"))
+    scratch = Path(tempfile.mkdtemp(prefix="llmos-bench-compress-work-"))
     notes: list[str] = []
     gate_opts = {"eval_windows": 8, "speed_tokens": 8, "seq_len": 128, "max_ppl_increase": 1000.0, "calib_tokens": 8192}
     try:

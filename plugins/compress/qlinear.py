@@ -509,10 +509,10 @@ def _replica(layer: QuantLinear, seed: int) -> QuantLinear:
     if isinstance(layer, Int4Linear):
         q = torch.randint(-8, 8, (n, k), generator=gen, dtype=torch.int8)
         zero = torch.zeros_like(layer.zero) if layer.zero is not None else None
-        return Int4Linear(native.pack_int4(q), layer.scale.clone(), zero, layer.group, k)
+        return Int4Linear(native.pack_int4(q), layer.scale.cpu(), zero.cpu() if zero is not None else None, layer.group, k).to(layer.scale.device)
     assert isinstance(layer, Int8Linear)
     q = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
-    return Int8Linear(q, layer.scale.clone(), layer.act_int8)
+    return Int8Linear(q, layer.scale.cpu(), layer.act_int8).to(layer.scale.device)
 
 
 class _Replicas:
