@@ -65,7 +65,7 @@ class PruneParams:
         "by activation importance, the same number per layer: a smaller dense Llama. Structured pruning of a small model without healing "
         "(heal_steps) loses most of its quality.",
     )
-    sparsity: float | None = param(None, ge=0, lt=1, help="The share of weights to remove (structured: of the layers' parameters, embeddings excluded); 2:4 is 0.5.")
+    sparsity: float | None = param(None, ge=0, lt=1, help="The share of weights to remove (structured: of the parameters outside the embedding, an untied output head included but kept); 2:4 is 0.5.")
     scope: Literal["layer", "global"] = param("layer", help="magnitude: one threshold per matrix, or one over all of them.")
     scores: Literal["magnitude", "wanda"] = param("wanda", help="2:4: which scores choose the two kept weights of four.")
     heads: float | None = param(None, ge=0, lt=1, help="structured: the share of key/value groups (with their query heads) to remove, instead of sparsity.")
@@ -202,7 +202,7 @@ def check_prune(p: PruneParams) -> None:
     if p.method == "2:4" and p.sparsity not in (None, 0.5):
         raise ValueError(f"method=2:4 removes exactly half the weights (sparsity 0.5), got sparsity {p.sparsity}")
     if p.method == "structured" and p.sparsity is None and p.heads is None and p.mlp is None:
-        raise ValueError("method=structured needs sparsity (a share of the layers' parameters) or heads and/or mlp (shares to remove)")
+        raise ValueError("method=structured needs sparsity (a share of the parameters outside the embedding) or heads and/or mlp (shares to remove)")
     if p.method != "structured" and (p.heads is not None or p.mlp is not None):
         raise ValueError(f"heads and mlp are for method=structured, not {p.method}")
     if p.distill and p.heal_steps == 0:

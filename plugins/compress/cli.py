@@ -166,7 +166,7 @@ def quantize_command(model: str, scheme: str, group_size: str | None, method: st
 @click.argument("model")
 @click.option("--method", type=click.Choice(["magnitude", "wanda", "2:4", "structured"]), default="wanda", show_default=True,
               help="magnitude | wanda (|W| x activation norm) | 2:4 (two of every four) | structured (whole heads and MLP channels: a smaller dense model).")
-@click.option("--sparsity", type=float, default=None, help="The share to remove, in [0, 1) (structured: of the layers' parameters).")
+@click.option("--sparsity", type=float, default=None, help="The share to remove, in [0, 1) (structured: of the parameters outside the embedding, taken from the layers; an untied output head counts but is kept).")
 @click.option("--scope", type=click.Choice(["layer", "global"]), default=None, help="magnitude: per matrix or one global threshold.")
 @click.option("--scores", type=click.Choice(["magnitude", "wanda"]), default=None, help="2:4: which scores pick the kept weights (default wanda).")
 @click.option("--heads", type=float, default=None, help="structured: the share of key/value groups (with their query heads) to remove.")

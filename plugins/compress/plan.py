@@ -31,7 +31,7 @@ def _structured_plan(config: LlamaConfig, sparsity: float | None, heads: float |
         if value is not None:
             _check_share(name, value)
     if sparsity is None and heads is None and mlp is None:
-        raise ValueError("structured pruning needs sparsity (a share of the layers' parameters), or heads and/or mlp (shares to remove)")
+        raise ValueError("structured pruning needs sparsity (a share of the parameters outside the embedding), or heads and/or mlp (shares to remove)")
     if sparsity is not None and (heads is not None or mlp is not None):
         raise ValueError("structured pruning: give sparsity, or heads and/or mlp, not both")
     nkv, inter, h = config.num_key_value_heads, config.intermediate_size, config.hidden_size
@@ -55,10 +55,14 @@ def _structured_plan(config: LlamaConfig, sparsity: float | None, heads: float |
     per_group = h * d * (2 * g + 2)  # g query heads' rows of q_proj and columns of o_proj, one head of k and v
     per_channel = 3 * h  # a row of gate and up, a column of down
     total = nkv * per_group + inter * per_channel
-    target = sparsity * total
+    # The share is of the parameters outside the embedding: the layers' and an untied output
+    # head's. The head is not pruned (a smaller vocabulary is another model), so the layers give
+    # it all; at batch 1 decode reads the head too, and this is what makes the share the speed-up.
+    head = 0 if config.tie_word_embeddings else config.vocab_size * h
+    target = sparsity * (total + head / config.num_hidden_layers)
     # About the same share of both parts: groups are coarse, so round them down and let the
     # finer MLP channels make up the rest.
-    share = math.floor(sparsity * nkv + 1e-9)
+    share = math.floor(target / total * nkv + 1e-9)
     groups = max(k for k in allowed if k <= share)
     channels = round((target - groups * per_group) / per_channel)
     # At high shares the MLP alone cannot make up the rest: take more groups while there are any.
@@ -67,10 +71,10 @@ def _structured_plan(config: LlamaConfig, sparsity: float | None, heads: float |
             break
         groups, channels = more, round((target - more * per_group) / per_channel)
     if channels > inter - 1:
-        most = (allowed[-1] * per_group + (inter - 1) * per_channel) / total
+        most = (allowed[-1] * per_group + (inter - 1) * per_channel) / (total + head / config.num_hidden_layers)
         raise ValueError(
             f"sparsity={sparsity} cannot be reached by structured pruning: removing {allowed[-1]} of {nkv} key/value groups "
-            f"and all but one MLP channel per layer removes at most {most:.1%} of the layers' parameters"
+            f"and all but one MLP channel per layer removes at most {most:.1%} of the parameters outside the embedding"
         )
     return groups, max(channels, 0)
 

@@ -265,8 +265,9 @@ def structured(model: Llama, calib: Calibration, sparsity: float | None = None, 
     """A new, smaller dense Llama without the least important key/value groups (with their
     query heads) and MLP channels, the same number removed from every layer.
 
-    ``sparsity``: the share of the layers' linear weights to remove, split about evenly between
-    attention and MLP; or ``heads`` / ``mlp``: the shares of key/value groups / MLP channels to
+    ``sparsity``: the share of the parameters outside the embedding to remove (an untied output
+    head counts, but is kept: the layers give its share), split about evenly between attention and
+    MLP; or ``heads`` / ``mlp``: the shares of key/value groups / MLP channels to
     remove (a part not given is untouched). ``model`` is left as it was. The group count is
     limited to those that leave a head count dividing hidden_size (see the module's notes).
     """
