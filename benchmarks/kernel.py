@@ -23,6 +23,7 @@ Targets (from the issue) are reported as PASS/FAIL; a missed target does not cha
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import multiprocessing as mp
 import os
@@ -201,7 +202,19 @@ def boot_floor() -> float:
 # llmos measurements
 
 
-_SdkStream: Any = getattr(llmos_client, "_EventStream", object)
+#: The SDK's event stream class under its name of this checkout (EventStream, earlier _EventStream).
+_STREAM_NAME = "EventStream" if hasattr(llmos_client, "EventStream") else "_EventStream"
+_SdkStream: Any = getattr(llmos_client, _STREAM_NAME, object)
+
+
+def _stream_users() -> list[Any]:
+    """The SDK modules that open event streams (job handles have a module of their own now)."""
+    import importlib
+
+    users = [llmos_client]
+    with contextlib.suppress(ImportError):
+        users.append(importlib.import_module("llmos.job"))
+    return users
 
 
 class _CountingStream(_SdkStream):
@@ -232,7 +245,8 @@ def llmos_events(client: llmos.Client, count: int) -> dict[str, Any]:
     _CountingStream.replayed = _CountingStream.filled = 0
     original = _SdkStream
     if original is not object:
-        llmos_client._EventStream = _CountingStream  # type: ignore[misc]
+        for module in _stream_users():
+            setattr(module, _STREAM_NAME, _CountingStream)
     try:
         t_submit = time.perf_counter()
         job = client.submit("diag.emit", params={"count": count, "only": "log"})
@@ -259,7 +273,8 @@ def llmos_events(client: llmos.Client, count: int) -> dict[str, Any]:
                 n_logs_on += 1  # events from the first log record to the end, both counted
     finally:
         if original is not object:
-            llmos_client._EventStream = original  # type: ignore[misc]
+            for module in _stream_users():
+                setattr(module, _STREAM_NAME, original)
     unique = set(seen)
     return {
         "events": n,

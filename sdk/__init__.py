@@ -7,6 +7,7 @@ kernel.
 """
 
 from llmos._version import PLUGIN_API, __version__
+from llmos.aio import AsyncClient, AsyncJob
 from llmos.client import Client, Job, JobInfo, connect
 from llmos.completion import Completion
 from llmos.context import JobContext
@@ -34,6 +35,8 @@ from llmos.protocol import Event, message, topic
 
 __all__ = [
     "PLUGIN_API",
+    "AsyncClient",
+    "AsyncJob",
     "Client",
     "Completion",
     "ConfigError",

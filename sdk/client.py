@@ -10,43 +10,41 @@
     for event in job.events():                # history, then live until the job ends
         print(event.seq, event.topic, event.body)
 
-A :class:`Client` owns ZeroMQ sockets, so use it from one thread (make one per thread).
+One :class:`Client` may be shared by any number of threads: requests, job waits, event streams
+and service streams at once, each getting its own replies (see :mod:`llmos.connection`). For
+asyncio, :class:`llmos.AsyncClient <llmos.aio.AsyncClient>` does the same from an event loop.
+The client is split by what it does: this module is the API, :mod:`llmos.connection` the shared
+socket, :mod:`llmos.events` the event streams, :mod:`llmos.job` job records and handles.
 """
 
 from __future__ import annotations
 
-import collections
 import contextlib
-import gc
 import os
+import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import zmq
 
 from llmos.completion import Completion
+from llmos.connection import Connection, ForkedClient, _Timeout
 from llmos.errors import (
     JobCancelled,
     JobFailed,
     JobRejected,
-    KernelError,
     KernelUnavailable,
-    LlmosError,
-    MessageTooLarge,
-    ProtocolError,
     ServiceError,
     ValidationError,
     error_from_reply,
 )
+from llmos.events import EventStream, whole_stream
+from llmos.job import Job, JobInfo
 from llmos.paths import pid_alive, read_kernel_info, resolve_state_dir
 from llmos.protocol import (
-    END_STATES,
-    MAX_FRAME_BYTES,
     AcctRequest,
-    CancelRequest,
     DevicesRequest,
     ErrorReply,
     Event,
@@ -59,171 +57,30 @@ from llmos.protocol import (
     ServicesRequest,
     ShutdownRequest,
     StatusRequest,
-    StreamHeadsRequest,
     SubmitRequest,
-    decode_control,
     encode_body,
-    encode_control,
     event_from_item,
     stream_of,
-    unpackb,
 )
 
 
-@dataclass(frozen=True)
-class JobInfo:
-    """A job's record as the kernel keeps it."""
-
-    id: int
-    kind: str
-    state: str
-    params: dict[str, Any] = field(default_factory=dict)
-    resources: dict[str, Any] = field(default_factory=dict)
-    priority: int = 0
-    max_retries: int = 0
-    timeout: float | None = None
-    reason: str | None = None
-    exit_code: int | None = None
-    attempts: int = 0
-    result: Any = None
-    placement: dict[str, Any] | None = None
-    submitted_at: float | None = None
-    started_at: float | None = None
-    ended_at: float | None = None
-    worker_pid: int | None = None
-    progress: dict[str, Any] | None = None  # a running job's last progress event body
-    usage: dict[str, Any] | None = None  # a running job's last measured usage
-    preemptible: bool = False  # may be stopped for a job of higher priority, then resumed
-    preemptions: int = 0  # how many of its tries were preempted
-
-    @property
-    def ended(self) -> bool:
-        """True once the job is succeeded, failed or cancelled."""
-        return self.state in END_STATES
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> JobInfo:
-        """Build from the kernel's map, ignoring keys a newer kernel may add."""
-        known = cls.__dataclass_fields__.keys()
-        return cls(**{k: v for k, v in data.items() if k in known})
-
-    def to_dict(self) -> dict[str, Any]:
-        """A plain map, as ``llmos job --json`` prints it."""
-        return {k: getattr(self, k) for k in self.__dataclass_fields__}
-
-
-class Job:
-    """A handle on one job of a kernel."""
-
-    def __init__(self, client: Client, job_id: int, info: JobInfo | None = None) -> None:
-        self.client = client
-        self.id = int(job_id)
-        self._info = info
-
-    def __repr__(self) -> str:
-        return f"<Job {self.id} {self._info.kind + ' ' + self._info.state if self._info else ''}>".replace(" >", ">")
-
-    def info(self) -> JobInfo:
-        """The job's current record."""
-        self._info = self.client._job_info(self.id)
-        return self._info
-
-    def wait(self, timeout: float | None = None) -> JobInfo:
-        """Block until the job ends (or ``timeout`` seconds pass: TimeoutError); return its record."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            info = self.info()
-            if info.ended:
-                return info
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                raise TimeoutError(f"job {self.id} is still {info.state} after {timeout}s")
-            for _ in self.events(since=0, follow=True, timeout=left, _states_only=True):
-                pass
-
-    def artifacts(self, kind: str | None = None) -> list[dict[str, Any]]:
-        """What the job published (``job.<id>.artifact`` events), oldest first: maps with ``path``,
-        ``kind``, ``meta`` and the event's ``seq``; only those of ``kind`` if given."""
-        out = []
-        for event in self.client.events(f"job.{self.id}.artifact"):
-            if event.type == "job.artifact" and (kind is None or event.body.get("kind") == kind):
-                out.append({**event.body, "seq": event.seq})
-        return out
-
-    def result(self, timeout: float | None = None) -> Any:
-        """Wait for the job and return its result; JobFailed or JobCancelled if it did not succeed."""
-        info = self.wait(timeout)
-        if info.state == "failed":
-            raise JobFailed(f"job {self.id} ({info.kind}) failed: {info.reason}", job_id=self.id, reason=info.reason, exit_code=info.exit_code)
-        if info.state == "cancelled":
-            raise JobCancelled(f"job {self.id} ({info.kind}) was cancelled: {info.reason}", job_id=self.id, reason=info.reason)
-        return info.result
-
-    def cancel(self, reason: str = "cancelled by user") -> JobInfo:
-        """Ask the kernel to cancel the job; returns the record right after the request."""
-        reply = self.client.request(CancelRequest(id=self.id, reason=reason))
-        self._info = JobInfo.from_dict(reply.job)
-        return self._info
-
-    def events(self, since: int = 0, follow: bool = True, timeout: float | None = None, *, _states_only: bool = False) -> Iterator[Event]:
-        """The job's events from the journal (seq above ``since``); with ``follow``, then live
-        until the job has ended and its last event was delivered."""
-        prefix = f"job.{self.id}.state" if _states_only else f"job.{self.id}."
-        stream = _EventStream(self.client, prefix, since, timeout)
-        try:
-            for event in stream.history():
-                yield event
-                if _is_end(event):
-                    return
-            if not follow:
-                return
-            if self.info().ended:
-                # It ended before ``since``, or just now: catch up once and stop.
-                for event in stream.history_after():
-                    yield event
-                return
-            for event in stream.live():
-                yield event
-                if _is_end(event):
-                    return
-        finally:
-            stream.close()
-
-    def logs(self, follow: bool = True, since: int = 0) -> Iterator[Event]:
-        """The job's ``job.log`` events (see :meth:`events`)."""
-        for event in self.events(since=since, follow=follow):
-            if event.type == "job.log":
-                yield event
-
-
 class Client:
-    """A connection to one kernel, found through its state directory's ``kernel.json``."""
+    """A connection to one kernel, found through its state directory's ``kernel.json``; safe to
+    share between threads."""
 
     def __init__(self, state_dir: str | os.PathLike[str] | None = None, *, timeout: float = 30.0) -> None:
         self.state_dir: Path = resolve_state_dir(state_dir)
         self.timeout = timeout
         self.kernel = read_kernel_info(self.state_dir)
         self.endpoints = {"control": self.kernel["control"], "events": self.kernel["events"]}
-        self._ctx = zmq.Context()
-        self._sock = self._dealer()
-        self._sender = f"client-{os.getpid()}-{os.urandom(3).hex()}"
-        # Open service requests -> their replies that arrived while something else was reading
-        # the socket (another request, another stream): kept until their own reader asks.
-        self._held: dict[str, collections.deque[Any]] = {}
-
-    def _dealer(self) -> zmq.Socket:
-        sock = self._ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(self.kernel["control"])
-        return sock
+        self._conn = Connection(self.kernel, self.state_dir)
+        self._ctx = self._conn.ctx  # event streams open their SUB sockets on it
 
     # -- plumbing --
 
     def close(self) -> None:
         """Close the sockets (idempotent)."""
-        if not self._ctx.closed:
-            self._sock.close(0)
-            self._ctx.destroy(0)
+        self._conn.close()
 
     def __enter__(self) -> Client:
         return self
@@ -235,59 +92,20 @@ class Client:
         with contextlib.suppress(Exception):
             self.close()
 
+    @property
+    def connection(self) -> Connection:
+        """The shared connection core (for :class:`~llmos.aio.AsyncClient` and tools)."""
+        return self._conn
+
     def request(self, msg: Any, timeout: float | None = None) -> Any:
         """Send one control request and return the decoded reply; error replies are raised."""
-        timeout = self.timeout if timeout is None else timeout
-        try:
-            frames = encode_control(msg, self._sender)
-        except (OverflowError, TypeError, ValueError) as exc:
-            raise ValidationError(f"cannot send {type(msg).__name__}: {exc} (values must be JSON-like, integers within 64 bits)") from None
-        if sum(map(len, frames)) > MAX_FRAME_BYTES:
-            raise MessageTooLarge(f"{type(msg).__name__} is {sum(map(len, frames))} bytes; the bus carries at most {MAX_FRAME_BYTES}")
-        msg_id = unpackb(frames[0])["id"]
-        self._sock.send_multipart(frames)
-        deadline = time.monotonic() + timeout
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0 or not self._sock.poll(int(min(left, 0.5) * 1000) + 1):
-                if left <= 0:
-                    self._check_alive()
-                    if not self._held:
-                        # A late reply would confuse the next request: start over on a fresh
-                        # socket (not while service requests are open: their replies come here).
-                        self._sock.close(0)
-                        self._sock = self._dealer()
-                    raise KernelError(f"the kernel did not answer within {timeout}s", endpoint=self.kernel["control"])
-                if not self._sock.poll(0):
-                    self._check_alive()
-                    continue
-            parent_id, reply = self._recv()
-            if parent_id != msg_id:
-                continue  # kept for its open service request, or a reply to one that timed out
-            if isinstance(reply, ErrorReply):
-                raise error_from_reply(reply.ename, reply.evalue, reply.code, reply.context)
-            return reply
-
-    def _recv(self) -> tuple[str | None, Any]:
-        """One reply off the socket: (its parent id, the message). A reply to another open
-        service request is kept for it (see :meth:`call`)."""
-        try:
-            header, reply = decode_control(self._sock.recv_multipart())
-        except ProtocolError as exc:
-            raise KernelError(f"undecodable reply from the kernel: {exc}") from exc
-        parent_id = header.get("parent_id")
-        if parent_id in self._held:
-            self._held[parent_id].append(reply)
-        return parent_id, reply
+        reply = self._conn.request(msg, self.timeout if timeout is None else timeout)
+        if isinstance(reply, ErrorReply):
+            raise error_from_reply(reply.ename, reply.evalue, reply.code, reply.context)
+        return reply
 
     def _check_alive(self) -> None:
-        if not pid_alive(int(self.kernel["pid"])):
-            raise KernelUnavailable(
-                f"the kernel for state dir {self.state_dir} (pid {self.kernel['pid']}) is gone; "
-                f"start one with: llmos boot --state-dir {self.state_dir}",
-                state_dir=str(self.state_dir),
-                endpoint=self.kernel["control"],
-            )
+        self._conn._check_alive()
 
     # -- jobs --
 
@@ -311,19 +129,7 @@ class Client:
         ``preemptible`` (default: the kind's own default) lets the scheduler stop the job for a
         job of higher priority that cannot fit otherwise; it goes back to the queue and starts
         again (a kind that checkpoints, like ``train``, resumes where it stopped)."""
-        reply = self.request(
-            SubmitRequest(
-                kind=kind,
-                params=dict(params or {}),
-                resources=dict(resources or {}),
-                priority=int(priority),
-                max_retries=int(max_retries),
-                timeout=None if timeout is None else float(timeout),
-                coerce=coerce,
-                preemptible=preemptible,
-                cwd=_cwd(),  # relative path parameters mean what they mean here
-            )
-        )
+        reply = self.request(submit_request(kind, params, resources, priority, max_retries, timeout, coerce, preemptible))
         info = JobInfo.from_dict(reply.job)
         return Job(self, info.id, info)
 
@@ -429,14 +235,18 @@ class Client:
         Without ``timeout`` it waits as long as the request takes, queued or running: the kernel
         answers with an error if the replica dies, and the kernel's own process is checked every
         half second. Other requests, and other streams, may use this client meanwhile."""
-        frames = encode_control(ServiceRequest(service=service, body=dict(body or {})), self._sender)
-        request_id = unpackb(frames[0])["id"]
-        held = self._held[request_id] = collections.deque()
+        conn = self._conn
+        request_id, frames = conn.frames(ServiceRequest(service=service, body=dict(body or {})))
+        conn.open(request_id)
         finished = False
         try:
-            self._sock.send_multipart(frames)
+            conn.send(frames)
             while True:
-                reply = held.popleft() if held else self._next_reply(held, service, timeout)
+                try:
+                    reply = conn.wait(request_id, timeout)
+                except _Timeout:
+                    conn._check_alive()
+                    raise TimeoutError(f"service {service!r} did not answer within {timeout}s") from None
                 if isinstance(reply, ErrorReply):
                     finished = True
                     raise error_from_reply(reply.ename, reply.evalue, reply.code, reply.context)
@@ -448,25 +258,10 @@ class Client:
                     finished = True
                     return
         finally:
-            del self._held[request_id]
-            if not finished and not self._ctx.closed:  # the caller stopped early: free the replica's slot
-                with contextlib.suppress(zmq.ZMQError):
-                    self._sock.send_multipart(encode_control(ServiceCancel(request_id=request_id), self._sender), zmq.NOBLOCK)
-
-    def _next_reply(self, held: collections.deque[Any], service: str, timeout: float | None) -> Any:
-        """Read the socket until ``held`` (one open request's) has a reply; replies to other open
-        requests are held for them meanwhile."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while not held:
-            wait = 0.5 if deadline is None else min(0.5, deadline - time.monotonic())
-            if wait <= 0:
-                self._check_alive()
-                raise TimeoutError(f"service {service!r} did not answer within {timeout}s")
-            if self._sock.poll(int(wait * 1000) + 1):
-                self._recv()
-            else:
-                self._check_alive()
-        return held.popleft()
+            conn.forget(request_id)
+            if not finished and not conn.closed and not conn.forked and conn.dead is None:  # stopped early: free the replica's slot
+                with contextlib.suppress(zmq.ZMQError, ForkedClient, KernelUnavailable):
+                    conn.send(conn.frames(ServiceCancel(request_id=request_id))[1])
 
     def acct(self, since: float | None = None, limit: int = 1000) -> list[dict[str, Any]]:
         """Accounting of finished jobs (ended after ``since``, epoch seconds): one map per job with
@@ -517,210 +312,19 @@ class Client:
         since: int = 0,
         follow: bool = False,
         timeout: float | None = None,
+        *,
+        _stop: threading.Event | None = None,
     ) -> Iterator[Event]:
         """Events whose topic starts with ``prefix`` and whose seq is above ``since``: the journal
         first, then (with ``follow``) live ones, each exactly once and in order per stream.
         ``timeout`` ends a follow after that many seconds with no end in sight."""
-        stream = _EventStream(self, _whole_stream(prefix), since, timeout)
+        stream = EventStream(self, whole_stream(prefix), since, timeout, stop=_stop)
         try:
             yield from stream.history()
             if follow:
                 yield from stream.live()
         finally:
             stream.close()
-
-
-def _is_end(event: Event) -> bool:
-    return event.type == "job.state" and event.body.get("state") in END_STATES
-
-
-def _whole_stream(prefix: str) -> str:
-    """``job.1`` means the stream job.1, not job.10 too."""
-    parts = prefix.split(".")
-    if len(parts) == 2 and parts[0] in ("job", "device", "service", "worker") and parts[1]:
-        return prefix + "."
-    return prefix
-
-
-def _sub_prefix(prefix: str) -> str:
-    """What to subscribe to so that every event of each stream the prefix touches arrives:
-    ``job.5.log`` -> ``job.5.`` (gap detection needs the whole stream)."""
-    parts = prefix.split(".")
-    if len(parts) >= 3 and parts[0] in ("job", "device", "service", "worker"):
-        return ".".join(parts[:2]) + "."
-    if len(parts) >= 2 and parts[0] not in ("job", "device", "service", "worker"):
-        return parts[0] + "."
-    if len(parts) == 1 and parts[0] and parts[0] not in ("job", "device", "service", "worker"):
-        return parts[0] + "."  # "kernel" is the stream "kernel" (PUB topics end with a dot)
-    return prefix
-
-
-class _EventStream:
-    """Replay, then live, with no loss and no repeats.
-
-    It subscribes before replaying, so nothing falls between the two once the subscription is in
-    effect. Each stream's ``stream_seq`` must grow by one: a repeat is dropped, a gap (PUB drops at
-    its high-water mark) is filled from the journal. A message lost with nothing after it on its
-    stream (dropped, or published before the subscription reached the kernel) leaves no gap to
-    see: every ``CHECK`` seconds the stream asks the kernel for the newest event of each stream
-    it follows, and catches up any it is behind on: at once when the bus is quiet, else when it
-    is still behind at the next check (by then anything that was in flight has arrived).
-    ``complete`` is the seq up to which delivery is verified, where those checks start.
-    """
-
-    CHECK = 0.5
-
-    def __init__(self, client: Client, prefix: str, since: int, timeout: float | None) -> None:
-        self.client = client
-        self.prefix = prefix
-        self.sub_prefix = _sub_prefix(prefix)
-        self.since = since
-        self.deadline = None if timeout is None else time.monotonic() + timeout
-        self.known: dict[str, tuple[int, int]] = {}  # stream -> (stream_seq, seq) last delivered
-        self.high = since
-        self.complete = since  # every wanted event up to this seq has been delivered
-        self._replayed_to = since  # last_seq of the last replay page
-        self._behind: dict[str, list[int]] = {}  # streams behind at the last busy check
-        self._behind_last: int | None = None  # that check's last_seq
-        self.sub = client._ctx.socket(zmq.SUB)
-        self.sub.setsockopt(zmq.LINGER, 0)
-        self.sub.setsockopt(zmq.RCVHWM, 100_000)
-        self.sub.connect(client.endpoints["events"])
-        self.sub.setsockopt(zmq.SUBSCRIBE, self.sub_prefix.encode())
-
-    def close(self) -> None:
-        self.sub.close(0)
-
-    def _accept(self, event: Event) -> Event | None:
-        """Record ``event`` as delivered; return it if the caller's prefix wants it."""
-        self.known[event.stream] = (event.stream_seq, event.seq)
-        if event.seq > self.high:
-            self.high = event.seq
-        return event if event.topic.startswith(self.prefix) else None
-
-    def _replay_all(self, prefix: str, since: int, until: int | None = None) -> Iterator[Event]:
-        while True:
-            events, last_seq, more = self.client.replay(prefix, since=since, until=until, limit=1000)
-            self._replayed_to = last_seq
-            yield from events
-            if not events or not more:
-                return
-            since = events[-1].seq
-
-    def history(self) -> Iterator[Event]:
-        for event in self._replay_all(self.sub_prefix, self.since):
-            if self._accept(event) is not None:
-                yield event
-        self.complete = max(self.complete, self._replayed_to)
-
-    def history_after(self) -> Iterator[Event]:
-        """What was journaled since the history (or the last live event) was read."""
-        for event in self._replay_all(self.sub_prefix, self.high):
-            yield from self._live_one(event)
-
-    def _fill(self, stream: str, after_seq: int, before: Event) -> Iterator[Event]:
-        for event in self._replay_all(stream + ".", after_seq, before.seq - 1):
-            fresh = event.stream == stream and event.stream_seq > self.known.get(stream, (0, 0))[0]
-            if fresh and self._accept(event) is not None:
-                yield event
-
-    def _live_one(self, event: Event) -> Iterator[Event]:
-        stream = event.stream
-        last = self.known.get(stream)
-        if last is not None and event.stream_seq <= last[0]:
-            return  # already delivered (seen in the replay)
-        if (last is None and event.stream_seq > 1) or (last is not None and event.stream_seq > last[0] + 1):
-            yield from self._fill(stream, last[1] if last else self.since, event)
-        if self._accept(event) is not None:
-            yield event
-
-    def _behind_on(self, stream: str, head: list[int]) -> bool:
-        return self.known.get(stream, (0, 0))[0] < head[0]
-
-    def _catch_up(self, stream: str, until: int) -> Iterator[Event]:
-        """Deliver ``stream``'s events up to seq ``until`` that were not delivered yet."""
-        last = self.known.get(stream)
-        for event in self._replay_all(stream + ".", last[1] if last else self.since, until):
-            fresh = event.stream == stream and event.stream_seq > self.known.get(stream, (0, 0))[0]
-            if fresh and self._accept(event) is not None:
-                yield event
-
-    def _check(self, idle: bool) -> Iterator[Event]:
-        """Ask for every followed stream's newest event; catch up where behind (see the class)."""
-        reply = self.client.request(StreamHeadsRequest(prefix=self.sub_prefix, since=self.complete))
-        heads: dict[str, list[int]] = reply.heads
-        if idle:
-            for stream, head in heads.items():
-                if self._behind_on(stream, head):
-                    yield from self._catch_up(stream, head[1])
-            self.complete = max(self.complete, reply.last_seq)
-            self._behind, self._behind_last = {}, None
-            return
-        for stream, head in self._behind.items():
-            if self._behind_on(stream, head):
-                yield from self._catch_up(stream, head[1])
-        if self._behind_last is not None:
-            self.complete = max(self.complete, self._behind_last)
-        self._behind = {stream: head for stream, head in heads.items() if self._behind_on(stream, head)}
-        self._behind_last = reply.last_seq
-
-    def live(self) -> Iterator[Event]:
-        known, prefix = self.known, self.prefix
-        next_check = time.monotonic() + self.CHECK
-        while True:
-            now = time.monotonic()
-            wait = max(0.0, next_check - now)
-            if self.deadline is not None:
-                left = self.deadline - now
-                if left <= 0:
-                    return
-                wait = min(wait, left)
-            if self.sub.poll(int(wait * 1000) + 1):
-                while True:
-                    try:
-                        frames = self.sub.recv_multipart(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    stream, events = _decode_pub(frames)
-                    for event in events:
-                        last = known.get(stream)
-                        if last is not None and event.stream_seq == last[0] + 1:
-                            # The common case, inline: the next event of a stream we follow.
-                            known[stream] = (event.stream_seq, event.seq)
-                            if event.seq > self.high:
-                                self.high = event.seq
-                            if event.topic.startswith(prefix):
-                                yield event
-                        else:
-                            yield from self._live_one(event)
-                if time.monotonic() >= next_check:
-                    yield from self._check(idle=False)
-                    next_check = time.monotonic() + self.CHECK
-            elif time.monotonic() >= next_check:
-                yield from self._check(idle=True)  # quiet: make sure nothing was dropped on the way
-                next_check = time.monotonic() + self.CHECK
-
-
-def _decode_pub(frames: list[bytes]) -> tuple[str, list[Event]]:
-    """(stream, events) of one PUB message: the kernel sends one stream's events per message,
-    under the topic ``<stream>.``; anything else is dropped."""
-    if len(frames) != 2 or not frames[0].endswith(b"."):
-        return "", []
-    # Up to 1,000 events of maps: with the collector on, their allocation alone triggers
-    # collections of everything the caller holds (msgpack's own advice for large messages).
-    collecting = gc.isenabled()
-    gc.disable()
-    try:
-        topic = frames[0].decode()
-        events = [event_from_item(item) for item in unpackb(frames[1])]
-    except (LlmosError, UnicodeDecodeError):
-        return "", []
-    finally:
-        if collecting:
-            gc.enable()
-    if topic.count(".") > 2 or not all([event.topic.startswith(topic) for event in events]):
-        return "", []
-    return topic[:-1], events
 
 
 def connect(state_dir: str | os.PathLike[str] | None = None, *, timeout: float = 30.0) -> Client:
@@ -733,6 +337,22 @@ def connect(state_dir: str | os.PathLike[str] | None = None, *, timeout: float =
 
 
 __all__ = ["Client", "Job", "JobInfo", "connect", "stream_of"]
+
+
+def submit_request(kind: str, params: dict[str, Any] | None, resources: dict[str, Any] | None, priority: int, max_retries: int,
+                   timeout: float | None, coerce: bool, preemptible: bool | None) -> SubmitRequest:
+    """The SubmitRequest :meth:`Client.submit` sends (the event-loop client sends the same)."""
+    return SubmitRequest(
+        kind=kind,
+        params=dict(params or {}),
+        resources=dict(resources or {}),
+        priority=int(priority),
+        max_retries=int(max_retries),
+        timeout=None if timeout is None else float(timeout),
+        coerce=coerce,
+        preemptible=preemptible,
+        cwd=_cwd(),  # relative path parameters mean what they mean here
+    )
 
 
 def _cwd() -> str | None:

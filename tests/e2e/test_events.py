@@ -123,9 +123,9 @@ def test_slow_subscriber_loses_nothing(short_tmp: Path) -> None:
 def test_a_lost_last_event_of_a_stream_is_caught_up(client, monkeypatch) -> None:
     """A PUB message lost with nothing after it on its stream leaves no gap to see (a slow
     subscription, a high-water mark): the follower's head checks find it and deliver it once."""
-    import llmos.client as sdk_client
+    import llmos.events as sdk_events
 
-    original = sdk_client._decode_pub
+    original = sdk_events.decode_pub
     dropped: list[int] = []
 
     def lossy(frames):
@@ -135,7 +135,7 @@ def test_a_lost_last_event_of_a_stream_is_caught_up(client, monkeypatch) -> None
             return "", []
         return stream, events
 
-    monkeypatch.setattr(sdk_client, "_decode_pub", lossy)
+    monkeypatch.setattr(sdk_events, "decode_pub", lossy)
     since = client.status()["last_seq"]
     # The victim ends seconds from now, when the follower is live on PUB (a second was too short
     # when the machine was busy: the end then came in the follower's first replay, not on PUB).
