@@ -328,11 +328,15 @@ def _print_end(info: JobInfo) -> None:
 @cli.command()
 @click.option("--state", type=click.Choice(JOB_STATES), default=None, help="Only jobs in this state.")
 @click.option("--limit", type=int, default=1000, show_default=True, help="At most this many, newest.")
+@click.option("--all", "show_all", is_flag=True, help="Services' jobs too (llmos services lists the running ones).")
 @with_client
 @json_option
-def jobs(client: Client, state: str | None, limit: int, as_json: bool) -> None:
-    """List jobs, oldest first."""
+def jobs(client: Client, state: str | None, limit: int, show_all: bool, as_json: bool) -> None:
+    """List jobs, oldest first; services (serve, monitor...) only with --all."""
     infos = client.jobs(state=state, limit=limit)
+    if not show_all:
+        services = {k["name"] for k in client.kinds() if k.get("service")}
+        infos = [i for i in infos if i.kind not in services]
     if as_json:
         echo_json([i.to_dict() for i in infos])
         return

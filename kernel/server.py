@@ -8,6 +8,7 @@ nothing is announced before it is durable.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import gc
 import hashlib
@@ -1604,12 +1605,26 @@ class Kernel:
 
     # ------------------------------------------------------------------ shutdown
 
+    def _end_services(self, reason: str) -> None:
+        """Running services end as cancelled with ``reason`` (a clean stop is not a crash: the next
+        boot must not find them "running" and mark them failed)."""
+        for job in list(self.jobs.values()):
+            entry = self.registry.kinds.get(job.kind)
+            if job.state == "running" and entry is not None and entry.service:
+                try:
+                    self._end_job(job, "cancelled", reason, None, retry=False)
+                except Exception:
+                    log.exception("service_end_failed", job_id=job.id)
+        with contextlib.suppress(Exception):
+            self.store.commit()
+
     def _shutdown(self) -> None:
         reason = self.stopping or "kernel loop ended"
         log.info("kernel_stopping", reason=reason)
         for identity, _msg, parent_id in self._held_submits:
             self.reply_error(identity, KernelError(f"the kernel is shutting down ({reason}); the job was not submitted"), parent_id)
         self._held_submits = []
+        self._end_services("kernel shut down")
         try:
             self.emit("kernel.stopping", KernelStopping(reason=reason))
             self._flush_out()

@@ -93,3 +93,20 @@ def test_requests_stream_back_and_replicas_share(echo_kernel: KernelHandle) -> N
             c.job(j.id).wait(timeout=30)
         with pytest.raises(ServiceUnavailable):
             list(c.call("echo", {}))
+
+
+def test_a_clean_shutdown_cancels_services_and_jobs_lists_them_only_with_all(echo_kernel: KernelHandle) -> None:
+    with echo_kernel.client() as c:
+        service = c.submit("echo.service")
+        _wait_service(c, "echo")
+        job = c.submit("diag.echo", params={"data": 1})
+        job.wait(timeout=30)
+    listed = [j["id"] for j in echo_kernel.cli_json("jobs")]
+    assert job.id in listed and service.id not in listed
+    assert service.id in [j["id"] for j in echo_kernel.cli_json("jobs", "--all")]
+    echo_kernel.shutdown()
+    echo_kernel.boot()
+    with echo_kernel.client() as c:
+        info = c.job(service.id).info()
+        assert (info.state, info.reason) == ("cancelled", "kernel shut down")
+        assert [j.state for j in c.jobs() if j.state == "failed"] == []
