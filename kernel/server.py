@@ -15,7 +15,6 @@ import hashlib
 import json
 import os
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -38,6 +37,8 @@ from llmos.errors import (
     ProtocolError,
     ValidationError,
 )
+from llmos.kernel import jobs as job_states
+from llmos.kernel import scheduler
 from llmos.kernel.devices import DeviceTable, parse_fake_gpus
 from llmos.kernel.plugins import Registry, load_plugins, ranks_of
 from llmos.kernel.store import JobRecord, Store
@@ -48,7 +49,7 @@ from llmos.kernel.supervisor import (
     describe_status,
     signal_name,
 )
-from llmos.paths import KERNEL_FILE, pid_alive
+from llmos.paths import KERNEL_FILE, free_port, pid_alive
 from llmos.plugin import Resources
 from llmos.protocol import (
     END_STATES,
@@ -160,6 +161,7 @@ class Kernel:
 
     def __init__(self, settings: Settings, state_dir: Path) -> None:
         self.settings = settings
+        self.policy = scheduler.Policy.from_settings(settings)
         self.state_dir = state_dir
         self.started_at = time.time()
         self.stopping: str | None = None
@@ -398,10 +400,8 @@ class Kernel:
                 self._kill_orphan(job)
                 job.placement = None
                 if job.attempts - job.preemptions <= job.max_retries:
-                    job.state, job.reason, job.queued_at = "pending", "kernel restarted; retrying", time.time()
                     self.jobs[job.id] = job
-                    self.store.update_job(job)
-                    self.emit_state(job)
+                    self._transition(job, "pending", "kernel restarted; retrying", queued_at=time.time())
                 else:
                     self.jobs[job.id] = job
                     self._end_job(job, "failed", "kernel restarted", None)
@@ -503,6 +503,14 @@ class Kernel:
         else:
             out.append(stamped)
         self.stats["events_journaled"] += 1
+
+    def _transition(self, job: JobRecord, state: str, reason: str | None, *, persist: bool = True, **fields: Any) -> None:
+        """The only place a job's state changes (:func:`llmos.kernel.jobs.transition`): then the row is
+        stored (unless the caller stores it right after) and the state event journaled."""
+        job_states.transition(job, state, reason, **fields)
+        if persist:
+            self.store.update_job(job)
+        self.emit_state(job)
 
     def emit_state(self, job: JobRecord) -> None:
         self.emit(
@@ -1180,99 +1188,28 @@ class Kernel:
 
     # ------------------------------------------------------------------ scheduling
 
-    def _effective_priority(self, job: JobRecord, now: float) -> float:
-        aging = float(self.settings["scheduler"]["aging_seconds"])
-        return job.priority + ((now - job.queued_at) / aging if aging > 0 else 0.0)
-
     def _schedule(self) -> None:
-        """Start what fits, highest effective priority first; keep enough workers coming.
+        """Start what fits, stop what must make room (the plan is :func:`scheduler.plan`'s); keep
+        enough workers coming.
 
         A job is only ever given to a worker that is ready, so a slow worker start never holds a
         job hostage while another worker sits idle.
         """
         pending = [j for j in self.jobs.values() if j.state == "pending"]
+        if not pending:
+            self._keep_pool()
+            return
         gen = self.generation
         ready = [w for w in self.workers.values() if w.alive and w.ready and w.job_id is None and not w.assigned and w.generation == gen]
-        waiting_for_worker = 0
-        if pending:
-            now = time.time()
-            # By effective priority (see _effective_priority): priority + (now - queued_at) / aging
-            # orders jobs as priority - queued_at / aging does, a key that needs no clock.
-            aging = float(self.settings["scheduler"]["aging_seconds"])
-            if aging > 0:
-                pending.sort(key=lambda j: (j.queued_at / aging - j.priority, j.id))
-            else:
-                pending.sort(key=lambda j: (-j.priority, j.id))
-            sched, ws = self.settings["scheduler"], self.settings["workers"]
-            starvation = float(sched["starvation_seconds"])
-            # Past this many jobs that fit but wait for a worker, no more workers would start.
-            enough_waiting = int(ws["max_starting"]) + int(ws["pool_size"])
-            # Requests that did not fit in this pass still do not (reservations only grow in it):
-            # a queue of many alike jobs costs one placement, not one each.
-            unfit: set[tuple[Any, ...]] = set()
-            # Only a job above the lowest running preemptible one can preempt anything.
-            lowest_preemptible = min(
-                (j.priority for j in self.jobs.values() if j.state == "running" and j.preemptible), default=None
-            ) if sched["preemption"] else None
-            if lowest_preemptible is None:
-                lowest_preemptible = 1 << 62
-            for job in pending:
-                key = tuple(job.resources.items())
-                placement = None if key in unfit else self.devices.place(Resources(**job.resources))
-                if placement is not None and ready:
-                    self._start(job, placement, ready.pop(0))
-                    continue
-                if placement is not None:
-                    waiting_for_worker += 1
-                    if not ready and waiting_for_worker >= enough_waiting:
-                        break  # the rest waits for workers too; the next pass sees them
-                else:
-                    unfit.add(key)
-                    if job.priority > lowest_preemptible:
-                        self._preempt_for(job, Resources(**job.resources))
-                if now - job.queued_at >= starvation:
-                    break  # the head has waited too long: nothing behind it may jump ahead
-        self._keep_pool(extra=waiting_for_worker)
-
-    def _preempt_for(self, job: JobRecord, res: Resources) -> None:
-        """Stop running preemptible jobs of lower priority when that lets ``job`` fit.
-
-        Victims: lowest priority first, then the most recently started (the least work lost). They
-        are released from the device table only in a what-if, to find the fewest that make room;
-        the real release comes when their workers stop. While some are stopping for this job,
-        nothing more is preempted for it."""
-        if job.id in self._preempting.values() or (res.gpus > 0 and self.devices.probing):
-            return  # room is being made already; or the GPUs are not known yet
-        min_runtime = float(self.settings["scheduler"]["preempt_min_runtime"])
-        now = time.time()
-        victims = [
-            j for j in self.jobs.values()
-            if j.state == "running" and j.preemptible and j.priority < job.priority and not j.stop_stage
-            and j.worker_id is not None and now - (j.started_at or now) >= min_runtime and j.placement
-        ]
-        if not victims:
-            return
-        victims.sort(key=lambda j: (j.priority, -(j.started_at or 0.0)))
-        chosen: list[JobRecord] = []
-        try:
-            for victim in victims:
-                self.devices.release(victim.id)
-                chosen.append(victim)
-                if self.devices.place(res) is not None:
-                    break
-            else:
-                chosen = []  # even all of them would not make room
-        finally:
-            for victim in victims:
-                if victim.placement:
-                    self.devices.reserve(victim.id, victim.placement)
-        for victim in chosen:
+        running = [j for j in self.jobs.values() if j.state == "running"]
+        plan = scheduler.plan(pending, running, self.devices, len(ready), self.policy, time.time(), self._preempting)
+        for job, placement in plan.starts:
+            self._start(job, placement, ready.pop(0))
+        for victim, job in plan.preemptions:
             self._preempting[victim.id] = job.id
             log.info("job_preempting", job_id=victim.id, for_job=job.id, priority=victim.priority, for_priority=job.priority)
             self._stop_job(victim, f"preempted by job {job.id} (priority {job.priority})", "preempted")
-
-    def _alive_workers(self) -> int:
-        return sum(1 for w in self.workers.values() if w.alive)
+        self._keep_pool(extra=plan.waiting_for_worker)
 
     def _spawn(self) -> WorkerProc:
         proc = self.launcher.start()
@@ -1308,43 +1245,28 @@ class Kernel:
         ranks = ranks_of(entry.spec, job.params) if entry is not None else 1
         if ranks > 1:
             placement = {**placement, "distributed": self._rank_plan(placement, ranks)}
-        job.state = "running"
-        job.placement = placement
-        job.reason = None
-        job.exit_code = None
-        job.attempts += 1
-        job.started_at = time.time()
-        job.stop_stage, job.stop_at, job.cancel_reason, job.end_state_on_stop = 0, None, None, None
-        job.deadline = time.monotonic() + job.timeout if job.timeout else None
         worker.job_id = job.id
-        job.worker_id = worker.id
         self.stats["jobs_started"] += 1
-        self.emit_state(job)
+        self._transition(
+            job, "running", None, persist=not worker.ready,  # a ready worker's _assign stores the row with its pid
+            placement=placement, exit_code=None, attempts=job.attempts + 1, started_at=time.time(), stop_stage=0, stop_at=None,
+            cancel_reason=None, end_state_on_stop=None, deadline=time.monotonic() + job.timeout if job.timeout else None, worker_id=worker.id,
+        )
         if worker.ready:
             self._assign(worker)
-        else:
-            self.store.update_job(job)
 
     def _rank_plan(self, placement: dict[str, Any], n: int) -> dict[str, Any]:
-        """Split a gang job's placement among its ``n`` ranks and pick its rendezvous address: a
-        free TCP port on this machine that no other running job was handed."""
-        gpus = placement.get("gpus", [])
-        per = len(gpus) // n
-        cores = float(placement.get("cpu", {}).get("cores", 0)) / n
+        """A gang job's rank plan, meeting at a free TCP port on this machine that no other
+        running job was handed."""
         taken = {
             j.placement["distributed"]["master_port"]
             for j in self.jobs.values()
             if j.state == "running" and j.placement and "distributed" in j.placement
         }
-        port = _free_port()
+        port = free_port()
         while port in taken:
-            port = _free_port()
-        return {
-            "world_size": n,
-            "master_addr": "127.0.0.1",
-            "master_port": port,
-            "ranks": [{"rank": r, "gpus": [int(g["index"]) for g in gpus[r * per : (r + 1) * per]], "cpus": cores} for r in range(n)],
-        }
+            port = free_port()
+        return scheduler.rank_plan(placement, n, port)
 
     def _assign(self, worker: WorkerProc) -> None:
         """Hand a bound job to its (now ready) worker."""
@@ -1457,32 +1379,15 @@ class Kernel:
         self._preempting.pop(job.id, None)
         if state == "preempted":
             # Back to the queue, keeping its place (queued_at) so it ages; no retry is spent.
-            job.preemptions += 1
-            job.state = "pending"
-            job.reason = f"{reason}; queued to start again"
-            job.exit_code = exit_code
-            job.placement = None
-            job.end_state_on_stop = None
-            self.store.update_job(job)
-            self.emit_state(job)
+            self._transition(job, "pending", f"{reason}; queued to start again", preemptions=job.preemptions + 1, exit_code=exit_code,
+                             placement=None, end_state_on_stop=None)
             log.info("job_preempted", job_id=job.id, attempts=job.attempts, preemptions=job.preemptions)
         elif state == "failed" and retry and job.attempts - job.preemptions <= job.max_retries and job.attempts > 0:
-            job.state = "pending"
-            job.reason = f"retrying after: {reason}"
-            job.exit_code = exit_code
-            job.placement = None
-            job.queued_at = time.time()
-            job.end_state_on_stop = None
-            self.store.update_job(job)
-            self.emit_state(job)
+            self._transition(job, "pending", f"retrying after: {reason}", exit_code=exit_code, placement=None, queued_at=time.time(),
+                             end_state_on_stop=None)
             log.info("job_retrying", job_id=job.id, attempts=job.attempts, reason=reason)
         else:
-            job.state = state
-            job.reason = reason
-            job.exit_code = exit_code
-            job.ended_at = time.time()
-            self.store.update_job(job)
-            self.emit_state(job)
+            self._transition(job, state, reason, exit_code=exit_code)
             self.jobs.pop(job.id, None)
             self._ended_counts[state] = self._ended_counts.get(state, 0) + 1
             if job.started_at:
@@ -1671,12 +1576,6 @@ class Kernel:
 
 _KERNEL_ONLY_TYPES = frozenset({"job.state"})
 _STAMP = struct.Struct(">BQBQ")  # seq and stream_seq as msgpack uint64s, as llmos.protocol.stamp appends them
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _kill_group(pid: int) -> None:

@@ -62,4 +62,13 @@ def read_kernel_info(state_dir: Path) -> dict[str, Any]:
     return info
 
 
-__all__ = ["KERNEL_FILE", "default_state_dir", "pid_alive", "read_kernel_info", "resolve_state_dir"]
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` right now (the OS picks it; a rendezvous, an exporter)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+__all__ = ["KERNEL_FILE", "default_state_dir", "free_port", "pid_alive", "read_kernel_info", "resolve_state_dir"]
