@@ -49,6 +49,7 @@ from llmos.kernel.supervisor import (
     describe_status,
     signal_name,
 )
+from llmos.params import schema_of
 from llmos.paths import KERNEL_FILE, free_port, pid_alive
 from llmos.plugin import Resources
 from llmos.protocol import (
@@ -424,8 +425,9 @@ class Kernel:
     def _on_usage_report(self, identity: bytes, msg: UsageReport) -> None:
         worker = self.workers.get(identity.decode(errors="replace"))
         job = self.jobs.get(worker.job_id) if worker and worker.job_id is not None else None
-        if job is None or job.kind != "monitor":
-            raise ProtocolError("usage reports come from the monitor service only")
+        entry = self.registry.kinds.get(job.kind) if job is not None else None
+        if entry is None or not getattr(entry.spec, "reports_usage", False):
+            raise ProtocolError("usage reports come only from a service registered with reports_usage=True")
         self.devices.cpu.used = {k: v for k, v in msg.node.items() if isinstance(v, int | float)}
         self.emit("device.cpu.metrics", DeviceMetrics(used=self.devices.cpu.used))
         by_index = {g.index: g for g in self.devices.gpus if not g.fake}
@@ -932,17 +934,21 @@ class Kernel:
         """Start every ``autostart`` service that is not already queued or running."""
         active = {j.kind for j in self.jobs.values()} | {r[1] for r in self._service_restarts}
         for name, entry in sorted(self.registry.kinds.items()):
-            if name == "monitor" and not self.settings["monitor"]["autostart"]:
+            if not (entry.service and getattr(entry.spec, "autostart", False)) or name in active or name in self.quarantined:
                 continue
-            if entry.service and getattr(entry.spec, "autostart", False) and name not in active and name not in self.quarantined:
-                try:
-                    defaults = {"interval": float(self.settings["monitor"]["interval"])} if name == "monitor" else {}
-                    _, params, res = self.registry.validate(name, defaults, {})
-                    self.devices.check(res)
-                except LlmosError as exc:
-                    log.warning("service_not_started", service=name, error=str(exc))
-                    continue
-                self._create_job(name, params, res, priority=1000)
+            section = getattr(entry.spec, "config", None)
+            settings = dict(self.settings.get(section) or {}) if section else {}
+            if settings.get("autostart", True) is False:
+                continue  # switched off in its config section
+            try:
+                names = {f.name for f in schema_of(entry.spec.params)} if entry.spec.params is not None else set()
+                defaults = {k: v for k, v in settings.items() if k in names}
+                _, params, res = self.registry.validate(name, defaults, {})
+                self.devices.check(res)
+            except LlmosError as exc:
+                log.warning("service_not_started", service=name, error=str(exc))
+                continue
+            self._create_job(name, params, res, priority=1000)
 
     def _get_job(self, job_id: int) -> JobRecord:
         if not 0 < job_id < 2**63:

@@ -158,9 +158,16 @@ class JobKind:
 @dataclass(frozen=True)
 class ServiceKind(JobKind):
     """A long-lived worker (a monitor, an inference server): a job kind that runs until cancelled,
-    is restarted when it fails, and with ``autostart`` is started by the kernel at boot."""
+    is restarted when it fails, and with ``autostart`` is started by the kernel at boot.
+
+    ``config`` names the config section that configures the autostarted service: its
+    ``autostart = false`` keeps the service stopped, and its keys that are parameters of the kind
+    become the parameters it is started with. ``reports_usage`` lets its jobs send the kernel
+    measured usage (``UsageReport``), which the kernel publishes, exports and enforces."""
 
     autostart: bool = False
+    config: str | None = None
+    reports_usage: bool = False
 
 
 __all__ = ["RESOURCE_KEYS", "JobKind", "Resources", "Runner", "ServiceKind", "hookimpl", "resolve_runner"]

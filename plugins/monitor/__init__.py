@@ -24,7 +24,7 @@ class MonitorParams:
 
 @llmos.hookimpl
 def llmos_register_services(register) -> None:  # type: ignore[no-untyped-def]
-    register(ServiceKind("monitor", runner="llmos.plugins.monitor.sampler:MonitorRunner", params=MonitorParams, resources=Resources(cpus=0), autostart=True,
+    register(ServiceKind("monitor", runner="llmos.plugins.monitor.sampler:MonitorRunner", params=MonitorParams, resources=Resources(cpus=0), autostart=True, config="monitor", reports_usage=True,
                          help="Sample node, job and GPU usage; the kernel publishes and exports it."))
 
 
