@@ -155,7 +155,7 @@ def _make_state_dir(state: Path) -> None:
 
 
 def _boot_detached(state: Path, config_file: Path | None, fake_gpus: str | None, log_level: str | None, as_json: bool) -> None:
-    from llmos.kernel.server import holder_pid
+    from llmos.kernel.statedir import holder_pid
 
     held = holder_pid(state)
     if held:

@@ -9,9 +9,7 @@ nothing is announced before it is durable.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import gc
-import hashlib
 import json
 import os
 import signal
@@ -41,6 +39,13 @@ from llmos.kernel import jobs as job_states
 from llmos.kernel import scheduler
 from llmos.kernel.devices import DeviceTable, parse_fake_gpus
 from llmos.kernel.plugins import Registry, load_plugins, ranks_of
+from llmos.kernel.statedir import (
+    KernelLocked,
+    StateDir,
+    holder_pid,
+    make_private_dir,
+    runtime_dir_for,
+)
 from llmos.kernel.store import JobRecord, Store
 from llmos.kernel.supervisor import (
     Launcher,
@@ -50,7 +55,7 @@ from llmos.kernel.supervisor import (
     signal_name,
 )
 from llmos.params import schema_of
-from llmos.paths import KERNEL_FILE, free_port, pid_alive
+from llmos.paths import free_port
 from llmos.plugin import Resources
 from llmos.protocol import (
     END_STATES,
@@ -123,38 +128,7 @@ log = structlog.get_logger("llmos.kernel")
 _NOBLOCK = int(zmq.NOBLOCK)
 _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
-_SOCKET_NAME_MAX = 100  # ipc:// paths longer than ~107 bytes cannot be bound
 _HARD_FRAME_LIMIT = 4 * MAX_FRAME_BYTES  # beyond this libzmq drops the peer; below it we answer MessageTooLarge
-
-
-class KernelLocked(LlmosError):
-    """Another kernel holds the state directory."""
-
-    code = 220
-
-
-def runtime_dir_for(state_dir: Path, configured: str) -> Path:
-    """Where the ipc sockets live: configured, else <state>/run if short enough, else per-user."""
-    if configured:
-        return Path(configured).expanduser().absolute()
-    candidate = state_dir / "run"
-    if len(str(candidate / "control")) <= _SOCKET_NAME_MAX:
-        return candidate
-    base = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/llmos-{os.getuid()}"
-    digest = hashlib.sha256(str(state_dir).encode()).hexdigest()[:12]
-    return Path(base) / f"llmos-{digest}"
-
-
-def _make_private_dir(path: Path) -> None:
-    """A directory this user owns and only this user can enter. The shared fallback /tmp/llmos-UID
-    is made private first: another local user could otherwise create it and reach the sockets."""
-    shared = Path(f"/tmp/llmos-{os.getuid()}")
-    for d in ((shared, path) if path.parent == shared else (path,)):
-        d.mkdir(parents=True, exist_ok=True, mode=0o700)
-        owner = d.stat().st_uid
-        if owner != os.getuid():
-            raise PermissionError(f"{d} belongs to another user (uid {owner}): the kernel's sockets cannot live there; set [kernel] runtime_dir or XDG_RUNTIME_DIR")
-        os.chmod(d, 0o700)
 
 
 class Kernel:
@@ -189,19 +163,16 @@ class Kernel:
         self.services: dict[str, list[str]] = {}  # name -> replica worker ids
         self.calls: dict[str, tuple[bytes, str, str]] = {}  # request id -> (caller, worker, service)
         self._signals: list[int] = []
-        self._lock_fd: int | None = None
+        self.statedir = StateDir(state_dir)
         self._probe: subprocess.Popen[bytes] | None = None
 
     # ------------------------------------------------------------------ boot
 
     def boot(self) -> None:
-        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self._take_lock()
-        (self.state_dir / "workers").mkdir(exist_ok=True)
-        (self.state_dir / "jobs").mkdir(exist_ok=True)
+        self.statedir.take()
         ks = self.settings["kernel"]
         self.runtime_dir = runtime_dir_for(self.state_dir, ks["runtime_dir"])
-        _make_private_dir(self.runtime_dir)
+        make_private_dir(self.runtime_dir)
         self.endpoints = {
             "control": ks["control_endpoint"] or f"ipc://{self.runtime_dir}/control",
             "events": ks["events_endpoint"] or f"ipc://{self.runtime_dir}/events",
@@ -272,23 +243,6 @@ class Kernel:
         from llmos.kernel.plugins import disabled_plugins
 
         return disabled_plugins(self.state_dir)
-
-    def _take_lock(self) -> None:
-        path = self.state_dir / "kernel.lock"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise KernelLocked(
-                f"another kernel (pid {holder}) is running on state dir {self.state_dir}; stop it with: llmos shutdown --state-dir {self.state_dir}",
-                pid=holder,
-                state_dir=str(self.state_dir),
-            ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
-        self._lock_fd = fd
 
     def _open_sockets(self) -> None:
         self.zctx = zmq.Context()
@@ -390,9 +344,7 @@ class Kernel:
             "started_at": self.started_at,
             **self.endpoints,
         }
-        tmp = self.state_dir / (KERNEL_FILE + ".tmp")
-        tmp.write_text(json.dumps(info, indent=2))
-        os.replace(tmp, self.state_dir / KERNEL_FILE)
+        self.statedir.write_kernel_file(info)
 
     def _recover(self) -> None:
         """Jobs the previous kernel left unfinished: pending ones wait again; running ones died with it."""
@@ -1561,10 +1513,7 @@ class Kernel:
             self.store.close()
         except Exception:
             log.exception("store_close_failed")
-        try:
-            (self.state_dir / KERNEL_FILE).unlink()
-        except FileNotFoundError:
-            pass
+        self.statedir.remove_kernel_file()
         for sock in (self.control, self.ingest, self.pub):
             sock.close(0)
         self.zctx.term()
@@ -1574,8 +1523,7 @@ class Kernel:
                     os.unlink(url[len("ipc://"):])
                 except OSError:
                     pass
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
+        self.statedir.release()
         log.info("kernel_stopped")
 
 
@@ -1614,15 +1562,6 @@ def _check_endpoint(url: str) -> None:
             )
         return
     raise ConfigError(f"endpoint {url!r} must start with ipc://, tcp:// or inproc://", endpoint=url)
-
-
-def holder_pid(state_dir: Path) -> int | None:
-    """The pid of a live kernel on ``state_dir``, from its kernel.json, or None."""
-    try:
-        pid = int(json.loads((state_dir / KERNEL_FILE).read_text())["pid"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return pid if pid_alive(pid) else None
 
 
 __all__ = ["Kernel", "KernelLocked", "holder_pid", "runtime_dir_for"]
