@@ -13,7 +13,6 @@ import gc
 import json
 import os
 import signal
-import struct
 import subprocess
 import sys
 import time
@@ -59,8 +58,10 @@ from llmos.paths import free_port
 from llmos.plugin import Resources
 from llmos.protocol import (
     END_STATES,
+    ITEM_HEAD,
     JOB_STATES,
     MAX_FRAME_BYTES,
+    STAMPED_HEAD,
     AcctReply,
     AcctRequest,
     CancelRequest,
@@ -113,8 +114,9 @@ from llmos.protocol import (
     make_header,
     pack_array,
     pack_item,
-    packb,
+    replay_reply_frames,
     stamp,
+    stamp_tail,
     storable_problem,
     stream_of,
     type_name_of,
@@ -636,7 +638,7 @@ class Kernel:
         in locals while the sender stays the same (written back before anything else may emit)."""
         workers, jobs, known, out = self.workers, self.jobs, self._stream_seq, self._out_events
         fast_ok, bad, journaled = self._fast_checks, 0, 0
-        pack_stamp = _STAMP.pack
+        tail = stamp_tail
         last_sender: Any = None
         job_id = 0
         stream = ""
@@ -646,7 +648,7 @@ class Kernel:
         topics: set[str] = set()  # topics already checked in this frame (for the current sender)
         for raw in items:
             try:
-                if type(raw) is not bytes or raw[:1] != b"\x93":
+                if type(raw) is not bytes or raw[:1] != ITEM_HEAD:
                     raise ProtocolError("an ingest item is a bin holding a packed [topic, header, body] (a 3-element fixarray)")
                 item = unpackb(raw)
                 if type(item) is not list or len(item) != 3:
@@ -697,7 +699,7 @@ class Kernel:
                 # _journal and stamp, inlined.
                 seq += 1
                 last += 1
-                queue.append(b"\x95" + raw[1:] + pack_stamp(0xCF, seq, 0xCF, last))
+                queue.append(STAMPED_HEAD + raw[1:] + tail(seq, last))
                 journaled += 1
             except ProtocolError as exc:
                 bad += 1
@@ -961,16 +963,7 @@ class Kernel:
         self._write_journal()  # events of this turn are not in the database yet
         rows = self.store.replay(msg.prefix, max(0, msg.since), msg.until, limit)
         more = len(rows) == limit
-        # Build the reply around the stored, already-packed items: no unpack, no repack.
-        body = (
-            b"\x84"
-            + packb("status") + packb("ok")
-            + packb("last_seq") + packb(self.seq)
-            + packb("more") + packb(more)
-            + packb("events") + pack_array((item for _, item in rows), len(rows))
-        )
-        header = make_header("kernel.replay_reply", "kernel", parent_id=self._current_parent)
-        self._out_control.append((identity, [packb(header), body]))
+        self._out_control.append((identity, replay_reply_frames(self._current_parent, self.seq, more, [item for _, item in rows])))
         return None
 
     def _on_stream_heads(self, identity: bytes, msg: StreamHeadsRequest) -> StreamHeadsReply:
@@ -1529,7 +1522,6 @@ class Kernel:
 
 
 _KERNEL_ONLY_TYPES = frozenset({"job.state"})
-_STAMP = struct.Struct(">BQBQ")  # seq and stream_seq as msgpack uint64s, as llmos.protocol.stamp appends them
 
 
 def _kill_group(pid: int) -> None:

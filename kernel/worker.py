@@ -38,7 +38,7 @@ from llmos.kernel.logs import configure_logging
 from llmos.kernel.plugins import Registry, call_broadcast, load_plugins
 from llmos.plugin import resolve_runner
 from llmos.protocol import (
-    PROTOCOL_VERSION,
+    ITEM_TS_KEY,
     JobDone,
     ServiceCall,
     ServiceCancel,
@@ -50,6 +50,8 @@ from llmos.protocol import (
     decode_control,
     encode_body,
     encode_control,
+    event_header,
+    item_head,
     pack_item,
     packb,
     storable_problem,
@@ -59,14 +61,6 @@ log = structlog.get_logger(__name__)
 
 _MAX_BATCH = 256
 _ITEM_PACKER = msgpack.Packer(use_bin_type=True, autoreset=True)
-_TS_KEY = _ITEM_PACKER.pack("ts")
-
-
-def _item_head(topic_name: str, type_name: str, sender: str) -> bytes:
-    """The packed start of ``[topic, {v, type, sender, parent_id, id: ..., ts: ...}, body]`` up to the
-    id's value: the same bytes as ``pack_item`` of that header, keys in another order."""
-    p = _ITEM_PACKER.pack
-    return b"\x93" + p(topic_name) + b"\x86" + p("v") + p(PROTOCOL_VERSION) + p("type") + p(type_name) + p("sender") + p(sender) + p("parent_id") + p(None) + p("id")
 
 _MAX_BATCH_BYTES = 1 << 20  # a frame holds at most about this much (plus one item)
 _MAX_ITEM_BYTES = 8 << 20  # an event larger than this is replaced by an error record
@@ -162,9 +156,9 @@ class Bus:
                 # [topic, header, body] packed by hand around the parts that never change.
                 head = heads.get((suffix, type_name))
                 if head is None:
-                    head = heads[(suffix, type_name)] = _item_head(f"job.{self.job_id}.{suffix}", type_name, sender)
+                    head = heads[(suffix, type_name)] = item_head(f"job.{self.job_id}.{suffix}", type_name, sender)
                 try:
-                    item = head + pack(f"{sender}-{self._counter}") + _TS_KEY + pack(ts) + pack(body)
+                    item = head + pack(f"{sender}-{self._counter}") + ITEM_TS_KEY + pack(ts) + pack(body)
                 except Exception as exc:  # an unencodable value must not stop the bus thread
                     item = self._replacement(f"job.{self.job_id}.{suffix}", self._header(type_name, ts), type_name, f"could not be encoded: {type(exc).__name__}: {exc}")
                 if len(item) > _MAX_ITEM_BYTES:
@@ -174,7 +168,7 @@ class Bus:
             self._push.send(packb(items))
 
     def _header(self, type_name: str, ts: float) -> dict[str, Any]:
-        return {"v": 1, "type": type_name, "id": f"{self.worker_id}-{self._counter}", "ts": ts, "sender": self.worker_id, "parent_id": None}
+        return event_header(type_name, f"{self.worker_id}-{self._counter}", ts, self.worker_id)
 
     @staticmethod
     def _replacement(topic_name: str, header: dict[str, Any], type_name: str, why: str) -> bytes:

@@ -522,6 +522,47 @@ def stamp(item: bytes, seq: int, stream_seq: int) -> bytes:
 
 
 _STAMP = struct.Struct(">BQBQ")
+_STAMP_PACK = _STAMP.pack
+
+
+def stamp_tail(seq: int, stream_seq: int) -> bytes:
+    """The 18 bytes :func:`stamp` appends (seq and stream_seq as msgpack uint64s): the kernel's
+    ingest path builds ``STAMPED_HEAD + item[1:] + stamp_tail(...)`` itself, one call per event."""
+    return _STAMP_PACK(0xCF, seq, 0xCF, stream_seq)
+
+
+#: The first byte of a packed ``[topic, header, body]`` item, and of a stamped five-element one.
+ITEM_HEAD = b"\x93"
+STAMPED_HEAD = b"\x95"
+
+
+def event_header(type_name: str, msg_id: str, ts: float, sender: str) -> dict[str, Any]:
+    """The header of an event a worker sends (no parent)."""
+    return {"v": PROTOCOL_VERSION, "type": type_name, "id": msg_id, "ts": ts, "sender": sender, "parent_id": None}
+
+
+def item_head(topic_name: str, type_name: str, sender: str) -> bytes:
+    """The packed start of ``[topic, {v, type, sender, parent_id, id: ..., ts: ...}, body]`` up to the
+    id's value: the same bytes as :func:`pack_item` of that header, keys in another order. A
+    worker caches it per topic and appends ``packb(id) + ITEM_TS_KEY + packb(ts) + packb(body)``."""
+    p = _PACKER.pack
+    return ITEM_HEAD + p(topic_name) + b"\x86" + p("v") + p(PROTOCOL_VERSION) + p("type") + p(type_name) + p("sender") + p(sender) + p("parent_id") + p(None) + p("id")
+
+
+ITEM_TS_KEY = _PACKER.pack("ts")
+
+
+def replay_reply_frames(parent_id: str | None, last_seq: int, more: bool, items: list[bytes]) -> list[bytes]:
+    """The frames of a ``kernel.replay_reply`` built around journaled, already packed items (no
+    unpack, no repack): it decodes to what ``encode_control(ReplayReply(...))`` sends (keys in another order)."""
+    body = (
+        b"\x84"
+        + packb("status") + packb("ok")
+        + packb("last_seq") + packb(last_seq)
+        + packb("more") + packb(more)
+        + packb("events") + pack_array(items, len(items))
+    )
+    return [packb(make_header("kernel.replay_reply", "kernel", parent_id=parent_id)), body]
 
 
 # ---------------------------------------------------------------------------------------------

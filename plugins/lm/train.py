@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 import llmos
+from llmos.paths import free_port
 from llmos.plugins.lm import EvalResult, EvalSample
 from llmos.plugins.lm.checkpoint import (
     CheckpointError,
@@ -344,7 +345,7 @@ class TrainRunner(llmos.Runner):
         if self.rank == 0:
             # The kernel placed the ranks and picked the rendezvous address; a job without its plan
             # (one rank under fsdp, or a runner driven outside the kernel) takes a free port here.
-            plan = ctx.distributed or {"master_addr": "127.0.0.1", "master_port": _free_port()}
+            plan = ctx.distributed or {"master_addr": "127.0.0.1", "master_port": free_port()}
             os.environ.update(MASTER_ADDR=plan["master_addr"], MASTER_PORT=str(plan["master_port"]), WORLD_SIZE=str(self.world))
             tok_path = ctx.workdir / "tokenizer.json"
             tok_path.write_text(self.tok.to_json())
@@ -643,14 +644,6 @@ def _tail(path: Path, limit: int = 1500) -> str:
         return "(no output)"
     text = data.decode("utf-8", "replace").strip()
     return text or "(no output)"
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _maybe_hash(path: str) -> str | None:

@@ -128,12 +128,19 @@ def test_generated_fast_checks_agree_with_the_field_checkers():
 
 def test_worker_hand_packed_items_decode_like_pack_item():
     """The worker packs [topic, header, body] around cached header bytes; it must decode the same."""
-    from llmos.kernel.worker import _ITEM_PACKER, _TS_KEY, _item_head
-    from llmos.protocol import PROTOCOL_VERSION, check_event_header, pack_item, unpackb
+    from llmos.protocol import (
+        ITEM_TS_KEY,
+        PROTOCOL_VERSION,
+        check_event_header,
+        item_head,
+        pack_item,
+        packb,
+        unpackb,
+    )
 
     body = {"level": "info", "event": "e", "logger": None, "fields": {"i": 3, "s": "x" * 40}}
-    head = _item_head("job.17.log", "job.log", "w-17-2")
-    packed = head + _ITEM_PACKER.pack("w-17-2-9") + _TS_KEY + _ITEM_PACKER.pack(1.25) + _ITEM_PACKER.pack(body)
+    head = item_head("job.17.log", "job.log", "w-17-2")
+    packed = head + packb("w-17-2-9") + ITEM_TS_KEY + packb(1.25) + packb(body)
     header = {"v": PROTOCOL_VERSION, "type": "job.log", "id": "w-17-2-9", "ts": 1.25, "sender": "w-17-2", "parent_id": None}
     assert unpackb(packed) == unpackb(pack_item("job.17.log", header, body))
     check_event_header(unpackb(packed)[1])

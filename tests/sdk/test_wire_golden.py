@@ -77,3 +77,15 @@ def test_arrays_of_packed_items() -> None:
     items = [packb(1), packb("a")]
     assert pack_array(items, 2) == b"\x92\x01\xa1a"
     assert pack_array([packb(0)] * 16, 16)[:3] == b"\xdc\x00\x10"  # array16 past 15
+
+
+def test_the_kernels_replay_reply_is_what_encode_control_would_send(monkeypatch: pytest.MonkeyPatch) -> None:
+    from llmos.protocol import ReplayReply, replay_reply_frames
+
+    _fixed(monkeypatch)
+    monkeypatch.setattr(protocol, "new_id", lambda: "0123")
+    header = {"v": 1, "type": "job.log", "id": "01", "ts": 1.5, "sender": "w1", "parent_id": None}
+    items = [stamp(pack_item("job.7.log", header, {"level": "info", "event": str(i)}), i + 1, i + 1) for i in range(3)]
+    built = replay_reply_frames("p1", 9, True, items)
+    expected = encode_control(ReplayReply(last_seq=9, more=True, events=[msgpack.unpackb(i) for i in items]), "kernel", parent_id="p1")
+    assert msgpack.unpackb(built[0]) == msgpack.unpackb(expected[0]) and msgpack.unpackb(built[1]) == msgpack.unpackb(expected[1])
