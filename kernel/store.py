@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llmos.protocol import STREAM_KINDS
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -282,7 +284,7 @@ class Store:
         until = until if until is not None else (1 << 62)
         low = since - self.max_span  # no batch starting at or below this holds a seq above since
         parts = prefix.split(".")
-        if len(parts) >= 3 and parts[0] in ("job", "device", "service", "worker") and parts[1]:
+        if len(parts) >= 3 and parts[0] in STREAM_KINDS and parts[1]:
             # The prefix names one stream: use the (stream, first_seq) index.
             rows = self.db.execute(
                 "SELECT first_seq, items, ends FROM journal WHERE stream=? AND first_seq>? AND first_seq<=? ORDER BY first_seq",

@@ -16,13 +16,18 @@ from typing import TYPE_CHECKING
 import zmq
 
 from llmos.errors import LlmosError
-from llmos.protocol import END_STATES, Event, StreamHeadsRequest, event_from_item, unpackb
+from llmos.protocol import (
+    END_STATES,
+    STREAM_KINDS,
+    Event,
+    StreamHeadsRequest,
+    event_from_item,
+    unpackb,
+)
 
 if TYPE_CHECKING:
     from llmos.client import Client
 
-#: The topics whose second part names one stream (``job.7``): a prefix of two parts means it.
-STREAM_KINDS = ("job", "device", "service", "worker")
 
 
 def is_end(event: Event) -> bool:
@@ -114,11 +119,16 @@ class EventStream:
         for event in self._replay_all(self.sub_prefix, self.high):
             yield from self._live_one(event)
 
-    def _fill(self, stream: str, after_seq: int, before: Event) -> Iterator[Event]:
-        for event in self._replay_all(stream + ".", after_seq, before.seq - 1):
+    def _deliver_range(self, stream: str, after_seq: int, until: int) -> Iterator[Event]:
+        """``stream``'s journaled events in (after_seq, until] not delivered yet."""
+        for event in self._replay_all(stream + ".", after_seq, until):
             fresh = event.stream == stream and event.stream_seq > self.known.get(stream, (0, 0))[0]
             if fresh and self._accept(event) is not None:
                 yield event
+
+    def _fill(self, stream: str, after_seq: int, before: Event) -> Iterator[Event]:
+        """A gap seen live: what came before ``before`` on its stream."""
+        return self._deliver_range(stream, after_seq, before.seq - 1)
 
     def _live_one(self, event: Event) -> Iterator[Event]:
         stream = event.stream
@@ -136,10 +146,7 @@ class EventStream:
     def _catch_up(self, stream: str, until: int) -> Iterator[Event]:
         """Deliver ``stream``'s events up to seq ``until`` that were not delivered yet."""
         last = self.known.get(stream)
-        for event in self._replay_all(stream + ".", last[1] if last else self.since, until):
-            fresh = event.stream == stream and event.stream_seq > self.known.get(stream, (0, 0))[0]
-            if fresh and self._accept(event) is not None:
-                yield event
+        return self._deliver_range(stream, last[1] if last else self.since, until)
 
     def _check(self, idle: bool) -> Iterator[Event]:
         """Ask for every followed stream's newest event; catch up where behind (see the class)."""
@@ -222,4 +229,4 @@ def decode_pub(frames: list[bytes]) -> tuple[str, list[Event]]:
 
 
 
-__all__ = ["STREAM_KINDS", "EventStream", "decode_pub", "is_end", "sub_prefix", "whole_stream"]
+__all__ = ["EventStream", "decode_pub", "is_end", "sub_prefix", "whole_stream"]

@@ -95,6 +95,10 @@ def storable_problem(value: Any) -> str | None:
     return None
 
 
+#: Topics whose second part names one stream (``job.7.log`` is on the stream ``job.7``).
+STREAM_KINDS = ("job", "device", "service", "worker")
+
+
 def topic(*parts: object) -> str:
     """Build a dot-separated topic, most general part first: ``topic("job", 7, "log")``."""
     out = []
@@ -109,7 +113,7 @@ def topic(*parts: object) -> str:
 def stream_of(topic_name: str) -> str:
     """The stream a topic belongs to: ``job.<id>``, ``device.<id>``, ``service.<name>`` or the first part."""
     head, _, rest = topic_name.partition(".")
-    if head in ("job", "device", "service", "worker") and rest:
+    if head in STREAM_KINDS and rest:
         return head + "." + rest.partition(".")[0]
     return head
 
@@ -1072,6 +1076,7 @@ __all__ = [
     "JOB_STATES",
     "MAX_FRAME_BYTES",
     "PROTOCOL_VERSION",
+    "STREAM_KINDS",
     "AcctReply",
     "AcctRequest",
     "CancelRequest",
