@@ -10,11 +10,13 @@ waiting thread (leader/follower, as in ACE's pattern and jupyter_client's thread
 A thread that must send while another leads queues its frames and rings a doorbell (a pipe the
 leader polls beside the socket), so nobody waits for the leader's poll to time out.
 
-Why not one I/O thread that owns the socket and resolves futures: each round trip then pays two
-thread hand-offs; measured on 2 cores, ``status()`` went from 0.26 to 0.33 ms p50, past the
-1.5x-of-raw budget (``benchmarks/kernel.py``), while the leader path costs a single-threaded
-caller one uncontended lock. The event-loop client does run a pump thread (:meth:`Connection.pump`),
-as the leader that never hands over: an event loop must not block in ``poll``.
+Why not one I/O thread that owns the socket and resolves futures: each round trip would then
+pay two thread hand-offs, where the leader path costs a single-threaded caller one uncontended
+lock and a ``poll`` on two handles. ``benchmarks/kernel.py`` run against the single-threaded
+client of the commit before this one, same machine, back to back: ``status()`` p50 0.20 ms both
+(1.32x of raw DEALER/ROUTER; target 1.5x). The event-loop client does run a pump thread
+(:meth:`Connection.pump`), as the leader that never hands over: an event loop must not block in
+``poll``.
 
 Every waiter checks the kernel's process at least every ``ALIVE_CHECK`` seconds, so when the
 kernel dies all of them raise :class:`~llmos.errors.KernelUnavailable` within a second. A
