@@ -223,8 +223,8 @@ def check_eval(p: EvalParams) -> None:
 @llmos.hookimpl
 def llmos_register_job_kinds(register) -> None:  # type: ignore[no-untyped-def]
     register(JobKind("train", runner="llmos.plugins.lm.train:TrainRunner", params=TrainParams, resources=Resources(cpus=1), help="Train a Llama-style model from text.", check=check_train, preemptible=True, ranks="world_size"))
-    register(JobKind("eval", runner="llmos.plugins.lm.train:EvalRunner", params=EvalParams, resources=Resources(cpus=1), help="Perplexity and greedy samples of a checkpoint.", check=check_eval))
-    register(JobKind("generate", runner="llmos.plugins.lm.train:GenerateRunner", params=GenerateParams, resources=Resources(cpus=1), help="Complete prompts with a checkpoint (KV cache, batched).", check=check_generate))
+    register(JobKind("eval", runner="llmos.plugins.lm.eval:EvalRunner", params=EvalParams, resources=Resources(cpus=1), help="Perplexity and greedy samples of a checkpoint.", check=check_eval))
+    register(JobKind("generate", runner="llmos.plugins.lm.generate:GenerateRunner", params=GenerateParams, resources=Resources(cpus=1), help="Complete prompts with a checkpoint (KV cache, batched).", check=check_generate))
 
 
 @llmos.hookimpl

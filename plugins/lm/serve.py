@@ -17,7 +17,7 @@ from typing import Any
 import llmos
 from llmos.errors import ServiceBusy, ServiceError, ValidationError
 from llmos.plugins.lm.engine import Engine, Sampling
-from llmos.plugins.lm.train import load_for_job, pick_device, set_threads, tokenizer_beside
+from llmos.plugins.lm.runtime import load_for_job, pick_device, set_threads, tokenizer_beside
 from llmos.units import format_size, parse_size
 
 SAMPLING_KEYS = {"max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed", "stop", "stop_tokens"}

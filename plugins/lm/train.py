@@ -1,4 +1,5 @@
-"""The ``train`` and ``eval`` runners (imported only in worker processes: they import torch)."""
+"""The ``train`` runner (imported only in worker processes: it imports torch). ``eval`` and
+``generate`` have modules of their own; what all jobs share is in :mod:`llmos.plugins.lm.runtime`."""
 
 from __future__ import annotations
 
@@ -17,15 +18,22 @@ import torch
 
 import llmos
 from llmos.paths import free_port
-from llmos.plugins.lm import EvalResult, EvalSample
 from llmos.plugins.lm.checkpoint import (
     CheckpointError,
-    file_sha256,
     load_checkpoint,
     save_checkpoint,
 )
 from llmos.plugins.lm.config import PRESETS, config_from_dict, config_from_preset
+from llmos.plugins.lm.eval import evaluate
 from llmos.plugins.lm.model import Llama
+from llmos.plugins.lm.runtime import (
+    _maybe_hash,
+    cache_dir,
+    load_for_job,
+    pick_device,
+    set_threads,
+    tokenizer_beside,
+)
 from llmos.plugins.lm.text import (
     Tok,
     bytes_tokenizer,
@@ -36,30 +44,6 @@ from llmos.plugins.lm.text import (
     tokenize_corpus,
     train_bpe,
 )
-
-
-def cache_dir() -> Path:
-    state = os.environ.get("LLMOS_STATE_DIR")
-    return (Path(state) if state else Path.home() / ".cache" / "llmos") / "cache" / "tokens"
-
-
-def pick_device(ctx: llmos.JobContext, rank: int = 0) -> torch.device:
-    """The job's GPU for ``rank`` (the first of those the kernel's rank plan gave it), else the CPU."""
-    if not (ctx.gpus and torch.cuda.is_available()):
-        return torch.device("cpu")
-    plan = ctx.distributed
-    if plan and plan["ranks"][rank]["gpus"]:
-        # The job's CUDA_VISIBLE_DEVICES lists its real GPUs in placement order: find this rank's.
-        real = [int(i) for i in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if i.strip().isdigit()]
-        index = plan["ranks"][rank]["gpus"][0]
-        if index in real:
-            return torch.device("cuda", real.index(index))
-    return torch.device("cuda", rank)
-
-
-def set_threads(ctx: llmos.JobContext, threads: int) -> None:
-    n = threads or max(1, int(ctx.resources.get("cpus") or 1))
-    torch.set_num_threads(n)
 
 
 def batch_at(tokens: np.ndarray, step: int, seed: int, batch_size: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,24 +62,6 @@ def lr_at(step: int, p: Any) -> float:
         return p.lr * step / max(1, p.warmup_steps)
     progress = (step - p.warmup_steps) / max(1, p.steps - p.warmup_steps)
     return p.lr * (p.min_lr_ratio + (1 - p.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
-
-
-@torch.no_grad()
-def evaluate(model: Llama, tokens: np.ndarray, seq_len: int, batches: int, batch_size: int, device: torch.device, amp: torch.dtype | None) -> float:
-    """Mean loss over fixed windows of ``tokens`` (the same windows every time)."""
-    model.eval()
-    n = len(tokens) - seq_len - 1
-    if n <= 0:
-        raise ValueError(f"the validation split has {len(tokens)} tokens, fewer than one sequence of {seq_len + 1}")
-    starts = np.linspace(0, n, num=min(batches * batch_size, n + 1), dtype=np.int64)
-    losses = []
-    for i in range(0, len(starts), batch_size):
-        chunk = np.stack([np.asarray(tokens[s : s + seq_len + 1], dtype=np.int64) for s in starts[i : i + batch_size]])
-        data = torch.from_numpy(chunk).to(device)
-        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            losses.append(model.loss(data[:, :-1], data[:, 1:]).item())
-    model.train()
-    return float(np.mean(losses))
 
 
 def _amp_dtype(choice: str, device: torch.device) -> torch.dtype | None:
@@ -646,134 +612,4 @@ def _tail(path: Path, limit: int = 1500) -> str:
     return text or "(no output)"
 
 
-def _maybe_hash(path: str) -> str | None:
-    f = Path(path) / "model.safetensors"
-    return file_sha256(f) if f.exists() else None
-
-
-def load_for_job(ctx: llmos.JobContext, path: str, device: torch.device) -> tuple[Llama, dict[str, Any]]:
-    """The model at ``path`` through the plugins' ``llmos_load_model`` hook (this plugin's loads
-    llmos and Hugging Face checkpoint directories; other plugins may add formats), with its
-    llmos.json manifest when it has one. The tokenizer is the ``tokenizer.json`` beside it."""
-    model = ctx.load_model(path, device=device)
-    if not isinstance(model, Llama):
-        raise ValueError(f"{path}: the plugin that loaded it gave a {type(model).__name__}, not a Llama-family model these jobs can run")
-    manifest_file = Path(path) / "llmos.json"
-    try:
-        manifest = json.loads(manifest_file.read_text()) if manifest_file.is_file() else {}
-    except ValueError:
-        manifest = {}
-    return model, manifest if isinstance(manifest, dict) else {}
-
-
-def tokenizer_beside(path: str) -> Tok:
-    where = Path(path)
-    return load_tokenizer(where if where.is_dir() else where.parent)
-
-
-class EvalRunner(llmos.Runner):
-    """Perplexity of a checkpoint on a corpus (or on its own validation split), and greedy samples."""
-
-    def run(self, ctx: llmos.JobContext) -> dict[str, Any]:
-        p = ctx.params
-        set_threads(ctx, p.threads)
-        device = pick_device(ctx)
-        model, manifest = load_for_job(ctx, p.model, device)
-        tok = tokenizer_beside(p.model)
-        data = manifest.get("data", {})
-        source = p.data or data.get("source")
-        if not source:
-            raise ValueError(f"{p.model} does not say what it was trained on; give data=PATH or data=stdlib")
-        # On the model's own corpus, read it as training did (the same validation split); on
-        # another corpus, as this job's parameters say.
-        own = p.data is None
-        files = corpus_files(source, p.glob or (data.get("glob") if own else None) or "**/*.txt")
-        train, val, _ = tokenize_corpus(
-            files, tok, cache_dir(), text_field=p.text_field or (data.get("text_field") if own else None) or "text",
-            max_bytes=int(data.get("max_bytes", p.max_bytes)) if own else p.max_bytes,
-            val_fraction=float(data.get("val_fraction", 0.05)) if own else 0.05,
-        )
-        tokens = val if p.split == "validation" else np.concatenate([np.asarray(train), np.asarray(val)])
-        ctx.progress(0, 1, message="evaluating")
-        loss = evaluate(model, tokens, p.seq_len, p.batches, p.batch_size, device, None)
-        samples = []
-        for prompt in p.prompts:
-            ids = torch.tensor([tok.encode(prompt) or [tok.eos_id or 0]], device=device)
-            out = greedy(model, ids, p.max_new_tokens, tok.eos_id)
-            samples.append(EvalSample(prompt=prompt, completion=tok.decode(out[0, ids.shape[1]:].tolist())))
-        ctx.progress(1, 1, message="done")
-        return asdict(EvalResult(model=str(p.model), split=p.split, loss=loss, perplexity=math.exp(min(loss, 50)), tokens=len(tokens), samples=samples))
-
-
-@torch.no_grad()
-def greedy(model: Llama, ids: torch.Tensor, max_new_tokens: int, eos_id: int | None) -> torch.Tensor:
-    """Greedy decoding without a cache (the inference engine does better; this is for eval samples)."""
-    model.eval()
-    limit = model.config.max_position_embeddings
-    for _ in range(max_new_tokens):
-        logits = model(ids[:, -limit:])
-        nxt = logits[:, -1].argmax(-1, keepdim=True)
-        ids = torch.cat([ids, nxt], dim=1)
-        if eos_id is not None and int(nxt) == eos_id:
-            break
-    return ids
-
-
-class GenerateRunner(llmos.Runner):
-    """Complete prompts (a parameter or a JSON-lines file) in batches; completions go to a
-    JSON-lines artifact. With ``stream``, every text piece is also a ``job.<id>.token`` event."""
-
-    def run(self, ctx: llmos.JobContext) -> dict[str, Any]:
-        import json
-
-        from llmos.plugins.lm.engine import Engine, Sampling
-        from llmos.protocol import GeneratedText
-
-        p = ctx.params
-        set_threads(ctx, p.threads)
-        device = pick_device(ctx)
-        model, _ = load_for_job(ctx, p.model, device)
-        engine = Engine(model, tokenizer_beside(p.model), dtype=p.dtype, device=device)
-        prompts = list(p.prompts or [])
-        if p.prompts_file:
-            with open(p.prompts_file, encoding="utf-8") as f:
-                for n, line in enumerate(f, 1):
-                    if line.strip():
-                        try:
-                            prompt = json.loads(line)[p.prompt_field]
-                            if not isinstance(prompt, str):
-                                raise TypeError(prompt)
-                            prompts.append(prompt)
-                        except (ValueError, KeyError, TypeError):
-                            raise ValueError(f"{p.prompts_file}:{n}: expected a JSON object with a string field {p.prompt_field!r}") from None
-        if not prompts:
-            raise ValueError("no prompts: give prompts=[...] or prompts_file=PATH")
-        sampling = Sampling(
-            max_new_tokens=p.max_new_tokens, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
-            repetition_penalty=p.repetition_penalty, seed=p.seed, stop=tuple(p.stop), stop_tokens=tuple(p.stop_tokens),
-        ).validate()
-        for i, prompt in enumerate(prompts):
-            engine.encode(prompt)  # every prompt must fit before any work is done
-            del i
-        out_path = Path(p.output) if p.output else ctx.workdir / "completions.jsonl"
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        results = []
-        base = 0
-
-        def on_token(index: int, token: int, piece: str) -> None:
-            if p.stream:
-                ctx.emit("token", GeneratedText(index=base + index, token=token, text=piece))
-
-        with open(out_path, "w", encoding="utf-8") as out:
-            for start in range(0, len(prompts), p.batch_size):
-                if ctx.cancelled:
-                    break
-                batch = prompts[start : start + p.batch_size]
-                base = start
-                for prompt, completion in zip(batch, engine.generate(batch, sampling, on_token=on_token)):
-                    record = {"prompt": prompt, **completion.to_dict()}
-                    out.write(json.dumps(record) + "\n")
-                    results.append(record)
-                ctx.progress(min(start + p.batch_size, len(prompts)), len(prompts), message="prompts completed")
-        ctx.artifact(out_path, kind="completions", count=len(results))
-        return {"output": str(out_path), "count": len(results), "completions": results[:16]}
+__all__ = ["TrainRunner", "batch_at", "cache_dir", "check_world", "load_for_job", "lr_at", "pick_device", "set_threads", "tokenizer_beside"]
