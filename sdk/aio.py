@@ -33,10 +33,10 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, TypeVar
 
-from llmos.client import Client, submit_request
+from llmos.client import Client, service_body, submit_request
 from llmos.connection import ALIVE_CHECK, Mailbox
-from llmos.errors import JobCancelled, JobFailed, KernelError, error_from_reply
-from llmos.job import JobInfo
+from llmos.errors import KernelError, error_from_reply
+from llmos.job import JobInfo, result_of
 from llmos.protocol import (
     AcctRequest,
     CancelRequest,
@@ -90,12 +90,7 @@ class AsyncJob:
 
     async def result(self, timeout: float | None = None) -> Any:
         """Wait and return the result; JobFailed or JobCancelled if it did not succeed."""
-        info = await self.wait(timeout)
-        if info.state == "failed":
-            raise JobFailed(f"job {self.id} ({info.kind}) failed: {info.reason}", job_id=self.id, reason=info.reason, exit_code=info.exit_code)
-        if info.state == "cancelled":
-            raise JobCancelled(f"job {self.id} ({info.kind}) was cancelled: {info.reason}", job_id=self.id, reason=info.reason)
-        return info.result
+        return result_of(await self.wait(timeout))
 
     async def cancel(self, reason: str = "cancelled by user") -> JobInfo:
         """Ask the kernel to cancel the job; the record right after the request."""
@@ -225,15 +220,11 @@ class AsyncClient:
             conn.send(frames)
             while True:
                 reply = await self._next(box, wake, timeout, f"service {service!r}")
-                if isinstance(reply, ErrorReply):
-                    finished = True
-                    raise error_from_reply(reply.ename, reply.evalue, reply.code, reply.context)
-                if reply.error:
-                    finished = True
-                    raise error_from_reply("ServiceError", reply.error, reply.code or 600, {"service": service})
-                yield reply.body
-                if reply.done:
-                    finished = True
+                finished = True  # an error ends the request (the kernel has freed its slot)
+                body, done = service_body(reply, service)
+                finished = done
+                yield body
+                if done:
                     return
         finally:
             conn.forget(request_id)

@@ -32,8 +32,6 @@ import zmq
 from llmos.completion import Completion
 from llmos.connection import Connection, ForkedClient, _Timeout
 from llmos.errors import (
-    JobCancelled,
-    JobFailed,
     JobRejected,
     KernelUnavailable,
     ServiceError,
@@ -41,7 +39,7 @@ from llmos.errors import (
     error_from_reply,
 )
 from llmos.events import EventStream, whole_stream
-from llmos.job import Job, JobInfo
+from llmos.job import Job, JobInfo, result_of
 from llmos.paths import pid_alive, read_kernel_info, resolve_state_dir
 from llmos.protocol import (
     AcctRequest,
@@ -217,12 +215,9 @@ class Client:
             if event.type == "generate.text":
                 yield event.body["text"]
         info = job.info()
-        if info.state == "failed":
-            raise JobFailed(f"job {job.id} (generate) failed: {info.reason}", job_id=job.id, reason=info.reason, exit_code=info.exit_code)
-        if info.state == "cancelled":
-            raise JobCancelled(f"job {job.id} (generate) was cancelled: {info.reason}", job_id=job.id, reason=info.reason)
         if not info.ended:
             raise TimeoutError(f"job {job.id} (generate) is still {info.state} after {timeout}s")
+        result_of(info)  # JobFailed / JobCancelled
 
     # -- services --
 
@@ -247,15 +242,11 @@ class Client:
                 except _Timeout:
                     conn._check_alive()
                     raise TimeoutError(f"service {service!r} did not answer within {timeout}s") from None
-                if isinstance(reply, ErrorReply):
-                    finished = True
-                    raise error_from_reply(reply.ename, reply.evalue, reply.code, reply.context)
-                if reply.error:
-                    finished = True
-                    raise error_from_reply("ServiceError", reply.error, reply.code or 600, {"service": service})
-                yield reply.body
-                if reply.done:
-                    finished = True
+                finished = True  # an error ends the request (the kernel has freed its slot)
+                body, done = service_body(reply, service)
+                finished = done
+                yield body
+                if done:
                     return
         finally:
             conn.forget(request_id)
@@ -337,6 +328,15 @@ def connect(state_dir: str | os.PathLike[str] | None = None, *, timeout: float =
 
 
 __all__ = ["Client", "Job", "JobInfo", "connect", "stream_of"]
+
+
+def service_body(reply: Any, service: str) -> tuple[dict[str, Any], bool]:
+    """(body, done) of one reply to a service request; its error raised (both clients read them so)."""
+    if isinstance(reply, ErrorReply):
+        raise error_from_reply(reply.ename, reply.evalue, reply.code, reply.context)
+    if reply.error:
+        raise error_from_reply("ServiceError", reply.error, reply.code or 600, {"service": service})
+    return reply.body, bool(reply.done)
 
 
 def submit_request(kind: str, params: dict[str, Any] | None, resources: dict[str, Any] | None, priority: int, max_retries: int,

@@ -98,12 +98,7 @@ class Job:
 
     def result(self, timeout: float | None = None) -> Any:
         """Wait for the job and return its result; JobFailed or JobCancelled if it did not succeed."""
-        info = self.wait(timeout)
-        if info.state == "failed":
-            raise JobFailed(f"job {self.id} ({info.kind}) failed: {info.reason}", job_id=self.id, reason=info.reason, exit_code=info.exit_code)
-        if info.state == "cancelled":
-            raise JobCancelled(f"job {self.id} ({info.kind}) was cancelled: {info.reason}", job_id=self.id, reason=info.reason)
-        return info.result
+        return result_of(self.wait(timeout))
 
     def cancel(self, reason: str = "cancelled by user") -> JobInfo:
         """Ask the kernel to cancel the job; returns the record right after the request."""
@@ -143,4 +138,13 @@ class Job:
                 yield event
 
 
-__all__ = ["Job", "JobInfo"]
+def result_of(info: JobInfo) -> Any:
+    """An ended job's result; JobFailed or JobCancelled when it did not succeed."""
+    if info.state == "failed":
+        raise JobFailed(f"job {info.id} ({info.kind}) failed: {info.reason}", job_id=info.id, reason=info.reason, exit_code=info.exit_code)
+    if info.state == "cancelled":
+        raise JobCancelled(f"job {info.id} ({info.kind}) was cancelled: {info.reason}", job_id=info.id, reason=info.reason)
+    return info.result
+
+
+__all__ = ["Job", "JobInfo", "result_of"]

@@ -155,12 +155,15 @@ def probe(model_path: str, tokens_file: str, out: str, *, seq_len: int, windows_
 
 
 def _load(path: str) -> Any:
-    """The model as a job loads it: through the installed plugins' ``llmos_load_model`` hook."""
-    from llmos.kernel.plugins import load_plugins
+    """The model as a job loads it: this plugin's ``llmos_load_model`` (quantized checkpoints),
+    then the lm plugin's (llmos and Hugging Face checkpoints), in the hook's order. The probe is a
+    plain process, not a job: it calls the two hook implementations directly (plugins import
+    llmos, never its kernel), so a third plugin's format is measured only inside its own jobs."""
+    from llmos.plugins import compress, lm
 
-    model = load_plugins().pm.hook.llmos_load_model(path=path, device=None, dtype=None)
+    model = compress.llmos_load_model(path, None, None) or lm.llmos_load_model(path, None, None)
     if model is None:
-        raise ValueError(f"no plugin can load a model from {path}")
+        raise ValueError(f"{path} is not a checkpoint the compress gate can load (no config.json)")
     return model.eval()
 
 

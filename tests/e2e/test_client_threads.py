@@ -9,7 +9,6 @@ import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 
@@ -17,21 +16,9 @@ import llmos
 from llmos.connection import ForkedClient
 from llmos.errors import KernelUnavailable
 from tests.conftest import KernelHandle
-from tests.e2e.test_services import ECHO, _wait_service
+from tests.e2e.conftest import wait_service as _wait_service
 
 THREADS = 32
-
-
-@pytest.fixture
-def echo_kernel(tmp_path: Path):
-    (tmp_path / "plug").mkdir()
-    (tmp_path / "plug" / "echo_plugin.py").write_text(ECHO)
-    env = {"PYTHONPATH": str(tmp_path / "plug"), "LLMOS_PLUGIN_MODULES": "echo=echo_plugin"}
-    handle = KernelHandle(tmp_path / "state", env=env).boot()
-    try:
-        yield handle
-    finally:
-        handle.shutdown()
 
 
 def _work(c: llmos.Client, me: int, until: float) -> dict[str, int]:
