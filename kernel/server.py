@@ -1095,8 +1095,12 @@ class Kernel:
             })
         return ServicesReply(services=out)
 
-    def _drop_replica(self, worker: WorkerProc, why: str) -> None:
-        """A replica is gone: its requests in flight fail at their callers, never hang."""
+    def _drop_replica(self, worker: WorkerProc, why: str, *, stopping: bool = False) -> None:
+        """A replica is gone: its requests in flight fail at their callers, never hang.
+
+        ``stopping``: its job was stopped on request. The runner answers what it holds with "is
+        stopping", but those answers travel on the control socket and the job's end on the event
+        socket, so the end may be read first; the kernel then says the same thing for it."""
         from llmos.errors import ServiceError
 
         for name in worker.services:
@@ -1106,7 +1110,8 @@ class Kernel:
         for request_id, (caller, w, service) in list(self.calls.items()):
             if w == worker.id:
                 del self.calls[request_id]
-                err = ServiceResponse(request_id=request_id, done=True, error=f"service {service!r}: its replica stopped ({why})", code=ServiceError.code)
+                error = f"service {service!r} is stopping" if stopping else f"service {service!r}: its replica stopped ({why})"
+                err = ServiceResponse(request_id=request_id, done=True, error=error, code=ServiceError.code)
                 self._out_control.append((caller, encode_control(err, "kernel", parent_id=request_id)))
 
     def _on_shutdown(self, identity: bytes, msg: ShutdownRequest) -> OkReply:
@@ -1289,6 +1294,7 @@ class Kernel:
 
     def _on_job_done(self, worker: WorkerProc, job: JobRecord, done: JobDone) -> None:
         worker.done_at = time.monotonic()
+        stopped = job.end_state_on_stop is not None  # before _end_job, which may start a retry
         problem = storable_problem(done.result) if done.outcome == "succeeded" else None
         if problem and job.end_state_on_stop is None:
             self._end_job(job, "failed", f"the runner's result cannot be stored: {problem}", 1)
@@ -1303,11 +1309,11 @@ class Kernel:
             self._end_job(job, "cancelled", "cancelled by the runner", 0, retry=False)
         else:
             self._end_job(job, "failed", done.error or "the runner failed", 1)
-        self._release_worker(worker)
+        self._release_worker(worker, stopped=stopped)
 
-    def _release_worker(self, worker: WorkerProc) -> None:
+    def _release_worker(self, worker: WorkerProc, *, stopped: bool = False) -> None:
         if worker.services:
-            self._drop_replica(worker, "its job ended")
+            self._drop_replica(worker, "its job ended", stopping=stopped)
         worker.job_id = None
         if worker.exited is None:
             # Its job is over; the process exits by itself. Make sure it does.
@@ -1388,7 +1394,8 @@ class Kernel:
         worker.exited_at = time.monotonic()
         _kill_group(pid)
         if worker.services:
-            self._drop_replica(worker, describe_status(status)[0])
+            job = self.jobs.get(worker.job_id) if worker.job_id is not None else None
+            self._drop_replica(worker, describe_status(status)[0], stopping=job is not None and job.end_state_on_stop is not None)
         if worker.job_id is not None and not worker.assigned:
             # Died before it got its job: that try failed.
             job = self.jobs.get(worker.job_id)
