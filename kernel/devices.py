@@ -1,8 +1,14 @@
-"""The device table: what the machine has, what each job holds, and best-fit placement."""
+"""The device table: what the machine has, what each job holds, and best-fit placement; and the
+probe that finds the GPUs."""
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import subprocess
+import sys
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -209,3 +215,47 @@ class DeviceTable:
 
 
 __all__ = ["Device", "DeviceTable", "parse_fake_gpus"]
+
+
+class GpuProbe:
+    """The GPU probe: ``python -m llmos.kernel.probe`` in a child process (so the kernel never
+    imports torch or NVML), read once it exits or after ``timeout`` seconds."""
+
+    def __init__(self, timeout: float = 60.0) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "llmos.kernel.probe"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            # GPU indices in PCI bus order, NVML's order: the same numbers in CUDA_VISIBLE_DEVICES.
+            env=dict(os.environ, CUDA_DEVICE_ORDER="PCI_BUS_ID"),
+        )
+        self.deadline = time.monotonic() + timeout
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def reaped(self, status: int) -> None:
+        """The kernel reaped it (its SIGCHLD handling waits for every child)."""
+        self.proc.returncode = os.waitstatus_to_exitcode(status)
+
+    def result(self) -> tuple[list[dict[str, Any]], str] | None:
+        """(gpus, source) once the probe is done (or given up on: no GPUs), else None."""
+        proc = self.proc
+        if proc.poll() is None and time.monotonic() < self.deadline:
+            return None
+        if proc.returncode is None:
+            proc.kill()
+        try:
+            out = proc.stdout.read() if proc.stdout else b""
+            result = json.loads(out or b"{}")
+            gpus = [g for g in result.get("gpus", []) if isinstance(g, dict) and isinstance(g.get("index"), int)]
+            source = result.get("source", "none")
+        except Exception:
+            gpus, source = [], "none"
+        return gpus, source
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()

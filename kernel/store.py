@@ -98,7 +98,7 @@ class JobRecord:
     worker_id: str | None = field(default=None, repr=False)
     cancel_reason: str | None = field(default=None, repr=False)
     end_state_on_stop: str | None = field(default=None, repr=False)
-    stop_stage: int = field(default=0, repr=False)  # 0 none, 1 asked, 2 SIGTERM, 3 SIGKILL
+    stop_stage: int = field(default=0, repr=False)  # a supervisor.StopStage
     stop_at: float | None = field(default=None, repr=False)
     deadline: float | None = field(default=None, repr=False)
     progress: dict[str, Any] | None = field(default=None, repr=False)  # its last job.progress body

@@ -1,4 +1,5 @@
-"""Starting, watching and stopping worker processes (the kernel's side of kernel/worker.py)."""
+"""Starting, watching and stopping worker processes (the kernel's side of kernel/worker.py): the
+launcher (zygote or spawn), the pool the kernel keeps, and the stages of stopping a job."""
 
 from __future__ import annotations
 
@@ -8,11 +9,21 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from enum import IntEnum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
+import zmq
+
+from llmos.errors import ProtocolError
+from llmos.protocol import WorkerAssign, WorkerExit, WorkerHeartbeat, WorkerReady
+
+if TYPE_CHECKING:
+    from llmos.kernel.bus import Bus
+    from llmos.kernel.store import JobRecord
 
 log = structlog.get_logger(__name__)
 
@@ -214,4 +225,281 @@ class Launcher:
             self.zygote = None
 
 
-__all__ = ["Launcher", "WorkerProc", "become_subreaper", "describe_status", "signal_name"]
+class StopStage(IntEnum):
+    """How far the kernel has gone in stopping a running job (``JobRecord.stop_stage``)."""
+
+    NONE = 0  # not being stopped
+    ASKED = 1  # WorkerCancel sent: the runner has ``cancel_grace`` seconds to wind down
+    TERMINATED = 2  # SIGTERM to its process group: ``kill_grace`` seconds more
+    KILLED = 3  # SIGKILL sent: the reap ends the job
+
+    def next(self) -> StopStage:
+        return StopStage(min(self + 1, StopStage.KILLED))
+
+
+#: The signal each stage sends when the previous one's grace runs out.
+STAGE_SIGNAL = {StopStage.TERMINATED: signal.SIGTERM, StopStage.KILLED: signal.SIGKILL}
+
+
+class Pool:
+    """The kernel's workers: starting them (a few at once), keeping spares ready, telling them
+    apart by plugin generation, reaping them, and noticing the ones that stop answering."""
+
+    def __init__(self, launcher: Launcher, settings: Mapping[str, Any], bus: Bus, on_ready: Callable[[WorkerProc], None]) -> None:
+        self.launcher = launcher
+        self.bus = bus
+        self.on_ready = on_ready
+        self.pool_size = int(settings["pool_size"])
+        self.max_starting = int(settings["max_starting"])
+        self.max_workers = int(settings["max_workers"])
+        self.kill_grace = float(settings["kill_grace"])
+        self.heartbeat_timeout = float(settings["heartbeat_timeout"])
+        self.workers: dict[str, WorkerProc] = {}
+        self.by_pid: dict[int, WorkerProc] = {}
+        self.generation = 0  # bumped by a plugin reload
+        self._zygote_fd = launcher.zygote_fd
+        if self._zygote_fd is not None:
+            bus.poller.register(self._zygote_fd, zmq.POLLIN)
+
+    def handlers(self) -> dict[type, Any]:
+        return {WorkerReady: self._on_ready, WorkerHeartbeat: self._on_heartbeat}
+
+    # -- starting --
+
+    def spawn(self) -> WorkerProc:
+        proc = self.launcher.start()
+        proc.generation = self.generation
+        self.workers[proc.id] = proc
+        if proc.pid is not None:
+            self.by_pid[proc.pid] = proc
+        return proc
+
+    def keep(self, extra: int = 0) -> None:
+        """Keep ``pool_size`` spare workers, plus ``extra`` (one for each job that fits but has no
+        worker), with at most ``max_starting`` starting at once: a burst of jobs must not
+        fork-bomb the machine."""
+        spare = starting = alive = 0
+        for w in self.workers.values():
+            if w.alive:
+                alive += 1
+                if not w.ready:
+                    starting += 1
+                if w.job_id is None and not w.assigned and w.generation == self.generation:
+                    spare += 1
+        want = self.pool_size + extra
+        while spare < want and starting < self.max_starting and alive < self.max_workers and self.launcher.can_start():
+            self.spawn()
+            spare += 1
+            starting += 1
+            alive += 1
+
+    def idle(self) -> list[WorkerProc]:
+        """Workers ready for a job now (of the current plugin set)."""
+        gen = self.generation
+        return [w for w in self.workers.values() if w.alive and w.ready and w.job_id is None and not w.assigned and w.generation == gen]
+
+    def counts(self) -> dict[str, int]:
+        alive = [w for w in self.workers.values() if w.alive]
+        return {
+            "alive": len(alive),
+            "idle": sum(1 for w in alive if w.ready and w.job_id is None and not w.assigned),
+            "busy": sum(1 for w in alive if w.job_id is not None),
+        }
+
+    def new_generation(self) -> None:
+        """Plugins were reloaded: retire the idle workers (they hold the old plugins) and fork new
+        ones from a fresh zygote."""
+        self.generation += 1
+        for worker in self.workers.values():
+            if worker.alive and worker.job_id is None and not worker.assigned and worker.ready:
+                self.bus.send(worker.id.encode(), WorkerExit())
+                worker.assigned = True  # never hand it a job
+        self.launcher.restart_zygote()
+        self._watch_zygote()
+
+    def _watch_zygote(self) -> None:
+        fd = self.launcher.zygote_fd
+        if fd != self._zygote_fd:
+            if self._zygote_fd is not None:
+                self.bus.poller.unregister(self._zygote_fd)
+            if fd is not None:
+                self.bus.poller.register(fd, zmq.POLLIN)
+            self._zygote_fd = fd
+
+    @property
+    def zygote_fd(self) -> int | None:
+        return self._zygote_fd
+
+    def read_zygote(self) -> None:
+        """The zygote's reports of the pids it forked."""
+        for worker_id, pid in self.launcher.read_zygote():
+            proc = self.workers.get(worker_id)
+            if proc is not None:
+                proc.pid = pid
+                self.by_pid[pid] = proc
+        self._watch_zygote()
+
+    # -- messages from workers --
+
+    def _on_ready(self, req: Any) -> None:
+        msg: WorkerReady = req.msg
+        proc = self.workers.get(msg.worker_id)
+        if proc is None or req.identity != msg.worker_id.encode():
+            # Unknown (from a previous kernel, or a stranger): tell it to leave.
+            self.bus.send(req.identity, WorkerExit())
+            return
+        proc.ready = True
+        proc.last_seen = time.monotonic()
+        if proc.pid is None:
+            proc.pid = msg.pid
+            self.by_pid[msg.pid] = proc
+        if proc.generation != self.generation and proc.job_id is None:
+            proc.assigned = True  # started before a plugin reload: let it go
+            self.bus.send(req.identity, WorkerExit())
+        self.on_ready(proc)
+
+    def _on_heartbeat(self, req: Any) -> None:
+        msg: WorkerHeartbeat = req.msg
+        proc = self.workers.get(msg.worker_id)
+        if proc is None or req.identity != msg.worker_id.encode():
+            raise ProtocolError(f"heartbeat from {msg.worker_id!r}, which is not a worker of this kernel")
+        proc.last_seen = time.monotonic()
+
+    # -- ends --
+
+    def exited(self, pid: int, status: int) -> WorkerProc | None:
+        """A reaped pid: the worker it was (now marked exited, its process group killed), or None
+        for an adopted grandchild of some worker."""
+        worker = self.by_pid.pop(pid, None)
+        if worker is None:
+            return None
+        worker.exited = status
+        worker.exited_at = time.monotonic()
+        kill_group(pid)
+        return worker
+
+    def check(self, now: float, backlog: Callable[[], bool]) -> list[WorkerProc]:
+        """Timers: kill workers that outstay their job or stop sending heartbeats, forget the long
+        dead. Returns the reaped workers whose job must now end (once ``backlog()`` says their last
+        events are read, or after 30 s)."""
+        dead: list[WorkerProc] = []
+        for worker in list(self.workers.values()):
+            if worker.exited is not None:
+                if worker.job_id is not None:
+                    # Reaped while running its job. Its last frames (its job_done among them) may
+                    # still be queued on the ingest socket: end the job only once that is drained.
+                    waited = now - (worker.exited_at or now)
+                    if (waited >= 0.2 and not backlog()) or waited >= 30:
+                        dead.append(worker)
+                elif worker.exited_at is not None and now - worker.exited_at > 1.0:
+                    del self.workers[worker.id]
+                continue
+            if worker.done_at is not None and worker.job_id is None and now - worker.done_at > self.kill_grace:
+                worker.signal_group(signal.SIGKILL)  # its job is over and it has not left
+                worker.done_at = now
+            if worker.pid is not None and now - worker.last_seen > self.heartbeat_timeout and worker.done_at is None:
+                log.warning("worker_heartbeat_lost", worker=worker.id, pid=worker.pid, job_id=worker.job_id)
+                worker.signal_group(signal.SIGKILL)
+                worker.last_seen = now  # signal once; the reap finishes the story
+                worker.lost = True
+            if worker.pid is None and now - worker.spawned_at > 30:
+                log.warning("worker_never_started", worker=worker.id)
+                worker.exited = -1
+                worker.exited_at = now
+        return dead
+
+    def stop_all(self, grace: float = 3.0) -> None:
+        """At shutdown: SIGTERM every worker's group, wait up to ``grace`` s, SIGKILL the rest."""
+        for worker in self.workers.values():
+            if worker.alive and worker.pid is not None:
+                worker.signal_group(signal.SIGTERM)
+        self.launcher.close()
+        deadline = time.monotonic() + grace
+        while any(w.alive and w.pid for w in self.workers.values()) and time.monotonic() < deadline:
+            self.reap_quietly()
+            time.sleep(0.01)
+        for worker in self.workers.values():
+            if worker.alive and worker.pid is not None:
+                worker.signal_group(signal.SIGKILL)
+        self.reap_quietly()
+
+    def reap_quietly(self) -> None:
+        """Collect exited children, only noting the workers' ends (at shutdown)."""
+        for pid, status, _usage in reap():
+            worker = self.by_pid.pop(pid, None)
+            if worker is not None:
+                worker.exited = status
+                kill_group(pid)
+
+
+def assignment(job: JobRecord, state_dir: Path) -> WorkerAssign:
+    """The message that hands ``job`` (running, placed) to its worker, with the environment its
+    devices and rank plan call for."""
+    gpus = job.placement.get("gpus", []) if job.placement else []
+    cpus = float(job.resources.get("cpus", 0))
+    env = {
+        # The probe numbered the GPUs in PCI bus order (NVML's); CUDA's default order is
+        # fastest first, which on a machine of mixed GPUs would hand the job another GPU.
+        "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
+        "CUDA_VISIBLE_DEVICES": ",".join(str(g["index"]) for g in gpus if not g.get("fake")),
+        "LLMOS_JOB_ID": str(job.id),
+        "LLMOS_ATTEMPT": str(job.attempts),
+        "LLMOS_GPUS": ",".join(g["id"] for g in gpus),
+        "LLMOS_STATE_DIR": str(state_dir),
+    }
+    if gpus:
+        env["LLMOS_GPU_MEMORY"] = str(min(int(g["memory"]) for g in gpus))
+    plan = (job.placement or {}).get("distributed")
+    if plan:
+        # torch.distributed's own names: rank 0 is this worker; it starts the other ranks.
+        n = str(plan["world_size"])
+        env.update(MASTER_ADDR=plan["master_addr"], MASTER_PORT=str(plan["master_port"]), WORLD_SIZE=n, LOCAL_WORLD_SIZE=n, RANK="0", LOCAL_RANK="0")
+    if cpus >= 1:
+        env["OMP_NUM_THREADS"] = str(int(cpus))
+    return WorkerAssign(
+        job_id=job.id, kind=job.kind, params=job.params, attempt=job.attempts, resources=job.resources, placement=job.placement or {},
+        workdir=str(state_dir / "jobs" / str(job.id)), env=env,
+    )
+
+
+def kill_orphan(job: JobRecord) -> None:
+    """Kill the process group of a job a previous kernel left running (unless its pid now
+    belongs to another process)."""
+    if not job.worker_pid:
+        return
+    try:
+        import psutil
+
+        proc = psutil.Process(job.worker_pid)
+        if job.worker_create_time and abs(proc.create_time() - job.worker_create_time) > 1:
+            return  # the pid was reused by an unrelated process
+        os.killpg(job.worker_pid, signal.SIGKILL)
+        log.info("orphan_killed", job_id=job.id, pid=job.worker_pid)
+    except (psutil.Error, ProcessLookupError, PermissionError):
+        pass
+
+
+def reap() -> Iterator[tuple[int, int, Any]]:
+    """Every exited child: (pid, waitpid status, resource usage)."""
+    while True:
+        try:
+            pid, status, usage = os.wait4(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        yield pid, status, usage
+
+
+def kill_group(pid: int) -> None:
+    """SIGKILL a reaped worker's process group: whatever its job left behind goes with it."""
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+__all__ = [
+    "STAGE_SIGNAL", "Launcher", "Pool", "StopStage", "WorkerProc", "assignment", "become_subreaper", "describe_status", "kill_group", "kill_orphan",
+    "reap", "signal_name",
+]
