@@ -145,6 +145,6 @@ def _check_topic(topic_name: Any, stream: str, sender: str) -> None:
 
 def _fast_check_for(type_name: str) -> Callable[[Any], bool]:
     """The registry's quick validity check for a message type (see llmos.protocol)."""
-    from llmos.protocol import _fast_check, spec_for
+    from llmos.protocol.registry import _fast_check, spec_for
 
     return _fast_check(spec_for(type_name))

@@ -98,7 +98,8 @@ def test_generated_fast_checks_agree_with_the_field_checkers():
     """The kernel's per-event check is generated source; it must say exactly what the checkers say."""
     import random
 
-    from llmos.protocol import _MISSING, _fast_check, message_types, spec_for
+    from llmos.protocol import message_types, spec_for
+    from llmos.protocol.registry import _MISSING, _fast_check
 
     samples = [None, True, False, 0, -3, 2**70, 1.5, "", "s", b"b", [], [1, "a"], (), {}, {"a": 1}, {"a": "b"}, {1: 2}, {b"k": 1}]
     rng = random.Random(7)  # fixed seed; the loop below draws every sample for every field many times

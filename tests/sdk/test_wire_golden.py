@@ -6,7 +6,6 @@ from __future__ import annotations
 import msgpack
 import pytest
 
-from llmos import protocol
 from llmos.protocol import (
     PROTOCOL_VERSION,
     JobLog,
@@ -19,11 +18,12 @@ from llmos.protocol import (
     pack_item,
     packb,
     stamp,
+    wire,
 )
 
 
 def _fixed(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(protocol.time, "time", lambda: 1700000000.5)
+    monkeypatch.setattr(wire.time, "time", lambda: 1700000000.5)
 
 
 def test_version() -> None:
@@ -83,7 +83,7 @@ def test_the_kernels_replay_reply_is_what_encode_control_would_send(monkeypatch:
     from llmos.protocol import ReplayReply, replay_reply_frames
 
     _fixed(monkeypatch)
-    monkeypatch.setattr(protocol, "new_id", lambda: "0123")
+    monkeypatch.setattr(wire, "new_id", lambda: "0123")
     header = {"v": 1, "type": "job.log", "id": "01", "ts": 1.5, "sender": "w1", "parent_id": None}
     items = [stamp(pack_item("job.7.log", header, {"level": "info", "event": str(i)}), i + 1, i + 1) for i in range(3)]
     built = replay_reply_frames("p1", 9, True, items)

@@ -1,0 +1,71 @@
+"""Messages of services: a worker registers a name, clients call it through the kernel, replicas answer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from llmos.protocol.registry import message
+
+
+@message("service.register")
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServiceRegister:
+    """Worker to kernel: this worker answers requests to service ``name`` (one replica of it)."""
+
+    worker_id: str
+    name: str
+
+
+@message("service.request")
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServiceRequest:
+    """Client to kernel: a request for service ``service``; replies come back as service.response
+    messages whose parent_id is this message's id, the last one with ``done``."""
+
+    service: str
+    body: dict[str, Any] = field(default_factory=dict)
+
+
+@message("service.call")
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServiceCall:
+    """Kernel to a replica: a request to answer (``request_id`` ties its responses to the caller)."""
+
+    request_id: str
+    body: dict[str, Any]
+
+
+@message("service.response")
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServiceResponse:
+    """A replica's answer, or one piece of it; ``done`` ends it. ``error`` (with ``code``) fails it."""
+
+    request_id: str
+    body: dict[str, Any] = field(default_factory=dict)
+    done: bool = False
+    error: str | None = None
+    code: int | None = None
+
+
+@message("service.cancel")
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServiceCancel:
+    """Client to kernel (and kernel to replica): the caller no longer wants this request."""
+
+    request_id: str
+
+
+@message("kernel.services_request")
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServicesRequest:
+    """Ask which services are running."""
+
+
+@message("kernel.services_reply")
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServicesReply:
+    """Each service: its name, its replicas (worker, job) and the requests in flight."""
+
+    status: str = "ok"
+    services: list[dict[str, Any]]

@@ -1,0 +1,69 @@
+"""Messages between the kernel and its workers: ready, heartbeat, assign, cancel, exit, job done."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from llmos.protocol.registry import message
+
+
+@message("worker.ready")
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorkerReady:
+    """A worker process is up, connected and waiting for a job."""
+
+    worker_id: str
+    pid: int
+
+
+@message("worker.heartbeat")
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorkerHeartbeat:
+    """A worker is alive (sent every ``workers.heartbeat_interval`` seconds)."""
+
+    worker_id: str
+    job_id: int | None = None
+
+
+@message("worker.assign")
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorkerAssign:
+    """Kernel to worker: run this job."""
+
+    job_id: int
+    kind: str
+    params: dict[str, Any]
+    attempt: int
+    resources: dict[str, Any]
+    placement: dict[str, Any]
+    workdir: str
+    env: dict[str, str] = field(default_factory=dict)
+
+
+@message("worker.cancel")
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorkerCancel:
+    """Kernel to worker: stop the running job (the runner sees ``ctx.cancelled``)."""
+
+    job_id: int
+    reason: str
+
+
+@message("worker.exit")
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorkerExit:
+    """Kernel to an idle worker: leave."""
+
+
+@message("worker.job_done")
+@dataclass(frozen=True, slots=True, kw_only=True)
+class JobDone:
+    """Worker to kernel (on the ingest path, after the job's last event): how the runner ended."""
+
+    job_id: int
+    attempt: int
+    outcome: Literal["succeeded", "failed", "cancelled"]
+    result: Any = None
+    error: str | None = None
+    traceback: str | None = None
