@@ -208,7 +208,7 @@ class Kernel:
         log.info("kernel_ready", pid=os.getpid(), state_dir=str(self.state_dir), **self.endpoints, workers=method)
 
     def _load_registry(self) -> Registry:
-        from llmos.kernel.cliutil import BUILTIN_COMMANDS
+        from llmos.kernel.cli.common import BUILTIN_COMMANDS
         from llmos.kernel.plugins import collect_commands, disabled_plugins
 
         registry = load_plugins(disabled=disabled_plugins(self.state_dir))

@@ -249,7 +249,7 @@ def test_new_plugin_skeleton_passes_its_own_tests(tmp_path: Path) -> None:
 
 def test_builtin_command_names_are_current() -> None:
     from llmos.kernel.cli import cli as group
-    from llmos.kernel.cliutil import BUILTIN_COMMANDS
+    from llmos.kernel.cli.common import BUILTIN_COMMANDS
 
     assert set(group.commands) - {c for c in group.commands if c not in BUILTIN_COMMANDS} == BUILTIN_COMMANDS
 

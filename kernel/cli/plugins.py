@@ -20,7 +20,7 @@ import click
 
 import llmos
 from llmos.errors import KernelUnavailable
-from llmos.kernel.cliutil import _table, echo_json, json_option, state_dir_option
+from llmos.kernel.cli.common import _table, echo_json, json_option, state_dir_option
 from llmos.paths import resolve_state_dir
 from llmos.protocol import PluginsReloadRequest
 
@@ -34,7 +34,7 @@ def _kernel(state_dir: Path | None) -> llmos.Client | None:
 
 
 def _local_view() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    from llmos.kernel.cliutil import BUILTIN_COMMANDS
+    from llmos.kernel.cli.common import BUILTIN_COMMANDS
     from llmos.kernel.plugins import collect_commands, load_plugins
 
     reg = load_plugins()

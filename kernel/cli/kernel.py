@@ -1,0 +1,180 @@
+"""The kernel's commands: boot, shutdown, status, devices."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import click
+
+import llmos
+from llmos.client import Client
+from llmos.kernel.cli.common import (
+    _table,
+    echo_json,
+    json_option,
+    state_dir_option,
+    with_client,
+)
+from llmos.paths import KERNEL_FILE, resolve_state_dir
+from llmos.units import format_size
+
+
+@click.command()
+@state_dir_option
+@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path), help="A TOML settings file (see config/default.toml).")
+@click.option("--fake-gpus", default=None, help="Simulated GPUs for placement tests, e.g. 2x24GiB.")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default=None, help="Level of <state-dir>/kernel.log.")
+@click.option("--detach", is_flag=True, help="Start in the background and return once the kernel answers.")
+@json_option
+def boot(state_dir: Path | None, config_file: Path | None, fake_gpus: str | None, log_level: str | None, detach: bool, as_json: bool) -> None:
+    """Start the kernel (in the foreground; Ctrl-C or SIGTERM stops it cleanly)."""
+    from llmos.config import load_settings
+
+    overrides = {"devices.fake_gpus": fake_gpus, "kernel.log_level": log_level}
+    settings = load_settings(config_file, overrides=overrides)
+    state = resolve_state_dir(state_dir or settings["state_dir"] or None)
+    if detach:
+        _boot_detached(state, config_file, fake_gpus, log_level, as_json)
+        return
+    from llmos.kernel.logs import configure_logging
+    from llmos.kernel.server import Kernel
+
+    _make_state_dir(state)
+    log_file = open(state / "kernel.log", "a", buffering=1)  # noqa: SIM115 - open for the kernel's lifetime
+    configure_logging(json_lines=True, level=settings["kernel"]["log_level"], stream=log_file)
+    kernel = Kernel(settings, state)
+
+    original_boot = kernel.boot
+
+    def boot_and_announce() -> None:
+        original_boot()
+        info = {"pid": os.getpid(), "state_dir": str(state), **kernel.endpoints}
+        if as_json:
+            echo_json(info)
+        else:
+            click.echo(f"llmos kernel {llmos.__version__} ready: pid {os.getpid()}, state dir {state}, control {kernel.endpoints['control']}")
+        sys.stdout.flush()
+
+    kernel.boot = boot_and_announce  # type: ignore[method-assign]
+    try:
+        kernel.run()
+    except OSError as exc:
+        # A file or socket the kernel needs could not be made (the runtime dir, the database):
+        # one line here, the traceback in the kernel's log.
+        traceback.print_exc(file=log_file)
+        raise click.ClickException(f"the kernel could not run: {exc} (details in {state / 'kernel.log'})") from None
+    finally:
+        log_file.close()
+
+
+def _make_state_dir(state: Path) -> None:
+    """Create the state directory (mode 0700), or say in one line why it cannot be used."""
+    try:
+        state.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if not os.access(state, os.W_OK | os.X_OK):
+            raise PermissionError(f"[Errno 13] Permission denied: {str(state)!r}")
+    except OSError as exc:
+        raise click.ClickException(f"cannot use state dir {state}: {exc.strerror or exc}; choose another with --state-dir or LLMOS_STATE_DIR") from None
+
+
+def _boot_detached(state: Path, config_file: Path | None, fake_gpus: str | None, log_level: str | None, as_json: bool) -> None:
+    from llmos.kernel.statedir import holder_pid
+
+    held = holder_pid(state)
+    if held:
+        raise click.ClickException(f"another kernel (pid {held}) is running on state dir {state}; stop it with: llmos shutdown --state-dir {state}")
+    _make_state_dir(state)
+    argv = [sys.executable, "-m", "llmos.kernel.cli", "boot", "--state-dir", str(state)]
+    if config_file:
+        argv += ["--config", str(config_file.absolute())]
+    if fake_gpus is not None:
+        argv += ["--fake-gpus", fake_gpus]
+    if log_level:
+        argv += ["--log-level", log_level]
+    out_path = state / "kernel.out"
+    with open(out_path, "ab") as out:
+        child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True, close_fds=True)
+    deadline = time.monotonic() + 30
+    info_path = state / KERNEL_FILE
+    while time.monotonic() < deadline:
+        if child.poll() is not None:
+            tail = out_path.read_text(errors="replace").strip().splitlines()[-5:]
+            raise click.ClickException(f"the kernel exited during boot (code {child.returncode}): " + " | ".join(tail))
+        try:
+            info = json.loads(info_path.read_text())
+        except (OSError, ValueError):
+            info = None
+        if info and info.get("pid") == child.pid:
+            with llmos.connect(state) as client:
+                client.status()
+            if as_json:
+                echo_json(info)
+            else:
+                click.echo(f"llmos kernel {llmos.__version__} started in the background: pid {child.pid}, state dir {state}")
+            return
+        time.sleep(0.01)
+    child.terminate()
+    raise click.ClickException(f"the kernel did not become ready within 30s; see {out_path} and {state / 'kernel.log'}")
+
+
+@click.command()
+@with_client
+@json_option
+def shutdown(client: Client, as_json: bool) -> None:
+    """Stop the kernel (its running jobs are stopped and fail as "kernel restarted")."""
+    pid = client.kernel["pid"]
+    client.shutdown()
+    if as_json:
+        echo_json({"stopped": True, "pid": pid})
+    else:
+        click.echo(f"kernel (pid {pid}) stopped")
+
+
+@click.command()
+@with_client
+@json_option
+def status(client: Client, as_json: bool) -> None:
+    """Show the kernel's version, endpoints, job counts and workers."""
+    info = client.status()
+    if as_json:
+        echo_json(info)
+        return
+    click.echo(f"llmos kernel {info['version']}  pid {info['pid']}  up {time.time() - info['started_at']:.0f}s")
+    click.echo(f"state dir  {info['state_dir']}")
+    for name, url in sorted(info["endpoints"].items()):
+        click.echo(f"{name:<10} {url}")
+    click.echo("jobs       " + "  ".join(f"{k} {v}" for k, v in info["jobs"].items()))
+    click.echo("workers    " + "  ".join(f"{k} {v}" for k, v in info["workers"].items()))
+    click.echo(f"journal    {info['last_seq']} events")
+
+
+@click.command()
+@with_client
+@json_option
+def devices(client: Client, as_json: bool) -> None:
+    """Show the device table: capacity, what is reserved and by which jobs."""
+    table = client.devices()
+    if as_json:
+        echo_json(table)
+        return
+    rows = []
+    for d in table:
+        if d["kind"] == "cpu":
+            share = f"{d['share_reserved']:g}/{d['capacity']:g} cores"
+        else:
+            share = f"{d['share_reserved']:g}/1"
+        rows.append([
+            d["id"],
+            d["kind"],
+            d["name"] + (" (fake)" if d["fake"] else ""),
+            f"{format_size(d['memory_reserved'])}/{format_size(d['memory_total'])}",
+            share,
+            ",".join(map(str, d["jobs"])) or "-",
+        ])
+    _table(rows, ["ID", "KIND", "NAME", "MEMORY RESERVED", "SHARE", "JOBS"])
