@@ -135,8 +135,32 @@ class Kernel:
     # ------------------------------------------------------------------ boot
 
     def boot(self) -> None:
+        """Take the state dir, open the store, build and wire the components, recover what the
+        previous kernel left, start the autostart services; then say where the bus is."""
         self.statedir.take()
-        ks, ws = self.settings["kernel"], self.settings["workers"]
+        method = self._endpoints()
+        self.store = Store(self.state_dir / "llmos.db")
+        self.journal = Journal(self.store)
+        self.jobs = JobTable(self.store, self.emit)
+        self.registry: Registry = self._load_registry()
+        self.devices = self._device_table()
+        self.bus = Bus(self.endpoints, pub_hwm=int(self.settings["kernel"]["pub_hwm"]))
+        self._install_signals()
+        self._wire(method)
+        self._start_exporter()
+        for orphan in self.jobs.recover():
+            kill_orphan(orphan)
+        if not self.devices.probing:
+            self._fail_never_fitting()
+        self._autostart_services()
+        self.emit("kernel.started", KernelStarted(version=__version__, pid=os.getpid()))
+        self._flush_out()
+        self.statedir.write_kernel_file({"pid": os.getpid(), "version": __version__, "state_dir": str(self.state_dir), "started_at": self.started_at, **self.endpoints})
+        log.info("kernel_ready", pid=os.getpid(), state_dir=str(self.state_dir), **self.endpoints, workers=self.launcher.method)
+
+    def _endpoints(self) -> str:
+        """The runtime dir and the three endpoints, checked; returns the worker start method."""
+        ks = self.settings["kernel"]
         self.runtime_dir = runtime_dir_for(self.state_dir, ks["runtime_dir"])
         make_private_dir(self.runtime_dir)
         self.endpoints = {
@@ -146,24 +170,24 @@ class Kernel:
         }
         for url in self.endpoints.values():
             check_endpoint(url)
-        method = ws["start_method"]
+        method = self.settings["workers"]["start_method"]
         if method not in ("zygote", "spawn"):
             raise ConfigError(f"workers.start_method must be 'zygote' or 'spawn', got {method!r}")
+        return method
 
-        self.store = Store(self.state_dir / "llmos.db")
-        self.journal = Journal(self.store)
-        self.jobs = JobTable(self.store, self.emit)
-        self.registry: Registry = self._load_registry()
+    def _device_table(self) -> DeviceTable:
         ds = self.settings["devices"]
         cores = float(ds["cpus"]) or float(psutil.cpu_count() or 1)
         ram = parse_size(ds["memory"]) if ds["memory"] else psutil.virtual_memory().total
-        self.devices = DeviceTable(cores, ram, parse_fake_gpus(ds["fake_gpus"]))
+        devices = DeviceTable(cores, ram, parse_fake_gpus(ds["fake_gpus"]))
         if ds["probe_gpus"]:
-            self.devices.probing = True
+            devices.probing = True
             self._probe = GpuProbe()
+        return devices
 
-        self.bus = Bus(self.endpoints, pub_hwm=int(ks["pub_hwm"]))
-        self._install_signals()
+    def _wire(self, method: str) -> None:
+        """The components, and the control handler table they make up."""
+        ks, ws = self.settings["kernel"], self.settings["workers"]
         if method == "zygote" and not become_subreaper():
             method = "spawn"
         self.launcher = Launcher(
@@ -195,17 +219,6 @@ class Kernel:
         self.control.route(self.pool.handlers())
         self.control.route(self.router.handlers())
         self.control.route(self.usage.handlers())
-        self._start_exporter()
-
-        for orphan in self.jobs.recover():
-            kill_orphan(orphan)
-        if not self.devices.probing:
-            self._fail_never_fitting()
-        self._autostart_services()
-        self.emit("kernel.started", KernelStarted(version=__version__, pid=os.getpid()))
-        self._flush_out()
-        self.statedir.write_kernel_file({"pid": os.getpid(), "version": __version__, "state_dir": str(self.state_dir), "started_at": self.started_at, **self.endpoints})
-        log.info("kernel_ready", pid=os.getpid(), state_dir=str(self.state_dir), **self.endpoints, workers=method)
 
     def _load_registry(self) -> Registry:
         from llmos.kernel.cli.common import BUILTIN_COMMANDS

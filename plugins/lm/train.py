@@ -143,6 +143,19 @@ class TrainRunner(llmos.Runner):
     """Train a Llama-style model from text; checkpoints are Hugging Face directories."""
 
     def setup(self, ctx: llmos.JobContext) -> None:
+        """The steps before the first training step, in order."""
+        self._place(ctx)
+        source, manifest = self._load_source(ctx)
+        self._read_corpus(ctx)
+        self._build_model(ctx, source, manifest)
+        self._distribute(ctx)
+        self._make_optimizer(ctx)
+        self._wrap(ctx)
+        if self.rank == 0:
+            ctx.log.info("model_ready", device=str(self.device), parallel=self.parallel, world_size=self.world, parameters=self.model.config.num_parameters(), start_step=self.start_step)
+
+    def _place(self, ctx: llmos.JobContext) -> None:
+        """This rank, its threads, its device and the seed."""
         p = ctx.params
         self.rank = ctx.rank
         self.world = p.world_size
@@ -153,6 +166,11 @@ class TrainRunner(llmos.Runner):
         set_threads(ctx, p.threads or max(1, int(ctx.resources.get("cpus") or 1) // self.world))
         self.device = pick_device(ctx, self.rank)
         torch.manual_seed(p.seed)
+
+    def _load_source(self, ctx: llmos.JobContext) -> tuple[str | None, dict[str, Any]]:
+        """The checkpoint to start from (``resume``, an earlier attempt's, or ``init_from``), its
+        tokenizer and train state; (None, {}) for a model trained from scratch."""
+        p = ctx.params
         self.resume_state: dict[str, torch.Tensor] | None = None
         self.start_step = 0
         self.out_dir = Path(p.output) if p.output else ctx.workdir / "checkpoint"
@@ -165,23 +183,27 @@ class TrainRunner(llmos.Runner):
             if found is not None:
                 self.resume, self.resumed_from_attempt = str(found[0]), found[1]
         source = self.resume or p.init_from
-        manifest: dict[str, Any] = {}
-        if source:
-            # Weights load on the CPU: ddp moves them to the device below, fsdp shards them there.
-            self.model, manifest = load_checkpoint(source, device="cpu")
-            self.tok = load_tokenizer(source) if (Path(source) / "tokenizer.json").exists() else self._tokenizer(ctx)
-            if self.resume:
-                state_file = Path(self.resume) / "train_state.safetensors"
-                if not state_file.exists():
-                    raise CheckpointError(f"{self.resume} has no train_state.safetensors: it cannot be resumed (use init_from to fine-tune from it)")
-                from safetensors.torch import load_file
-
-                self.resume_state = load_file(str(state_file))
-                self.start_step = int(manifest.get("train_state", {}).get("step", 0))
-            if self.resumed_from_attempt is not None:
-                ctx.log.info("resumed_from_attempt", attempt=self.resumed_from_attempt, step=self.start_step, checkpoint=self.resume)
-        else:
+        if not source:
             self.tok = self._tokenizer(ctx)
+            return None, {}
+        # Weights load on the CPU: ddp moves them to the device below, fsdp shards them there.
+        self.model, manifest = load_checkpoint(source, device="cpu")
+        self.tok = load_tokenizer(source) if (Path(source) / "tokenizer.json").exists() else self._tokenizer(ctx)
+        if self.resume:
+            state_file = Path(self.resume) / "train_state.safetensors"
+            if not state_file.exists():
+                raise CheckpointError(f"{self.resume} has no train_state.safetensors: it cannot be resumed (use init_from to fine-tune from it)")
+            from safetensors.torch import load_file
+
+            self.resume_state = load_file(str(state_file))
+            self.start_step = int(manifest.get("train_state", {}).get("step", 0))
+        if self.resumed_from_attempt is not None:
+            ctx.log.info("resumed_from_attempt", attempt=self.resumed_from_attempt, step=self.start_step, checkpoint=self.resume)
+        return source, manifest
+
+    def _read_corpus(self, ctx: llmos.JobContext) -> None:
+        """Tokenize the corpus (cached), split it, and hash both splits for provenance."""
+        p = ctx.params
         files = corpus_files(p.data, p.glob)
         if self.rank == 0:
             ctx.progress(0, p.steps, message=f"reading the corpus ({len(files)} files)")
@@ -201,6 +223,11 @@ class TrainRunner(llmos.Runner):
             raise ValueError(f"the corpus has {len(self.train_tokens)} training tokens, fewer than one sequence of {p.seq_len + 1}")
         if len(self.val_tokens) < p.seq_len + 2:
             raise ValueError(f"the validation split has {len(self.val_tokens)} tokens, fewer than one sequence of {p.seq_len + 1}; lower seq_len or raise val_fraction")
+
+    def _build_model(self, ctx: llmos.JobContext, source: str | None, manifest: dict[str, Any]) -> None:
+        """A fresh model (preset or config) unless one was loaded; check it fits the tokenizer
+        and the sequence length; note the parent it came from."""
+        p = ctx.params
         if not source:
             if p.config:
                 config = config_from_dict(p.config, vocab_size=self.tok.vocab_size)
@@ -216,8 +243,12 @@ class TrainRunner(llmos.Runner):
             raise ValueError(f"seq_len {p.seq_len} is longer than the model's max_position_embeddings {self.model.config.max_position_embeddings}")
         # An automatic resume continues this job's own run: its provenance is the run's, not a parent's.
         self.parent = {"path": str(source), "sha256": manifest.get("model_sha256") or _maybe_hash(source)} if source and self.resumed_from_attempt is None else None
-        self.amp = _amp_dtype(p.dtype, self.device)
-        self.parallel = self._choose_parallel(ctx) if self.rank == 0 else p.parallel
+
+    def _distribute(self, ctx: llmos.JobContext) -> None:
+        """Mixed precision, the parallel mode (ddp or fsdp), the process group; the model on its
+        device (or sharded)."""
+        self.amp = _amp_dtype(ctx.params.dtype, self.device)
+        self.parallel = self._choose_parallel(ctx) if self.rank == 0 else ctx.params.parallel
         self.sharded = self.parallel == "fsdp"
         if self.world > 1 or self.sharded:
             self._init_distributed(ctx)
@@ -225,7 +256,10 @@ class TrainRunner(llmos.Runner):
             self._shard()
         else:
             self.model.to(self.device)
-        # The optimizer is built on what each rank holds: under fsdp, its shards (DTensors).
+
+    def _make_optimizer(self, ctx: llmos.JobContext) -> None:
+        """AdamW over what this rank holds (under fsdp, its shards), resumed if there is state."""
+        p = ctx.params
         decay = [q for n, q in self.model.named_parameters() if q.dim() >= 2]
         no_decay = [q for n, q in self.model.named_parameters() if q.dim() < 2]
         self.opt = torch.optim.AdamW(
@@ -237,13 +271,14 @@ class TrainRunner(llmos.Runner):
                 _load_sharded_optimizer_state(self.opt, self.model, self.resume_state)
             else:
                 _load_optimizer_state(self.opt, self.model, self.resume_state)
-        self.forward = torch.compile(self.model) if p.compile else self.model
+
+    def _wrap(self, ctx: llmos.JobContext) -> None:
+        """What the step calls: the model, compiled if asked, inside DDP across ranks."""
+        self.forward = torch.compile(self.model) if ctx.params.compile else self.model
         if self.world > 1 and not self.sharded:
             from torch.nn.parallel import DistributedDataParallel
 
             self.forward = DistributedDataParallel(self.forward, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        if self.rank == 0:
-            ctx.log.info("model_ready", device=str(self.device), parallel=self.parallel, world_size=self.world, parameters=self.model.config.num_parameters(), start_step=self.start_step)
 
     def _earlier_attempt(self, ctx: llmos.JobContext) -> tuple[Path, int] | None:
         """The newest resumable checkpoint that an earlier attempt of this very job left in its
