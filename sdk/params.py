@@ -18,6 +18,7 @@ import os
 import re
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from typing import Any, Literal, Union, get_args, get_origin
@@ -164,83 +165,117 @@ def _check_supported(tp: Any, where: str) -> None:
 
 
 def _convert(tp: Any, value: Any, coerce: bool) -> Any:
-    """Return ``value`` as type ``tp`` or raise ValueError."""
+    """Return ``value`` as type ``tp`` or raise ValueError. ``coerce``: ``value`` may be the text
+    a user typed (``-p steps=200``) for any type."""
     if tp is Any:
-        if coerce and isinstance(value, str):
-            # From the command line an untyped value may be JSON (numbers, lists, maps); else text.
-            try:
-                return json.loads(value)
-            except json.JSONDecodeError:
-                return value
-        return value
-    if tp is type(None):
-        if value is None or (coerce and isinstance(value, str) and value.lower() in ("none", "null")):
-            return None
-        raise ValueError
+        return _to_any(value, coerce)
     origin = get_origin(tp)
     if origin in (Union, types.UnionType):
-        args = get_args(tp)
-        # Try None first only for explicit "none"; then the others in order.
-        for arg in sorted(args, key=lambda a: a is not type(None)):
-            try:
-                return _convert(arg, value, coerce)
-            except ValueError:
-                continue
-        raise ValueError
+        return _to_union(get_args(tp), value, coerce)
     if origin is Literal:
-        for option in get_args(tp):
-            if value == option and type(value) is type(option):
-                return option
-            if coerce and isinstance(value, str) and value == str(option):
-                return option
-        raise ValueError
-    if tp is bool:
-        if value is True or value is False:
-            return value
-        if coerce and isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no", "on", "off"):
-            return value.lower() in ("true", "1", "yes", "on")
-        raise ValueError
-    if tp is int:
-        if type(value) is int:
-            return value
-        if type(value) is float and value.is_integer():
-            return int(value)
-        if coerce and isinstance(value, str):
-            return int(value.strip())
-        raise ValueError
-    if tp is float:
-        if type(value) in (int, float):
-            return float(value)
-        if coerce and isinstance(value, str):
-            return float(value.strip())
-        raise ValueError
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ValueError
+        return _to_literal(get_args(tp), value, coerce)
     if tp is list or origin is list:
-        if coerce and isinstance(value, str):
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError:
-                value = [v for v in value.split(",") if v]
-        if not isinstance(value, list | tuple):
-            raise ValueError
-        args = get_args(tp)
-        return [_convert(args[0], v, coerce) for v in value] if args else list(value)
+        return _to_list(get_args(tp), value, coerce)
     if tp is dict or origin is dict:
-        if coerce and isinstance(value, str):
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError:
-                raise ValueError from None
-        if not isinstance(value, dict):
-            raise ValueError
-        args = get_args(tp)
-        if args:
-            return {_convert(args[0], k, coerce): _convert(args[1], v, coerce) for k, v in value.items()}
-        return dict(value)
+        return _to_dict(get_args(tp), value, coerce)
+    convert = _SCALARS.get(tp)
+    if convert is None:
+        raise ValueError
+    return convert(value, coerce)
+
+
+def _to_any(value: Any, coerce: bool) -> Any:
+    if coerce and isinstance(value, str):
+        # From the command line an untyped value may be JSON (numbers, lists, maps); else text.
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    return value
+
+
+def _to_none(value: Any, coerce: bool) -> None:
+    if value is None or (coerce and isinstance(value, str) and value.lower() in ("none", "null")):
+        return None
     raise ValueError
+
+
+def _to_union(args: tuple[Any, ...], value: Any, coerce: bool) -> Any:
+    # None first (it takes only None or an explicit "none"), then the others in order.
+    for arg in sorted(args, key=lambda a: a is not type(None)):
+        try:
+            return _convert(arg, value, coerce)
+        except ValueError:
+            continue
+    raise ValueError
+
+
+def _to_literal(options: tuple[Any, ...], value: Any, coerce: bool) -> Any:
+    for option in options:
+        if value == option and type(value) is type(option):
+            return option
+        if coerce and isinstance(value, str) and value == str(option):
+            return option
+    raise ValueError
+
+
+def _to_bool(value: Any, coerce: bool) -> bool:
+    if value is True or value is False:
+        return value
+    if coerce and isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+        return value.lower() in ("true", "1", "yes", "on")
+    raise ValueError
+
+
+def _to_int(value: Any, coerce: bool) -> int:
+    if type(value) is int:
+        return value
+    if type(value) is float and value.is_integer():
+        return int(value)
+    if coerce and isinstance(value, str):
+        return int(value.strip())
+    raise ValueError
+
+
+def _to_float(value: Any, coerce: bool) -> float:
+    if type(value) in (int, float):
+        return float(value)
+    if coerce and isinstance(value, str):
+        return float(value.strip())
+    raise ValueError
+
+
+def _to_str(value: Any, coerce: bool) -> str:
+    if isinstance(value, str):
+        return value
+    raise ValueError
+
+
+_SCALARS: dict[Any, Callable[[Any, bool], Any]] = {type(None): _to_none, bool: _to_bool, int: _to_int, float: _to_float, str: _to_str}
+
+
+def _to_list(args: tuple[Any, ...], value: Any, coerce: bool) -> list[Any]:
+    if coerce and isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            value = [v for v in value.split(",") if v]
+    if not isinstance(value, list | tuple):
+        raise ValueError
+    return [_convert(args[0], v, coerce) for v in value] if args else list(value)
+
+
+def _to_dict(args: tuple[Any, ...], value: Any, coerce: bool) -> dict[Any, Any]:
+    if coerce and isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise ValueError from None
+    if not isinstance(value, dict):
+        raise ValueError
+    if args:
+        return {_convert(args[0], k, coerce): _convert(args[1], v, coerce) for k, v in value.items()}
+    return dict(value)
 
 
 def _check_value(field: ParamField, value: Any, coerce: bool) -> Any:

@@ -38,6 +38,103 @@ class _Request:
     arrived: float  # time.perf_counter() when the replica took it in: its timings count from here
 
 
+class _Batch:
+    """What a serving replica holds between steps: the requests waiting, the sequences running
+    (a KV-cache slot each) and the free slots. One loop turn: admit, drop the cancelled, join,
+    one decode step for everyone."""
+
+    def __init__(self, runner: ServeRunner, ctx: llmos.JobContext) -> None:
+        self.runner, self.ctx = runner, ctx
+        self.engine, self.cache = runner.engine, runner.cache
+        self.max_queue = ctx.params.max_queue
+        self.max_seqs = ctx.params.max_seqs
+        self.waiting: collections.deque[_Request] = collections.deque()
+        self.active: dict[int, tuple[str, Any, bool]] = {}  # slot -> (request id, sequence, stream)
+        self.free = list(range(self.max_seqs))
+        self.served = 0
+
+    def _sender(self, request_id: str, stream: bool) -> Any:
+        ctx = self.ctx
+
+        def send(_slot: int, _token: int, text: str) -> None:
+            if stream:
+                ctx.respond(request_id, {"text": text}, done=False)
+
+        return send
+
+    def admit(self) -> None:
+        """Take in everything that arrived (refusing what does not fit in the queue); sleep
+        briefly only when there is nothing to do."""
+        ctx = self.ctx
+        call = ctx.next_request(timeout=0.05 if not self.active and not self.waiting else 0)
+        while call is not None:
+            request = self.runner._take(ctx, call)  # None: refused, and its caller told why
+            if request is not None and len(self.waiting) >= self.max_queue + len(self.free):
+                ctx.respond(
+                    call.request_id,
+                    error=f"service {self.runner.name!r} is busy: {self.max_seqs} sequences running and {len(self.waiting)} waiting; try again",
+                    code=ServiceBusy.code,
+                )
+            elif request is not None:
+                self.waiting.append(request)
+            call = ctx.next_request(timeout=0)
+
+    def drop_cancelled(self) -> None:
+        """Callers that went away free their place."""
+        cancelled = self.ctx.request_cancelled
+        for slot, (request_id, _seq, _s) in list(self.active.items()):
+            if cancelled(request_id):
+                del self.active[slot]
+                self.free.append(slot)
+        self.waiting = collections.deque(w for w in self.waiting if not cancelled(w.request_id))
+
+    def join(self) -> None:
+        """New requests take free slots at this step (prefilled now, decoded with the batch)."""
+        while self.free and self.waiting:
+            request = self.waiting.popleft()
+            self.free.sort()
+            slot = self.free.pop(0)  # the lowest free slot: active slots stay contiguous (cache views)
+            try:
+                seq = self.engine.start(request.prompt, request.sampling, slot, arrived=request.arrived)
+                self.engine.prefill(seq, self.cache, self._sender(request.request_id, request.stream))
+            except Exception as exc:
+                self.runner._failed(self.ctx, request.request_id, exc)
+                self.free.append(slot)
+                continue
+            self.active[slot] = (request.request_id, seq, request.stream)
+
+    def step(self) -> None:
+        """One decode step for the whole batch; then the finished leave."""
+        if not self.active:
+            return
+        seqs = [seq for _, seq, _ in self.active.values()]
+        senders = {seq.slot: self._sender(rid, stream) for rid, seq, stream in self.active.values()}
+        try:
+            self.engine.decode(seqs, self.cache, lambda slot, token, text: senders[slot](slot, token, text))
+        except Exception as exc:
+            # One step serves the whole batch: its sequences fail together, the service goes on.
+            for request_id, _seq, _s in self.active.values():
+                self.runner._failed(self.ctx, request_id, exc)
+            self.free.extend(self.active)
+            self.active.clear()
+            return
+        for slot, (request_id, seq, _stream) in list(self.active.items()):
+            if seq.finish is not None:
+                self.ctx.respond(request_id, {"completion": self.engine.completion(seq).to_dict()}, done=True)
+                del self.active[slot]
+                self.free.append(slot)
+                self.served += 1
+
+    def stop(self) -> None:
+        """Stopping: whatever is in flight, waiting, or not yet taken in fails cleanly at its caller."""
+        ctx = self.ctx
+        stopping = f"service {self.runner.name!r} is stopping"
+        for request_id in [rid for rid, _seq, _s in self.active.values()] + [w.request_id for w in self.waiting]:
+            ctx.respond(request_id, error=stopping, code=ServiceError.code)
+        while (call := ctx.next_request(timeout=0)) is not None:
+            ctx.respond(call.request_id, error=stopping, code=ServiceError.code)
+
+
 class ServeRunner(llmos.Runner):
     def setup(self, ctx: llmos.JobContext) -> None:
         p = ctx.params
@@ -96,73 +193,15 @@ class ServeRunner(llmos.Runner):
         ctx.respond(request_id, error=f"generation failed: {type(exc).__name__}: {exc}", code=ServiceError.code)
 
     def run(self, ctx: llmos.JobContext) -> dict[str, Any]:
-        p, engine, cache = ctx.params, self.engine, self.cache
+        p, cache = ctx.params, self.cache
         ctx.register_service(self.name)
         ctx.log.info("serving", service=self.name, max_seqs=p.max_seqs, max_queue=p.max_queue, max_len=cache.length, kv_bytes=cache.k.nbytes + cache.v.nbytes)
-        waiting: collections.deque[_Request] = collections.deque()
-        active: dict[int, tuple[str, Any, bool]] = {}  # slot -> (request id, sequence, stream)
-        free = list(range(p.max_seqs))
-        served = 0
-
-        def piece_sender(request_id: str, stream: bool) -> Any:
-            def send(_slot: int, _token: int, text: str) -> None:
-                if stream:
-                    ctx.respond(request_id, {"text": text}, done=False)
-
-            return send
-
+        batch = _Batch(self, ctx)
         while not ctx.cancelled:
-            # Take in everything that arrived; sleep only when there is nothing to do.
-            call = ctx.next_request(timeout=0.05 if not active and not waiting else 0)
-            while call is not None:
-                request = self._take(ctx, call)  # None: refused, and its caller told why
-                if request is not None and len(waiting) >= p.max_queue + len(free):
-                    ctx.respond(call.request_id, error=f"service {self.name!r} is busy: {p.max_seqs} sequences running and {len(waiting)} waiting; try again", code=ServiceBusy.code)
-                elif request is not None:
-                    waiting.append(request)
-                call = ctx.next_request(timeout=0)
-            # Callers that went away free their place.
-            for slot, (request_id, _seq, _s) in list(active.items()):
-                if ctx.request_cancelled(request_id):
-                    del active[slot]
-                    free.append(slot)
-            waiting = collections.deque(w for w in waiting if not ctx.request_cancelled(w.request_id))
-            # Join: new requests take free slots at this step.
-            while free and waiting:
-                request = waiting.popleft()
-                free.sort()
-                slot = free.pop(0)  # the lowest free slot: active slots stay contiguous (cache views)
-                try:
-                    seq = engine.start(request.prompt, request.sampling, slot, arrived=request.arrived)
-                    engine.prefill(seq, cache, piece_sender(request.request_id, request.stream))
-                except Exception as exc:
-                    self._failed(ctx, request.request_id, exc)
-                    free.append(slot)
-                    continue
-                active[slot] = (request.request_id, seq, request.stream)
-            # One decode step for the whole batch; then the finished leave.
-            if active:
-                seqs = [seq for _, seq, _ in active.values()]
-                senders = {seq.slot: piece_sender(rid, stream) for rid, seq, stream in active.values()}
-                try:
-                    engine.decode(seqs, cache, lambda slot, token, text, senders=senders: senders[slot](slot, token, text))
-                except Exception as exc:
-                    # One step serves the whole batch: its sequences fail together, the service goes on.
-                    for request_id, _seq, _s in active.values():
-                        self._failed(ctx, request_id, exc)
-                    free.extend(active)
-                    active.clear()
-                    continue
-                for slot, (request_id, seq, _stream) in list(active.items()):
-                    if seq.finish is not None:
-                        ctx.respond(request_id, {"completion": engine.completion(seq).to_dict()}, done=True)
-                        del active[slot]
-                        free.append(slot)
-                        served += 1
-        # Stopping: whatever is still in flight, waiting, or not yet taken in fails cleanly at its caller.
-        stopping = f"service {self.name!r} is stopping"
-        for request_id in [rid for rid, _seq, _s in active.values()] + [w.request_id for w in waiting]:
-            ctx.respond(request_id, error=stopping, code=ServiceError.code)
-        while (call := ctx.next_request(timeout=0)) is not None:
-            ctx.respond(call.request_id, error=stopping, code=ServiceError.code)
-        return {"served": served}
+            batch.admit()
+            batch.drop_cancelled()
+            batch.join()
+            batch.step()
+        batch.stop()
+        return {"served": batch.served}
+
