@@ -39,10 +39,12 @@ OnJobDone = Callable[[WorkerProc, JobRecord, JobDone], None]
 
 class Ingest:
     def __init__(
-        self, bus: Bus, journal: Journal, workers: Mapping[str, WorkerProc], jobs: Mapping[int, JobRecord], on_job_done: OnJobDone, stats: dict[str, int]
+        self, bus: Bus, journal: Journal, workers: Mapping[str, WorkerProc], jobs: Mapping[int, JobRecord], on_job_done: OnJobDone, stats: dict[str, int],
+        *, on_artifact: Callable[[int, Any], None] | None = None,
     ) -> None:
         self.bus, self.journal, self.workers, self.jobs = bus, journal, workers, jobs
         self.on_job_done = on_job_done
+        self.on_artifact = on_artifact  # a job announced an artifact (the registry records checkpoints)
         self.stats = stats
         self.more = False  # the last drain stopped at its budget: come back at once
         self._fast_checks: dict[str, Callable[[Any], bool]] = {}
@@ -124,6 +126,8 @@ class Ingest:
                     running = jobs.get(job_id)
                     if running is not None:
                         running.progress = body  # for `llmos top` and job records
+                elif type_name == "job.artifact" and self.on_artifact is not None:
+                    self.on_artifact(job_id, body)
                 run.append(raw)
             except ProtocolError as exc:
                 count_bad_frame(self.stats, "ingest", exc)

@@ -42,6 +42,7 @@ from llmos import __version__
 from llmos.config import Settings
 from llmos.errors import ConfigError, JobRejected, KernelError, LlmosError, ValidationError
 from llmos.kernel import scheduler
+from llmos.kernel.artifacts import Artifacts
 from llmos.kernel.bus import Bus, check_endpoint
 from llmos.kernel.control import Control, Request
 from llmos.kernel.devices import DeviceTable, GpuProbe, parse_fake_gpus
@@ -49,6 +50,7 @@ from llmos.kernel.ingest import Ingest
 from llmos.kernel.jobs import JobTable
 from llmos.kernel.journal import Journal
 from llmos.kernel.metrics import DeviceView, Exporter, Snapshot
+from llmos.kernel.pipelines import Pipelines
 from llmos.kernel.plugins import Registry, load_plugins, ranks_of
 from llmos.kernel.services import RestartPolicy, ServiceRouter
 from llmos.kernel.statedir import (
@@ -77,8 +79,11 @@ from llmos.params import schema_of
 from llmos.paths import free_port
 from llmos.plugin import Resources
 from llmos.protocol import (
+    ARTIFACT_ACTIONS,
     END_STATES,
     JOB_STATES,
+    ArtifactsReply,
+    ArtifactsRequest,
     CancelRequest,
     DevicesReply,
     DevicesRequest,
@@ -90,6 +95,11 @@ from llmos.protocol import (
     KernelStarted,
     KernelStopping,
     OkReply,
+    PipelineReply,
+    PipelineRequest,
+    PipelinesReply,
+    PipelinesRequest,
+    PipelineSubmit,
     PluginsChanged,
     PluginsReloadReply,
     PluginsReloadRequest,
@@ -142,6 +152,7 @@ class Kernel:
         self.store = Store(self.state_dir / "llmos.db")
         self.journal = Journal(self.store)
         self.jobs = JobTable(self.store, self.emit)
+        self.artifacts = Artifacts(self.store, self.state_dir)
         self.registry: Registry = self._load_registry()
         self.devices = self._device_table()
         self.bus = Bus(self.endpoints, pub_hwm=int(self.settings["kernel"]["pub_hwm"]))
@@ -150,6 +161,7 @@ class Kernel:
         self._start_exporter()
         for orphan in self.jobs.recover():
             kill_orphan(orphan)
+        self.pipelines.recover()
         if not self.devices.probing:
             self._fail_never_fitting()
         self._autostart_services()
@@ -201,7 +213,11 @@ class Kernel:
             self.store, self.devices, self.jobs, self.pool.workers, lambda: self.registry, self.emit, self._stop_job,
             float(self.settings["monitor"]["gpu_overuse_stop"]),
         )
-        self.ingest = Ingest(self.bus, self.journal, self.pool.workers, self.jobs, self._on_job_done, self.stats)
+        self.ingest = Ingest(self.bus, self.journal, self.pool.workers, self.jobs, self._on_job_done, self.stats, on_artifact=self._on_artifact)
+        self.pipelines = Pipelines(
+            self.store, self.artifacts, self.emit, self._submit_stage, lambda job_id, why: self._stop_job(self.jobs.find(job_id), why, "cancelled"),
+            self.jobs.find, lambda: self.registry,
+        )
         self.control = Control(self.bus, self.stats)
         self.control.route({
             SubmitRequest: self._on_submit,
@@ -215,6 +231,10 @@ class Kernel:
             StreamHeadsRequest: self._on_stream_heads,
             PluginsReloadRequest: lambda req: self.reload_plugins(),
             ShutdownRequest: self._on_shutdown,
+            ArtifactsRequest: self._on_artifacts,
+            PipelineSubmit: lambda req: PipelineReply(pipeline=self.pipelines.create(req.msg.spec, req.msg.cwd).to_dict()),
+            PipelineRequest: self._on_pipeline,
+            PipelinesRequest: lambda req: PipelinesReply(pipelines=self.pipelines.list(max(1, min(req.msg.limit, 10_000)))),
         })
         self.control.route(self.pool.handlers())
         self.control.route(self.router.handlers())
@@ -382,16 +402,9 @@ class Kernel:
         msg: SubmitRequest = req.msg
         if self.stopping:
             raise KernelError("the kernel is shutting down")
-        entry, params, res = self.registry.validate(msg.kind, msg.params, msg.resources, coerce=msg.coerce, cwd=msg.cwd)
-        problem = storable_problem(params)
-        if problem:
-            raise JobRejected(f"{msg.kind}: parameters cannot be stored: {problem}", kind=msg.kind)
-        if msg.timeout is not None and not (msg.timeout > 0):
-            raise JobRejected(f"timeout must be a number of seconds above 0, got {msg.timeout}", field="timeout")
-        if not 0 <= msg.max_retries <= 1000:
-            raise JobRejected(f"max_retries must be between 0 and 1000, got {msg.max_retries}", field="max_retries")
-        if not -1_000_000 <= msg.priority <= 1_000_000:
-            raise JobRejected(f"priority must be between -1000000 and 1000000, got {msg.priority}", field="priority")
+        params, inputs = self.artifacts.resolve_inputs(msg.kind, msg.params)
+        entry, params, res = self.registry.validate(msg.kind, params, msg.resources, coerce=msg.coerce, cwd=msg.cwd)
+        _check_options(msg.kind, params, msg.timeout, msg.max_retries, msg.priority)
         if self.devices.needs_probe(res):
             # Whether this can ever fit depends on GPUs the probe has not reported yet: answer
             # when it has, so a request that never fits is refused at submit, not failed later.
@@ -402,7 +415,52 @@ class Kernel:
         if preemptible and entry.service:
             raise JobRejected(f"{msg.kind} is a service: services cannot be preempted", field="preemptible")
         job = self._create_job(msg.kind, params, res, priority=msg.priority, max_retries=msg.max_retries, timeout=msg.timeout, preemptible=preemptible)
+        self.artifacts.record_inputs(job.id, inputs)
         return JobReply(job=job.to_dict())
+
+    def _submit_stage(self, kind: str, params: dict[str, Any], resources: dict[str, Any], options: dict[str, Any], cwd: str | None) -> JobRecord:
+        """A pipeline stage's job, checked as a user's submit is (JobRejected says why not)."""
+        if self.stopping:
+            raise KernelError("the kernel is shutting down")
+        params, inputs = self.artifacts.resolve_inputs(kind, params)
+        entry, params, res = self.registry.validate(kind, params, resources, cwd=cwd)
+        priority, max_retries, timeout = int(options.get("priority", 0)), int(options.get("max_retries", 0)), options.get("timeout")
+        _check_options(kind, params, timeout, max_retries, priority)
+        if not self.devices.needs_probe(res):
+            self.devices.check(res)
+        preemptible = bool(getattr(entry.spec, "preemptible", False)) and not entry.service
+        job = self._create_job(kind, params, res, priority=priority, max_retries=max_retries, timeout=timeout, preemptible=preemptible)
+        self.artifacts.record_inputs(job.id, inputs)
+        return job
+
+    def _on_artifact(self, job_id: int, body: dict[str, Any]) -> None:
+        job = self.jobs.get(job_id)
+        if job is not None:
+            self.artifacts.register(job_id, job.kind, body)
+
+    def _on_artifacts(self, req: Request) -> ArtifactsReply:
+        msg: ArtifactsRequest = req.msg
+        if msg.action not in ARTIFACT_ACTIONS:
+            raise ValidationError(f"unknown artifacts action {msg.action!r}; expected one of {', '.join(ARTIFACT_ACTIONS)}", field="action")
+        if msg.action == "list":
+            return ArtifactsReply(artifacts=self.artifacts.list(max(1, min(msg.limit, 100_000)), include_removed=msg.all))
+        active = set(self.jobs)
+        if msg.action == "gc":
+            return ArtifactsReply(artifacts=self.artifacts.gc(active, dry_run=msg.dry_run))
+        if not msg.ref:
+            raise ValidationError(f"artifacts {msg.action} needs an artifact: an id, a unique prefix, artifact:<id> or job:<id>", field="ref")
+        if msg.action == "show":
+            return ArtifactsReply(artifact=self.artifacts.show(msg.ref))
+        if msg.action == "lineage":
+            return ArtifactsReply(artifact=self.artifacts.lineage(msg.ref))
+        return ArtifactsReply(artifact=self.artifacts.remove(msg.ref, active, force=msg.force))
+
+    def _on_pipeline(self, req: Request) -> PipelineReply:
+        msg: PipelineRequest = req.msg
+        actions = {"show": self.pipelines.show, "cancel": self.pipelines.cancel, "resume": self.pipelines.resume}
+        if msg.action not in actions:
+            raise ValidationError(f"unknown pipeline action {msg.action!r}; expected one of {', '.join(actions)}", field="action")
+        return PipelineReply(pipeline=actions[msg.action](msg.id))
 
     def _create_job(self, kind: str, params: dict[str, Any], res: Resources, **options: Any) -> JobRecord:
         job = self.jobs.create(kind, params, res.to_dict(), **options)
@@ -560,6 +618,7 @@ class Kernel:
         )
         if worker.ready:
             self._assign(worker)
+        self.pipelines.job_started(job)
 
     def _rank_plan(self, placement: dict[str, Any], n: int) -> dict[str, Any]:
         """A gang job's rank plan, meeting at a free TCP port on this machine that no other
@@ -589,7 +648,7 @@ class Kernel:
             job.worker_create_time = None
         worker.assigned = True
         self.store.update_job(job)
-        self.bus.send(worker.id.encode(), assignment(job, self.state_dir))
+        self.bus.send(worker.id.encode(), assignment(job, self.state_dir, self.artifacts.inputs_of(job.id)))
         log.info("job_started", job_id=job.id, worker=worker.id, pid=worker.pid, attempt=job.attempts)
 
     # ------------------------------------------------------------------ ending jobs
@@ -657,6 +716,7 @@ class Kernel:
             self.exporter.durations.labels(job.kind, state).observe(max(0.0, job.ended_at - job.started_at))
         if state == "failed":
             self._service_failed(job)
+        self.pipelines.job_ended(job)
         self.journal.forget(f"job.{job.id}")  # the stream is complete
         log.info("job_ended", job_id=job.id, state=state, reason=reason, exit_code=exit_code, attempts=job.attempts)
 
@@ -759,6 +819,18 @@ class Kernel:
         self.bus.close()
         self.statedir.release()
         log.info("kernel_stopped")
+
+
+def _check_options(kind: str, params: dict[str, Any], timeout: float | None, max_retries: int, priority: int) -> None:
+    problem = storable_problem(params)
+    if problem:
+        raise JobRejected(f"{kind}: parameters cannot be stored: {problem}", kind=kind)
+    if timeout is not None and not (timeout > 0):
+        raise JobRejected(f"timeout must be a number of seconds above 0, got {timeout}", field="timeout")
+    if not 0 <= max_retries <= 1000:
+        raise JobRejected(f"max_retries must be between 0 and 1000, got {max_retries}", field="max_retries")
+    if not -1_000_000 <= priority <= 1_000_000:
+        raise JobRejected(f"priority must be between -1000000 and 1000000, got {priority}", field="priority")
 
 
 __all__ = ["Kernel", "KernelLocked", "holder_pid", "runtime_dir_for"]

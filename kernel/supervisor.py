@@ -432,7 +432,7 @@ class Pool:
                 kill_group(pid)
 
 
-def assignment(job: JobRecord, state_dir: Path) -> WorkerAssign:
+def assignment(job: JobRecord, state_dir: Path, inputs: dict[str, Any] | None = None) -> WorkerAssign:
     """The message that hands ``job`` (running, placed) to its worker, with the environment its
     devices and rank plan call for."""
     gpus = job.placement.get("gpus", []) if job.placement else []
@@ -458,7 +458,7 @@ def assignment(job: JobRecord, state_dir: Path) -> WorkerAssign:
         env["OMP_NUM_THREADS"] = str(int(cpus))
     return WorkerAssign(
         job_id=job.id, kind=job.kind, params=job.params, attempt=job.attempts, resources=job.resources, placement=job.placement or {},
-        workdir=str(state_dir / "jobs" / str(job.id)), env=env,
+        workdir=str(state_dir / "jobs" / str(job.id)), env=env, inputs=inputs or {},
     )
 
 

@@ -260,6 +260,20 @@ class _BusLogHandler(logging.Handler):
 
 
 
+def check_inputs(inputs: dict[str, Any]) -> str | None:
+    """None if every input artifact's files still hash to its id, else what is wrong."""
+    from llmos.artifacts import tree_hash
+
+    for name, art in inputs.items():
+        try:
+            digest = tree_hash(art["path"])[0]
+        except FileNotFoundError:
+            return f"input {name}: artifact {art['id'][:12]} is missing: {art['path']} is gone"
+        if digest != art["id"]:
+            return f"input {name}: artifact {art['id'][:12]} was altered: {art['path']} now hashes to {digest[:12]}; it is not used"
+    return None
+
+
 def run_job(bus: Bus, registry: Registry, assign: WorkerAssign) -> JobDone:
     """Run one assignment to its end and say how it ended (never raises)."""
     os.environ.update(assign.env)
@@ -273,6 +287,9 @@ def run_job(bus: Bus, registry: Registry, assign: WorkerAssign) -> JobDone:
         params = entry.spec.params(**assign.params)
     except Exception as exc:
         return JobDone(job_id=assign.job_id, attempt=assign.attempt, outcome="failed", error=f"bad parameters: {exc}")
+    problem = check_inputs(assign.inputs)
+    if problem:
+        return JobDone(job_id=assign.job_id, attempt=assign.attempt, outcome="failed", error=problem)
     ctx = JobContext(
         job_id=assign.job_id,
         kind=assign.kind,

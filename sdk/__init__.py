@@ -9,6 +9,7 @@ kernel.
 from llmos._version import PLUGIN_API, __version__
 from llmos.aio import AsyncClient, AsyncJob
 from llmos.client import Client, Job, JobInfo, connect
+from llmos.pipeline import Pipeline
 from llmos.completion import Completion
 from llmos.context import JobContext
 from llmos.errors import (

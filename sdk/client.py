@@ -41,13 +41,18 @@ from llmos.errors import (
 from llmos.events import EventStream, whole_stream
 from llmos.job import Job, JobInfo, result_of
 from llmos.paths import pid_alive, read_kernel_info, resolve_state_dir
+from llmos.pipeline import Pipeline
 from llmos.protocol import (
     AcctRequest,
+    ArtifactsRequest,
     DevicesRequest,
     ErrorReply,
     Event,
     JobRequest,
     JobsRequest,
+    PipelineRequest,
+    PipelinesRequest,
+    PipelineSubmit,
     PluginsRequest,
     ReplayRequest,
     ServiceCancel,
@@ -264,6 +269,52 @@ class Client:
         """Running services with their replicas and the requests in flight."""
         return self.request(ServicesRequest()).services
 
+    # -- the model lifecycle --
+
+    def pipeline(self, spec: dict[str, Any] | str | os.PathLike[str]) -> Pipeline:
+        """Run a pipeline: ``spec`` as a dict (the TOML file's tables) or the path of a TOML file.
+        Bad files are refused before anything runs, naming the stage and the field."""
+        from llmos.pipeline import load_pipeline_file
+
+        cwd = _cwd()
+        if not isinstance(spec, dict):
+            path = Path(spec)
+            spec = load_pipeline_file(path)
+            cwd = str(path.absolute().parent)  # the file's relative paths mean what they mean beside it
+        reply = self.request(PipelineSubmit(spec=spec, cwd=cwd))
+        return Pipeline(self, int(reply.pipeline["id"]), reply.pipeline)
+
+    def get_pipeline(self, pipeline_id: int) -> Pipeline:
+        """A handle on pipeline ``pipeline_id`` (ValidationError if there is none)."""
+        reply = self.request(PipelineRequest(id=int(pipeline_id)))
+        return Pipeline(self, int(pipeline_id), reply.pipeline)
+
+    def pipelines(self, limit: int = 100) -> list[dict[str, Any]]:
+        """Pipelines, newest first, with their stages."""
+        return self.request(PipelinesRequest(limit=limit)).pipelines
+
+    def artifacts(self, *, all: bool = False, limit: int = 1000) -> list[dict[str, Any]]:
+        """Registered artifacts, newest first (``all``: removed ones too): ``id``, ``path``,
+        ``kind``, ``job_id``, ``size``, ``created_at``, ``rejected``, ``parents``."""
+        return self.request(ArtifactsRequest(action="list", all=all, limit=limit)).artifacts
+
+    def artifact(self, ref: str) -> dict[str, Any]:
+        """One artifact (an id, a unique prefix, ``artifact:<id>`` or ``job:<id>``) with its
+        provenance and the jobs that used it."""
+        return self.request(ArtifactsRequest(action="show", ref=ref)).artifact
+
+    def lineage(self, ref: str) -> dict[str, Any]:
+        """The artifact and its ancestors as a tree (``parents`` nested) back to the training data."""
+        return self.request(ArtifactsRequest(action="lineage", ref=ref)).artifact
+
+    def remove_artifact(self, ref: str, *, force: bool = False) -> dict[str, Any]:
+        """Remove an artifact nothing uses (``force``: even a job's final output)."""
+        return self.request(ArtifactsRequest(action="rm", ref=ref, force=force)).artifact
+
+    def gc_artifacts(self, *, dry_run: bool = False) -> list[dict[str, Any]]:
+        """Remove the artifacts nothing references; returns them (``dry_run``: only say which)."""
+        return self.request(ArtifactsRequest(action="gc", dry_run=dry_run)).artifacts
+
     # -- the machine --
 
     def devices(self) -> list[dict[str, Any]]:
@@ -327,7 +378,7 @@ def connect(state_dir: str | os.PathLike[str] | None = None, *, timeout: float =
     return Client(state_dir, timeout=timeout)
 
 
-__all__ = ["Client", "Job", "JobInfo", "connect", "stream_of"]
+__all__ = ["Client", "Job", "JobInfo", "Pipeline", "connect", "stream_of"]
 
 
 def service_body(reply: Any, service: str) -> tuple[dict[str, Any], bool]:

@@ -139,8 +139,15 @@ class JobContext:
         self._emit("metric", "job.metric", body)
 
     def artifact(self, path: str | Path, kind: str = "file", **meta: Any) -> None:
-        """Announce a file or directory the job produced."""
-        body = JobArtifact(path=str(Path(path).resolve()), kind=kind, meta={k: _plain(v) for k, v in meta.items()})
+        """Announce a file or directory the job produced. A ``checkpoint`` (a model directory) is
+        registered by the kernel as an artifact: its content hash, size and ``llmos.json`` go with
+        the announcement (``llmos artifacts``)."""
+        meta = {k: _plain(v) for k, v in meta.items()}
+        if kind == "checkpoint" and Path(path).exists():
+            from llmos.artifacts import describe
+
+            meta.update(describe(path))
+        body = JobArtifact(path=str(Path(path).resolve()), kind=kind, meta=meta)
         self._emit("artifact", "job.artifact", _body(body))
 
     def emit(self, suffix: str, msg: Any) -> None:

@@ -14,7 +14,9 @@ import click
 import llmos
 
 #: The built-in commands of ``llmos`` (a plugin command may not take these names).
-BUILTIN_COMMANDS = frozenset({"acct", "boot", "cancel", "devices", "events", "job", "jobs", "logs", "plugins", "shutdown", "status", "submit"})
+BUILTIN_COMMANDS = frozenset({
+    "acct", "artifacts", "boot", "cancel", "demo", "devices", "events", "job", "jobs", "logs", "pipeline", "plugins", "shutdown", "status", "submit",
+})
 
 
 def state_dir_option(f: Callable[..., Any]) -> Callable[..., Any]:

@@ -2,14 +2,19 @@
 
 ``diag.sleep`` sleeps, ``diag.echo`` returns its parameters, ``diag.fail`` raises,
 ``diag.crash`` kills its own worker with SIGKILL, ``diag.emit`` sends progress events and log
-records in order, ``diag.devices`` reports the devices the job was given.
+records in order, ``diag.devices`` reports the devices the job was given, ``diag.artifact``
+writes a small "model" directory from its inputs and announces it as a checkpoint (for pipeline
+and artifact tests without torch).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import llmos
@@ -53,6 +58,40 @@ class EmitParams:
 class DevicesParams:
     torch: bool = param(False, help="Also import torch and report the CUDA devices it sees (slow: seconds).")
     world_size: int = param(1, ge=1, le=64, help="Ranks to place as one gang (the kernel's rank plan is in the result); the job itself runs rank 0 only.")
+
+
+@dataclass(frozen=True)
+class ArtifactParams:
+    text: str = param("weights", help="What the artifact's weights file holds.")
+    inputs: list[str] = param(default_factory=list, path=True, help="Artifacts (paths, artifact:ID, job:ID) whose weights are joined into this one.")
+    seconds: float = param(0.0, ge=0, le=3600, help="Seconds to work before writing (a cancel stops it).")
+    reject: bool = param(False, help="Mark the output rejected by a quality gate and fail, as a compression job whose gate fails does.")
+    output: str | None = param(None, path=True, help="Where to write it (default: the job's own folder).")
+    allow_rejected: bool = param(False, help="Accept inputs a quality gate rejected.")
+
+
+class ArtifactRunner(Runner):
+    def run(self, ctx: JobContext) -> dict[str, Any]:
+        p = ctx.params
+        deadline = time.monotonic() + p.seconds
+        while time.monotonic() < deadline:
+            if ctx.cancelled:
+                raise llmos.JobCancelled("cancelled")
+            time.sleep(0.02)
+        parts = [Path(i, "weights.txt").read_text() for i in p.inputs] + [p.text]
+        out = p.output or str(ctx.workdir / "model")
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "weights.txt"), "w") as f:
+            f.write("+".join(parts))
+        manifest: dict[str, Any] = {"produced_by": {"job_id": ctx.job_id, "kind": ctx.kind}, "parents": list(p.inputs), "data": {"source": "diag"}}
+        if p.reject:
+            manifest["rejected"] = {"reason": "diag.artifact was asked to be rejected", "at": time.time()}
+        with open(os.path.join(out, "llmos.json"), "w") as f:
+            json.dump(manifest, f)
+        ctx.artifact(out, kind="checkpoint")
+        if p.reject:
+            raise RuntimeError("the quality gate rejected the output (diag.artifact reject=true)")
+        return {"checkpoint": out, "text": "+".join(parts)}
 
 
 class SleepRunner(Runner):
@@ -126,6 +165,7 @@ KINDS = [
     JobKind("diag.crash", runner=CrashRunner, params=CrashParams, resources=_LIGHT, help="Kill the worker with SIGKILL."),
     JobKind("diag.devices", runner=DevicesRunner, params=DevicesParams, resources=_LIGHT, ranks="world_size",
             help="Report the devices this job was given (and, with torch=true, what torch sees)."),
+    JobKind("diag.artifact", runner=ArtifactRunner, params=ArtifactParams, resources=_LIGHT, help="Write a tiny model directory from its inputs and announce it as a checkpoint."),
     JobKind("diag.emit", runner=EmitRunner, params=EmitParams, resources=_LIGHT, help="Send `count` progress events and `count` log records, in order."),
 ]
 

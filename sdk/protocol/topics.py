@@ -9,7 +9,7 @@ from __future__ import annotations
 
 
 #: Topics whose second part names one stream (``job.7.log`` is on the stream ``job.7``).
-STREAM_KINDS = ("job", "device", "service", "worker")
+STREAM_KINDS = ("job", "device", "service", "worker", "pipeline")
 
 
 def topic(*parts: object) -> str:

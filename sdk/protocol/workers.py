@@ -39,6 +39,9 @@ class WorkerAssign:
     placement: dict[str, Any]
     workdir: str
     env: dict[str, str] = field(default_factory=dict)
+    #: The artifacts the job takes as inputs, {param: {"id": sha256, "path": ...}}: the worker
+    #: checks each hash before the job runs.
+    inputs: dict[str, Any] = field(default_factory=dict)
 
 
 @message("worker.cancel")
