@@ -9,7 +9,6 @@ kernel.
 from llmos._version import PLUGIN_API, __version__
 from llmos.aio import AsyncClient, AsyncJob
 from llmos.client import Client, Job, JobInfo, connect
-from llmos.pipeline import Pipeline
 from llmos.completion import Completion
 from llmos.context import JobContext
 from llmos.errors import (
@@ -31,6 +30,7 @@ from llmos.errors import (
     ValidationError,
 )
 from llmos.params import param
+from llmos.pipeline import Pipeline
 from llmos.plugin import JobKind, Resources, Runner, ServiceKind, hookimpl
 from llmos.protocol import Event, message, topic
 
@@ -54,6 +54,7 @@ __all__ = [
     "KernelError",
     "KernelUnavailable",
     "LlmosError",
+    "Pipeline",
     "PluginError",
     "ProtocolError",
     "ResourceError",

@@ -80,13 +80,14 @@ def cli() -> None:
 
 
 from llmos.kernel.cli.acct import acct  # noqa: E402 - the commands hang on the group above
+from llmos.kernel.cli.demo import demo  # noqa: E402
 from llmos.kernel.cli.events import events, logs  # noqa: E402
 from llmos.kernel.cli.jobs import cancel, job, jobs, submit  # noqa: E402
 from llmos.kernel.cli.kernel import boot, devices, shutdown, status  # noqa: E402
 from llmos.kernel.cli.lifecycle import artifacts, pipeline  # noqa: E402
 from llmos.kernel.cli.plugins import plugins  # noqa: E402
 
-for _command in (boot, shutdown, status, devices, submit, jobs, job, cancel, logs, events, acct, artifacts, pipeline, plugins):
+for _command in (demo, boot, shutdown, status, devices, submit, jobs, job, cancel, logs, events, acct, artifacts, pipeline, plugins):
     cli.add_command(_command)
 
 

@@ -83,7 +83,7 @@ def _make_state_dir(state: Path) -> None:
         raise click.ClickException(f"cannot use state dir {state}: {exc.strerror or exc}; choose another with --state-dir or LLMOS_STATE_DIR") from None
 
 
-def _boot_detached(state: Path, config_file: Path | None, fake_gpus: str | None, log_level: str | None, as_json: bool) -> None:
+def _boot_detached(state: Path, config_file: Path | None, fake_gpus: str | None, log_level: str | None, as_json: bool, *, quiet: bool = False) -> None:
     from llmos.kernel.statedir import holder_pid
 
     held = holder_pid(state)
@@ -113,9 +113,9 @@ def _boot_detached(state: Path, config_file: Path | None, fake_gpus: str | None,
         if info and info.get("pid") == child.pid:
             with llmos.connect(state) as client:
                 client.status()
-            if as_json:
+            if as_json and not quiet:
                 echo_json(info)
-            else:
+            elif not quiet:
                 click.echo(f"llmos kernel {llmos.__version__} started in the background: pid {child.pid}, state dir {state}")
             return
         time.sleep(0.01)

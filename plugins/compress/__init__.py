@@ -70,6 +70,7 @@ class PruneParams:
     scores: Literal["magnitude", "wanda"] = param("wanda", help="2:4: which scores choose the two kept weights of four.")
     heads: float | None = param(None, ge=0, lt=1, help="structured: the share of key/value groups (with their query heads) to remove, instead of sparsity.")
     mlp: float | None = param(None, ge=0, lt=1, help="structured: the share of MLP channels to remove, instead of sparsity.")
+    align: int = param(1, ge=1, le=1024, help="structured with sparsity: keep a multiple of this many MLP channels (32: int4 groups of 32 and the SIMD kernels' blocks divide the pruned width).")
     calib_data: str | None = param(None, help=_CALIB_HELP, path=("stdlib",))
     calib_tokens: int = param(8192, ge=256, le=10_000_000, help="wanda and structured: calibration tokens.")
     heal_steps: int = param(0, ge=0, le=10_000_000, help="Fine-tune this many steps after pruning (the train job's optimizer, schedule and checkpoints). Structured pruning needs it.")
@@ -220,7 +221,7 @@ def check_prune(p: PruneParams) -> None:
         from llmos.plugins.compress.plan import check_structured
         from llmos.plugins.lm.config import LlamaConfig
 
-        check_structured(LlamaConfig.from_hf_dict(config), p.sparsity, p.heads, p.mlp)
+        check_structured(LlamaConfig.from_hf_dict(config), p.sparsity, p.heads, p.mlp, p.align)
     _check_sources(p, manifest, p.method in ("wanda", "structured") or (p.scores == "wanda" and p.method == "2:4"))
 
 

@@ -243,7 +243,7 @@ class PruneRunner(_CompressRunner):
         elif p.method == "2:4":
             prune.two_four(model, stats)
         else:
-            model = prune.structured(model, stats, sparsity=p.sparsity, heads=p.heads, mlp=p.mlp)
+            model = prune.structured(model, stats, sparsity=p.sparsity, heads=p.heads, mlp=p.mlp, align=p.align)
         pattern = prune.sparsity_pattern(p.method, 0.5 if p.method == "2:4" else (p.sparsity or 0.0), p.scope if p.method == "magnitude" else None)
         if p.method == "structured":
             pattern.update(heads=p.heads, mlp=p.mlp, config={k: getattr(model.config, k) for k in ("num_attention_heads", "num_key_value_heads", "intermediate_size")})
@@ -325,9 +325,13 @@ class CompareRunner(llmos.Runner):
             ref = ctx.workdir / "m0-predictions.npy" if i else None
             r = gate.run_probe(m, tokens_file, ctx.workdir, f"m{i}", reference=ref, seq_len=p.seq_len, windows_count=p.eval_windows, batch_size=p.batch_size,
                                speed_tokens=p.speed_tokens, threads=torch.get_num_threads(), prefill=p.prefill)
-            rows.append({"model": m, **_figures(r)})
+            rows.append({"model": m, "rejected": bool(_manifest(m).get("rejected")), **_figures(r)})
         ctx.progress(len(models), len(models), message="done")
-        return {"models": rows}
+        # The best: the smallest of those no quality gate rejected (each passed its gate against its
+        # parent); a pipeline serves it. Ties go to the faster.
+        ok = [r for r in rows if not r["rejected"]] or rows
+        best = min(ok, key=lambda r: (r.get("bytes") or 0, -(r["tokens_per_s"].get("batch_1") or 0.0)))
+        return {"models": rows, "best": best["model"]}
 
 
 class KernelsRunner(llmos.Runner):

@@ -25,8 +25,9 @@ def _removable_groups(config: LlamaConfig) -> list[int]:
     return [k for k in range(nkv) if config.hidden_size % ((nkv - k) * g) == 0]
 
 
-def _structured_plan(config: LlamaConfig, sparsity: float | None, heads: float | None, mlp: float | None) -> tuple[int, int]:
-    """(key/value groups, MLP channels) to remove from every layer; ValueError for impossible requests."""
+def _structured_plan(config: LlamaConfig, sparsity: float | None, heads: float | None, mlp: float | None, align: int = 1) -> tuple[int, int]:
+    """(key/value groups, MLP channels) to remove from every layer; ValueError for impossible
+    requests. ``align``: with ``sparsity``, keep a multiple of this many MLP channels."""
     for name, value in (("sparsity", sparsity), ("heads", heads), ("mlp", mlp)):
         if value is not None:
             _check_share(name, value)
@@ -50,7 +51,7 @@ def _structured_plan(config: LlamaConfig, sparsity: float | None, heads: float |
             )
         if channels >= inter:
             raise ValueError(f"mlp={mlp} would remove all {inter} MLP channels; keep at least one")
-        return groups, channels
+        return groups, channels  # the user's share, exactly
     d = config.head_dim
     per_group = h * d * (2 * g + 2)  # g query heads' rows of q_proj and columns of o_proj, one head of k and v
     per_channel = 3 * h  # a row of gate and up, a column of down
@@ -76,9 +77,19 @@ def _structured_plan(config: LlamaConfig, sparsity: float | None, heads: float |
             f"sparsity={sparsity} cannot be reached by structured pruning: removing {allowed[-1]} of {nkv} key/value groups "
             f"and all but one MLP channel per layer removes at most {most:.1%} of the parameters outside the embedding"
         )
-    return groups, max(channels, 0)
+    return groups, _aligned(inter, max(channels, 0), align)
 
 
-def check_structured(config: LlamaConfig, sparsity: float | None, heads: float | None, mlp: float | None) -> None:
+def _aligned(inter: int, channels: int, align: int) -> int:
+    """``channels`` to remove, moved so that the kept width is a multiple of ``align`` (32 lets
+    int4 groups of 32 and the SIMD kernels' blocks divide the pruned width; 91 fits neither)."""
+    kept = inter - channels
+    if align <= 1 or kept < align or channels == 0:
+        return channels
+    kept = min(inter, max(align, round(kept / align) * align))
+    return inter - kept
+
+
+def check_structured(config: LlamaConfig, sparsity: float | None, heads: float | None, mlp: float | None, align: int = 1) -> None:
     """The ValueErrors :func:`structured` raises for impossible requests, without a model."""
-    _structured_plan(config, sparsity, heads, mlp)
+    _structured_plan(config, sparsity, heads, mlp, align)

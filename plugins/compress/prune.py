@@ -261,7 +261,7 @@ def _span(units: torch.Tensor, width: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def structured(model: Llama, calib: Calibration, sparsity: float | None = None, heads: float | None = None, mlp: float | None = None) -> Llama:
+def structured(model: Llama, calib: Calibration, sparsity: float | None = None, heads: float | None = None, mlp: float | None = None, align: int = 1) -> Llama:
     """A new, smaller dense Llama without the least important key/value groups (with their
     query heads) and MLP channels, the same number removed from every layer.
 
@@ -272,7 +272,7 @@ def structured(model: Llama, calib: Calibration, sparsity: float | None = None, 
     limited to those that leave a head count dividing hidden_size (see the module's notes).
     """
     c = model.config
-    groups, channels = _structured_plan(c, sparsity, heads, mlp)
+    groups, channels = _structured_plan(c, sparsity, heads, mlp, align)
     if calib is None:
         raise ValueError("structured pruning needs a calibration (calibrate the model first)")
     nh, nkv, d, inter, n_layers = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.intermediate_size, c.num_hidden_layers

@@ -231,6 +231,8 @@ class Int8Linear(QuantLinear):
 
             return Candidate(name, fn, note="aten._weight_int8pack_mm, float32 activations")
         if name == "torch.int8pack_mm.bf16":
+            if q.shape[1] % 32:
+                return None  # aten's bf16 path reads past the row when K is not a multiple of 32 (a segfault at K=91)
             sb = s.to(torch.bfloat16)
 
             def fn(x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
