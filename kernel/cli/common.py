@@ -38,10 +38,21 @@ def with_client(f: Callable[..., Any]) -> Callable[..., Any]:
     @state_dir_option
     @functools.wraps(f)
     def wrapper(state_dir: Path | None, **kwargs: Any) -> Any:
-        with llmos.connect(state_dir) as client:
+        with llmos.connect(state_dir or parent_state_dir()) as client:
             return f(client, **kwargs)
 
     return wrapper
+
+
+def parent_state_dir() -> Path | None:
+    """The --state-dir given to an enclosing group (`llmos pipeline --state-dir DIR status 1`)."""
+    ctx = click.get_current_context(silent=True)
+    ctx = ctx.parent if ctx is not None else None
+    while ctx is not None:
+        if ctx.params.get("state_dir"):
+            return Path(ctx.params["state_dir"])
+        ctx = ctx.parent
+    return None
 
 
 def echo_json(data: Any) -> None:

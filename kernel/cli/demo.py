@@ -173,7 +173,7 @@ def _print_summary(info: dict[str, Any], summary: dict[str, Any]) -> None:
         if s["state"] in ("failed", "rejected", "skipped"):
             console.print(f"[yellow]{s['name']} {s['state']}[/]: {s['reason']}")
     if summary["sample"]:
-        console.print("[bold]sample[/] (greedy, from the best model):")
+        console.print("[bold]sample[/] (from the best model):")
         console.print(summary["sample"]["prompt"] + summary["sample"]["text"], markup=False, highlight=False)
     if summary["served"]:
         console.print(f"\nThe best model is served as [bold]{SERVICE}[/] (job {summary['served']['job_id']}). Talk to it:")

@@ -191,7 +191,8 @@ def gc(client: Client, dry_run: bool, as_json: bool) -> None:
 
 
 @click.group()
-def pipeline() -> None:
+@state_dir_option
+def pipeline(state_dir: Path | None) -> None:
     """Graphs of jobs: train, prune, quantize, evaluate, serve, from one TOML file.
 
     Each [stages.<name>] table has a kind, params and resources; a parameter names an earlier
