@@ -297,14 +297,14 @@ class Pipelines:
         self.by_job[job.id] = (pipe.id, stage.name)
         self._set(pipe, stage, "running")
 
-    def job_started(self, job: JobRecord) -> None:
-        """A service stage whose job runs is ``serving``."""
-        where = self.by_job.get(job.id)
+    def job_serving(self, job_id: int | None) -> None:
+        """A service stage is ``serving`` once its job's service answers (it has registered)."""
+        where = self.by_job.get(job_id) if job_id is not None else None
         pipe = self.active.get(where[0]) if where else None
-        if pipe is not None and where is not None:
+        if pipe is not None and where is not None and job_id is not None:
             stage = pipe.stages[where[1]]
             if stage.service and stage.state == "running":
-                stage.artifact = self._input_artifact(job.id)
+                stage.artifact = self._input_artifact(job_id)
                 self._set(pipe, stage, "serving")
                 self._maybe_end(pipe)
 

@@ -207,7 +207,7 @@ class Kernel:
             log_level=ks["log_level"], worker_dir=self.state_dir / "workers",
         )
         self.pool = Pool(self.launcher, ws, self.bus, self._worker_ready)
-        self.router = ServiceRouter(self.bus, self.pool.workers)
+        self.router = ServiceRouter(self.bus, self.pool.workers, on_register=lambda worker, name: self.pipelines.job_serving(worker.job_id))
         self.restarts = RestartPolicy(self.settings["services"], self.emit)
         self.usage = Usage(
             self.store, self.devices, self.jobs, self.pool.workers, lambda: self.registry, self.emit, self._stop_job,
@@ -618,7 +618,6 @@ class Kernel:
         )
         if worker.ready:
             self._assign(worker)
-        self.pipelines.job_started(job)
 
     def _rank_plan(self, placement: dict[str, Any], n: int) -> dict[str, Any]:
         """A gang job's rank plan, meeting at a free TCP port on this machine that no other

@@ -43,9 +43,10 @@ class Call:
 class ServiceRouter:
     """Which workers answer for which service names, and the calls in flight between them."""
 
-    def __init__(self, bus: Bus, workers: Mapping[str, WorkerProc]) -> None:
+    def __init__(self, bus: Bus, workers: Mapping[str, WorkerProc], on_register: Callable[[WorkerProc, str], None] | None = None) -> None:
         self.bus = bus
         self.workers = workers
+        self.on_register = on_register  # a replica answers now (a pipeline's service stage is serving)
         self.replicas: dict[str, list[str]] = {}  # name -> replica worker ids
         self.calls: dict[str, Call] = {}  # request id -> the call
 
@@ -73,6 +74,8 @@ class ServiceRouter:
         if worker.id not in replicas:
             replicas.append(worker.id)
         worker.services.add(msg.name)
+        if self.on_register is not None:
+            self.on_register(worker, msg.name)
         log.info("service_registered", service=msg.name, worker=worker.id, job_id=worker.job_id, replicas=len(replicas))
 
     def request(self, req: Request) -> None:

@@ -82,8 +82,12 @@ class Client:
     # -- plumbing --
 
     def close(self) -> None:
-        """Close the sockets (idempotent)."""
+        """Close the sockets (idempotent); an embedded kernel (``connect(embedded=True)``) stops."""
         self._conn.close()
+        embedded = getattr(self, "_embedded", None)
+        if embedded is not None:
+            self._embedded = None
+            embedded.stop()
 
     def __enter__(self) -> Client:
         return self
@@ -369,13 +373,28 @@ class Client:
             stream.close()
 
 
-def connect(state_dir: str | os.PathLike[str] | None = None, *, timeout: float = 30.0) -> Client:
+def connect(state_dir: str | os.PathLike[str] | None = None, *, timeout: float = 30.0, embedded: bool = False) -> Client:
     """Connect to the kernel of ``state_dir`` (default: ``$LLMOS_STATE_DIR`` or the XDG state dir).
 
     Raises :class:`~llmos.errors.KernelUnavailable` naming the state dir and the command to start
     a kernel when none is running there.
+
+    ``embedded=True`` starts a kernel of this process instead (in ``state_dir``, or a temporary
+    directory), which stops when the client closes or this process exits: for notebooks and
+    scripts that want no daemon.
     """
-    return Client(state_dir, timeout=timeout)
+    if not embedded:
+        return Client(state_dir, timeout=timeout)
+    from llmos.embedded import EmbeddedKernel
+
+    kernel = EmbeddedKernel(state_dir).start()
+    try:
+        client = Client(kernel.state_dir, timeout=timeout)
+    except BaseException:
+        kernel.stop()
+        raise
+    client._embedded = kernel
+    return client
 
 
 __all__ = ["Client", "Job", "JobInfo", "Pipeline", "connect", "stream_of"]
