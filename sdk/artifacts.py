@@ -46,9 +46,28 @@ def describe(path: str | os.PathLike[str]) -> dict[str, Any]:
     digest, size, count = tree_hash(path)
     out: dict[str, Any] = {"sha256": digest, "size": size, "files": count}
     manifest = Path(path) / "llmos.json"
+    provenance: dict[str, Any] = {}
     if manifest.is_file():
         try:
-            out["provenance"] = json.loads(manifest.read_text())
+            provenance = json.loads(manifest.read_text())
         except (OSError, ValueError):
-            pass
+            provenance = {}
+    if isinstance(provenance, dict):
+        provenance.setdefault("versions", _versions())
+        out["provenance"] = provenance
+    return out
+
+
+def _versions() -> dict[str, str]:
+    """The library versions of the process that made it (those it has loaded)."""
+    import platform
+    import sys
+
+    from llmos import __version__
+
+    out = {"llmos": __version__, "python": platform.python_version()}
+    for name in ("torch", "safetensors", "tokenizers", "numpy", "transformers", "compressed_tensors"):
+        module = sys.modules.get(name)
+        if module is not None and isinstance(getattr(module, "__version__", None), str):
+            out[name] = module.__version__
     return out

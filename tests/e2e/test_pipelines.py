@@ -162,7 +162,7 @@ def test_artifacts_are_content_addressed_with_lineage_and_checked_before_use(cli
     a.wait(30)
     art_a = client.artifact(f"job:{a.id}")
     assert len(art_a["id"]) == 64 and art_a["job_id"] == a.id and art_a["files"] == 2 and art_a["size"] > 0
-    assert art_a["provenance"]["produced_by"]["job_id"] == a.id
+    assert art_a["provenance"]["produced_by"]["job_id"] == a.id and art_a["provenance"]["versions"]["llmos"] == llmos.__version__
     # Inputs by artifact prefix and by job; the child's parent is recorded.
     b = client.submit("diag.artifact", {"text": "child", "inputs": [f"artifact:{art_a['id'][:8]}"]})
     b.wait(30)  # job:ID names what the job published: it must have published it
