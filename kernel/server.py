@@ -400,35 +400,41 @@ class Kernel:
 
     def _on_submit(self, req: Request) -> JobReply | None:
         msg: SubmitRequest = req.msg
-        if self.stopping:
-            raise KernelError("the kernel is shutting down")
-        params, inputs = self.artifacts.resolve_inputs(msg.kind, msg.params)
-        entry, params, res = self.registry.validate(msg.kind, params, msg.resources, coerce=msg.coerce, cwd=msg.cwd)
-        _check_options(msg.kind, params, msg.timeout, msg.max_retries, msg.priority)
-        if self.devices.needs_probe(res):
-            # Whether this can ever fit depends on GPUs the probe has not reported yet: answer
-            # when it has, so a request that never fits is refused at submit, not failed later.
-            self._held_submits.append(req)
-            return None
-        self.devices.check(res)
-        preemptible = bool(getattr(entry.spec, "preemptible", False)) if msg.preemptible is None else msg.preemptible
-        if preemptible and entry.service:
-            raise JobRejected(f"{msg.kind} is a service: services cannot be preempted", field="preemptible")
-        job = self._create_job(msg.kind, params, res, priority=msg.priority, max_retries=msg.max_retries, timeout=msg.timeout, preemptible=preemptible)
-        self.artifacts.record_inputs(job.id, inputs)
-        return JobReply(job=job.to_dict())
+        options = {"priority": msg.priority, "max_retries": msg.max_retries, "timeout": msg.timeout, "preemptible": msg.preemptible}
+        job = self._submit(msg.kind, msg.params, msg.resources, options, msg.cwd, coerce=msg.coerce, hold=req)
+        return None if job is None else JobReply(job=job.to_dict())
 
     def _submit_stage(self, kind: str, params: dict[str, Any], resources: dict[str, Any], options: dict[str, Any], cwd: str | None) -> JobRecord:
         """A pipeline stage's job, checked as a user's submit is (JobRejected says why not)."""
+        job = self._submit(kind, params, resources, options, cwd)
+        assert job is not None  # only a user's request is held for the GPU probe
+        return job
+
+    def _submit(self, kind: str, params: dict[str, Any], resources: dict[str, Any], options: dict[str, Any], cwd: str | None, *,
+                coerce: bool = False, hold: Request | None = None) -> JobRecord | None:
+        """Check and create a job: artifact references resolved, the kind's schema and check, the
+        options, whether it can ever fit. With ``hold``, a GPU request the probe must answer waits
+        for it (None is returned; the request is answered later)."""
         if self.stopping:
             raise KernelError("the kernel is shutting down")
         params, inputs = self.artifacts.resolve_inputs(kind, params)
-        entry, params, res = self.registry.validate(kind, params, resources, cwd=cwd)
-        priority, max_retries, timeout = int(options.get("priority", 0)), int(options.get("max_retries", 0)), options.get("timeout")
+        entry, params, res = self.registry.validate(kind, params, resources, coerce=coerce, cwd=cwd)
+        priority, max_retries, timeout = int(options.get("priority") or 0), int(options.get("max_retries") or 0), options.get("timeout")
         _check_options(kind, params, timeout, max_retries, priority)
-        if not self.devices.needs_probe(res):
+        if self.devices.needs_probe(res):
+            if hold is not None:
+                # Whether this can ever fit depends on GPUs the probe has not reported yet: answer
+                # when it has, so a request that never fits is refused at submit, not failed later.
+                self._held_submits.append(hold)
+                return None
+        else:
             self.devices.check(res)
-        preemptible = bool(getattr(entry.spec, "preemptible", False)) and not entry.service
+        asked = options.get("preemptible")
+        preemptible = bool(getattr(entry.spec, "preemptible", False)) if asked is None else bool(asked)
+        if preemptible and entry.service:
+            if asked:
+                raise JobRejected(f"{kind} is a service: services cannot be preempted", field="preemptible")
+            preemptible = False
         job = self._create_job(kind, params, res, priority=priority, max_retries=max_retries, timeout=timeout, preemptible=preemptible)
         self.artifacts.record_inputs(job.id, inputs)
         return job

@@ -13,10 +13,8 @@ import click
 from llmos.artifacts import tree_hash
 from llmos.client import Client
 from llmos.kernel.cli.common import _table, echo_json, json_option, state_dir_option, with_client
+from llmos.kernel.cli.live import MARKS
 from llmos.units import format_size
-
-#: How each stage state is drawn.
-MARKS = {"waiting": "·", "running": "▶", "serving": "◉", "succeeded": "✓", "failed": "✗", "rejected": "✗", "cancelled": "-", "skipped": "-"}
 
 
 def _age(ts: float | None) -> str:

@@ -15,7 +15,8 @@ from llmos.errors import LlmosError
 from llmos.pipeline import PIPELINE_ENDED, Pipeline
 
 _STYLE = {"succeeded": "green", "serving": "green", "failed": "red", "rejected": "red", "running": "cyan", "waiting": "dim", "cancelled": "yellow", "skipped": "yellow"}
-_MARK = {"waiting": "·", "running": "▶", "serving": "◉", "succeeded": "✓", "failed": "✗", "rejected": "✗", "cancelled": "-", "skipped": "-"}
+#: How each stage state is drawn (the live view and `llmos pipeline status`).
+MARKS = {"waiting": "·", "running": "▶", "serving": "◉", "succeeded": "✓", "failed": "✗", "rejected": "✗", "cancelled": "-", "skipped": "-"}
 
 
 class PipelineView:
@@ -90,6 +91,6 @@ class PipelineView:
                 detail = str(stage["reason"])[:70]
             elif stage.get("artifact"):
                 detail = f"artifact {stage['artifact'][:12]}"
-            table.add_row(Text(_MARK.get(stage["state"], "?"), style=style), stage["name"], stage["kind"], Text(stage["state"], style=style),
+            table.add_row(Text(MARKS.get(stage["state"], "?"), style=style), stage["name"], stage["kind"], Text(stage["state"], style=style),
                           str(stage["job_id"] or ""), bar, detail)
         return table

@@ -1,25 +1,5 @@
-"""The llmos wire protocol: typed messages, their registry, and the frames that carry them.
-
-Every message body is a frozen dataclass registered under a type name with :func:`message`.
-Decoding checks the header, looks the type up, and validates each field's name and type; every
-failure is a :class:`~llmos.errors.ProtocolError` subclass, so a receiver answers an error and
-keeps serving.
-
-Frames (all msgpack; Python object serialization is never used, on the wire or on disk):
-
-* **control** (DEALER -> kernel ROUTER and back): ``[header, body]``, two maps.
-* **ingest** (worker PUSH -> kernel PULL): one frame holding an array of items, each item a
-  msgpack ``bin`` that holds one packed ``[topic, header, body]``. A worker coalesces the events
-  of its stream into one frame (one-frame messages are about twice as fast as multipart ones),
-  and the kernel journals each item's bytes as they came, without packing them again.
-* **events** (kernel PUB -> SUB): ``[stream + ".", payload]`` where ``payload`` is an array of
-  journaled items of that stream, in order. A SUB subscribes to whole streams (``"job.7."``),
-  a family of them (``"job."``) or everything (``""``) and filters finer topics itself.
-
-The header carries ``v`` (protocol version), ``type``, ``id``, ``ts``, ``sender`` and
-``parent_id``. A journaled item is ``[topic, header, body, seq, stream_seq]``: the kernel stamps
-the global ``seq`` and the per-stream ``stream_seq`` by appending them to the worker's bytes
-(:func:`stamp`), which costs a few hundred nanoseconds instead of an unpack and a repack.
+"""The llmos wire protocol: typed messages, their registry, and the frames that carry them (the
+frames themselves are described in :mod:`llmos.protocol.wire`).
 
 The package: :mod:`~llmos.protocol.wire` (the bytes), :mod:`~llmos.protocol.registry` (message
 types and their checks), :mod:`~llmos.protocol.topics`, and the catalogue by area —
