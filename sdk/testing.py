@@ -66,10 +66,11 @@ class KernelProcess:
         """A new client of this kernel (close it, or use it in a ``with`` block)."""
         return connect(self.state_dir)
 
-    def cli(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        """Run ``llmos ARGS --state-dir <this kernel's>``; raises AssertionError on failure when ``check``."""
+    def cli(self, *args: str, check: bool = True, timeout: float = 120, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        """Run ``llmos ARGS --state-dir <this kernel's>`` (``env`` added to the kernel's environment);
+        raises AssertionError on failure when ``check``."""
         argv = [sys.executable, "-m", "llmos.kernel.cli", args[0], "--state-dir", str(self.state_dir), *args[1:]]
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=self.env)
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env={**self.env, **(env or {})} if env else self.env)
         if check and proc.returncode != 0:
             raise AssertionError(f"llmos {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
         return proc

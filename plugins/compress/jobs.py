@@ -212,7 +212,7 @@ class QuantizeRunner(_CompressRunner):
             method["packing"] = "int8 weights as they are (compressed-tensors int-quantized)" + (", activations int8 per token at run time" if p.scheme == "w8a8" else "")
         params, _ = gate.count_params(model)
         save_checkpoint(out, model, _tokenizer_json(source), self.output_manifest(ctx, source, manifest, {"quantization": method, "parameters": params}),
-                        config_extra={"quantization_config": qc})
+                        config_extra={"quantization_config": qc}, tokenizer_from=source)
         return method
 
 
@@ -254,7 +254,7 @@ class PruneRunner(_CompressRunner):
             healed = heal(ctx, model, teacher, heal_tokens, p, keep_zeros=p.method != "structured")
         stats_after = prune.sparsity_stats(model)
         method = {"method": p.method, "sparsity": pattern, "achieved": stats_after, "healed": healed, "storage": "dense"}
-        save_checkpoint(out, model, _tokenizer_json(source), self.output_manifest(ctx, source, manifest, {"pruning": method, "sparsity": pattern}))
+        save_checkpoint(out, model, _tokenizer_json(source), self.output_manifest(ctx, source, manifest, {"pruning": method, "sparsity": pattern}), tokenizer_from=source)
         return method
 
 

@@ -18,6 +18,23 @@ from safetensors.torch import load_file, save_file
 from llmos.plugins.lm.config import LlamaConfig
 from llmos.plugins.lm.model import Llama
 
+# What a checkpoint holds beside tokenizer.json for tokenizers and chat: copied from the model a
+# checkpoint derives from, else written with llmos's defaults.
+TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+# The chat template of the models llmos trains (docs/api.md): each message as ``<|role|>``, a
+# newline, its content and the end-of-text token; with ``add_generation_prompt``, the assistant's
+# header after them. Rendered as transformers renders templates (jinja2's sandbox, trim_blocks and
+# lstrip_blocks).
+DEFAULT_CHAT_TEMPLATE = (
+    "{%- for message in messages %}\n"
+    "{{- '<|' + message['role'] + '|>\\n' + message['content'] + eos_token + '\\n' }}\n"
+    "{%- endfor %}\n"
+    "{%- if add_generation_prompt %}\n"
+    "{{- '<|assistant|>\\n' }}\n"
+    "{%- endif %}\n"
+)
+
 
 class CheckpointError(ValueError):
     """A checkpoint directory that cannot be loaded: what is missing or wrong, and where."""
@@ -45,12 +62,15 @@ def library_versions() -> dict[str, str]:
     return out
 
 
-def save_checkpoint(directory: Path, model: Llama, tokenizer_json: str | None, manifest: dict[str, Any], extra_state: dict[str, torch.Tensor] | None = None, config_extra: dict[str, Any] | None = None) -> Path:
+def save_checkpoint(directory: Path, model: Llama, tokenizer_json: str | None, manifest: dict[str, Any], extra_state: dict[str, torch.Tensor] | None = None,
+                    config_extra: dict[str, Any] | None = None, tokenizer_from: str | Path | None = None) -> Path:
     """Write the checkpoint atomically (a temporary directory renamed into place).
 
     The tensors are the model's ``state_dict`` (layers that store themselves differently, such as
     quantized ones, name their own tensors); ``config_extra`` adds keys to ``config.json`` (a
-    ``quantization_config``)."""
+    ``quantization_config``). Beside ``tokenizer_json`` go the tokenizer's config and chat
+    template: those of the checkpoint ``tokenizer_from`` (the model this one derives from) where
+    it has them, else llmos's defaults (:data:`DEFAULT_CHAT_TEMPLATE`)."""
     directory = Path(directory)
     tmp = directory.with_name(directory.name + f".tmp{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
@@ -62,6 +82,7 @@ def save_checkpoint(directory: Path, model: Llama, tokenizer_json: str | None, m
     (tmp / "config.json").write_text(json.dumps({**config.to_hf_dict(), **(config_extra or {})}, indent=2))
     if tokenizer_json is not None:
         (tmp / "tokenizer.json").write_text(tokenizer_json)
+        _tokenizer_files(tmp, tokenizer_json, config, Path(tokenizer_from) if tokenizer_from else None)
     if extra_state:
         save_file({k: v.contiguous().cpu() for k, v in extra_state.items()}, str(tmp / "train_state.safetensors"))
     full = {
@@ -81,6 +102,49 @@ def save_checkpoint(directory: Path, model: Llama, tokenizer_json: str | None, m
     else:
         tmp.rename(directory)
     return directory
+
+
+def _tokenizer_files(out: Path, tokenizer_json: str, config: Any, source: Path | None) -> None:
+    """tokenizer_config.json and chat_template.jinja for a checkpoint: copied from ``source``
+    when it has any of them (a pruned or quantized model keeps its parent's), else the defaults:
+    transformers' ``AutoTokenizer`` then loads the tokenizer with its end-of-text token, and chat
+    requests have a template."""
+    import shutil
+
+    found = [name for name in TOKENIZER_FILES if source is not None and (source / name).is_file()]
+    if found:
+        for name in found:
+            shutil.copyfile(source / name, out / name)  # type: ignore[operator]
+        return
+    from tokenizers import Tokenizer
+
+    from llmos.plugins.lm.text import EOS
+
+    has_eos = Tokenizer.from_str(tokenizer_json).token_to_id(EOS) is not None
+    tokenizer_config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": config.max_position_embeddings,
+        "clean_up_tokenization_spaces": False,
+        **({"eos_token": EOS} if has_eos else {}),
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
+    (out / "chat_template.jinja").write_text(DEFAULT_CHAT_TEMPLATE)
+
+
+def read_chat_template(directory: str | Path) -> str | None:
+    """A checkpoint's chat template: ``chat_template`` in tokenizer_config.json (a string, or a
+    list of named templates: the one named "default"), else chat_template.jinja; None if neither."""
+    directory = Path(directory)
+    try:
+        template = json.loads((directory / "tokenizer_config.json").read_text()).get("chat_template")
+    except (OSError, ValueError, AttributeError):
+        template = None
+    if isinstance(template, list):
+        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None)
+    if isinstance(template, str) and template:
+        return template
+    path = directory / "chat_template.jinja"
+    return path.read_text() if path.is_file() else None
 
 
 def _rmtree(path: Path) -> None:

@@ -179,18 +179,31 @@ def generate_command(model: str, prompt: str, stream: bool, max_new_tokens: int 
 @click.option("--allow-rejected", is_flag=True, default=None, help="Serve a checkpoint a quality gate rejected.")
 @click.option("--kv-memory", default=None, metavar="SIZE", help="The KV cache's budget per replica (2GiB, bytes): sequences hold as many tokens as max-seqs of them fit in it (at most max-len).")
 @click.option("-p", "--param", "extra", multiple=True, metavar="KEY=VALUE", help="Any other parameter (see `llmos plugins info lm`).")
-@click.option("--cpus", type=float, default=None, help="CPU cores per replica.")
+@click.option("--cpus", type=float, default=None, help="CPU cores per replica (default: the cores free now, shared among the replicas; at least 1).")
 @click.option("--gpus", type=float, default=None, help="GPUs per replica.")
+@click.option("--http", "http", default=None, metavar="[HOST:]PORT", help="Also answer OpenAI's HTTP API there (starts or reuses an `llmos api` gateway).")
+@click.option("--api-key", default=None, envvar="LLMOS_API_KEY", show_envvar=True, help="With --http: the key clients must send (needed off loopback).")
 @click.option("--timeout", "wait_s", type=float, default=300, show_default=True, help="Seconds to wait for every replica to answer requests.")
 @click.option("--follow", is_flag=True, help="Stay attached and print the replicas' logs (Ctrl-C detaches).")
 @click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="The kernel's state directory.")
 @click.option("--json", "as_json", is_flag=True, help="Print the service as JSON.")
 def serve_command(model: str, name: str | None, replicas: int, max_seqs: int | None, max_len: int | None, max_queue: int | None, dtype: str | None,
-                  allow_rejected: bool | None, kv_memory: str | None, extra: tuple[str, ...], cpus: float | None, gpus: float | None, wait_s: float, follow: bool, state_dir: Path | None, as_json: bool) -> None:
+                  allow_rejected: bool | None, kv_memory: str | None, extra: tuple[str, ...], cpus: float | None, gpus: float | None, http: str | None,
+                  api_key: str | None, wait_s: float, follow: bool, state_dir: Path | None, as_json: bool) -> None:
     """Serve the checkpoint MODEL (a directory, or job:ID for that job's newest checkpoint);
     returns once every replica answers requests. If one fails first (or the wait times out),
-    the replicas already started are cancelled."""
+    the replicas already started are cancelled. Without --cpus, the replicas take the cores that
+    are free when they start, as other inference servers use the machine. With --http, the model
+    also answers OpenAI's API (`llmos api`; the model name is the service name)."""
     from llmos.plugins.lm.serve import service_name
+
+    if http is not None:
+        from llmos.plugins.api import is_loopback
+        from llmos.plugins.api.cli import parse_http
+
+        http_at = parse_http(http)
+        if not is_loopback(http_at[0]) and not api_key:
+            raise click.ClickException(f"--http on {http_at[0]} (not a loopback address) needs an API key: give --api-key KEY or set LLMOS_API_KEY")
 
     path = model_path(model, state_dir)
     service = service_name(path, name or (f"job-{model[4:]}" if model.startswith("job:") else None))
@@ -202,6 +215,8 @@ def serve_command(model: str, name: str | None, replicas: int, max_seqs: int | N
     resources = {k: v for k, v in (("cpus", cpus), ("gpus", gpus)) if v is not None}
     try:
         with llmos.connect(state_dir) as client:
+            if cpus is None:
+                resources["cpus"] = free_cores(client, replicas)
             jobs: list[llmos.Job] = []
             try:
                 for _ in range(replicas):
@@ -213,16 +228,32 @@ def serve_command(model: str, name: str | None, replicas: int, max_seqs: int | N
                     with contextlib.suppress(llmos.LlmosError):
                         job.cancel(f"llmos serve {service!r} did not come up")
                 raise
+            if http is not None:
+                from llmos.plugins.api.cli import start_gateway
+
+                entry = {**entry, "http": start_gateway(client, *http_at, api_key)}
             if as_json:
                 click.echo(json.dumps(entry))
             else:
-                click.echo(f"serving {model} as {service!r} ({replicas} replica(s): jobs {', '.join(str(j.id) for j in jobs)}); try: llmos generate {service} \"hello\"")
+                click.echo(f"serving {model} as {service!r} ({replicas} replica(s) of {resources['cpus']:g} core(s): jobs {', '.join(str(j.id) for j in jobs)}); "
+                           f"try: llmos generate {service} \"hello\"")
+                if http is not None:
+                    click.echo(f"OpenAI-compatible API at {entry['http']['url']}/v1 (model {service!r}, gateway job {entry['http']['job_id']})")
             if follow:
                 for event in client.events("job.", follow=True):
                     if event.topic.split(".")[1] in {str(j.id) for j in jobs} and event.type in ("job.log", "job.state"):
                         click.echo(f"job {event.topic.split('.')[1]}: {event.type} {json.dumps(event.body)}")
     except llmos.LlmosError as exc:
         raise click.ClickException(str(exc)) from None
+
+
+def free_cores(client: llmos.Client, replicas: int = 1) -> float:
+    """The whole CPU cores free in the device table now, shared among ``replicas`` (at least 1 each)."""
+    cpu = next((d for d in client.devices() if d.get("kind") == "cpu"), None)
+    if cpu is None:
+        return 1.0
+    free = float(cpu.get("capacity", 1)) - float(cpu.get("share_reserved", 0))
+    return float(max(1, int(free + 1e-9) // max(replicas, 1)))
 
 
 def _wait_for_replicas(client: llmos.Client, service: str, jobs: list[llmos.Job], wait_s: float) -> dict[str, Any]:

@@ -18,6 +18,8 @@ from llmos.plugins.lm.kernels import PackedLinear
 from llmos.plugins.lm.model import Decoder, KVCache, Llama
 from llmos.plugins.lm.text import Tok
 
+MAX_LOGPROBS = 20  # most likely tokens reported per position, at most (as OpenAI's API allows)
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -36,6 +38,10 @@ class Sampling:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     stop_tokens: tuple[int, ...] = ()
+    presence_penalty: float = 0.0  # subtracted from the logit of every token generated so far
+    frequency_penalty: float = 0.0  # subtracted once per time each token was generated so far
+    logprobs: int | None = None  # each generated token's log-probability and this many most likely ones
+    prompt_logprobs: int | None = None  # the same for every prompt token (the first has none)
 
     def __post_init__(self) -> None:
         # Only the containers are normalised here; validate() judges what is inside them.
@@ -66,6 +72,14 @@ class Sampling:
             raise ValueError("stop strings must not be empty (an empty one would end every request at once)")
         if not isinstance(self.stop_tokens, tuple) or not all(_is_int(t) and t >= 0 for t in self.stop_tokens):
             raise ValueError(f"stop_tokens must be a list of token ids (integers >= 0), got {self.stop_tokens!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not _is_number(value) or not -2 <= value <= 2:
+                raise ValueError(f"{name} must be a number between -2 and 2, got {value!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or not 0 <= value <= MAX_LOGPROBS):
+                raise ValueError(f"{name} must be an integer between 0 and {MAX_LOGPROBS} or None, got {value!r}")
         return self
 
 
@@ -90,6 +104,9 @@ class _Seq:
     finish: str | None = None
     text: str | None = ""  # None: not decoded since the last token (nobody needed it yet)
     emitted: int = 0  # characters of text already handed to on_token
+    logprobs: list[dict[str, Any]] = field(default_factory=list)  # one per token of ``out``, when asked
+    prompt_logprobs: list[dict[str, Any]] | None = None
+    pending_logprob: dict[str, Any] | None = None  # the picked token's, until it joins ``out``
 
 
 def sample_next(logits: torch.Tensor, seen: list[int], s: Sampling, gen: torch.Generator | None) -> int:
@@ -115,7 +132,7 @@ def sample_next(logits: torch.Tensor, seen: list[int], s: Sampling, gen: torch.G
 
 
 def _greedy(s: Sampling) -> bool:
-    return s.temperature == 0 and s.repetition_penalty == 1.0
+    return s.temperature == 0 and s.repetition_penalty == 1.0 and not s.presence_penalty and not s.frequency_penalty and s.logprobs is None
 
 
 def _argmax(logits: torch.Tensor) -> list[int]:
@@ -150,6 +167,7 @@ class Engine:
         self.tok = tok
         self.eos = model.config.eos_token_id if model.config.eos_token_id is not None else tok.eos_id
         self.context = model.config.max_position_embeddings
+        self._texts: dict[int, str] = {}
 
     def encode(self, prompt: str | list[int]) -> list[int]:
         ids = list(prompt) if isinstance(prompt, list) else self.tok.encode(prompt)
@@ -180,13 +198,21 @@ class Engine:
 
     @torch.inference_mode()
     def prefill(self, seq: _Seq, cache: KVCache, on_token: Any = None) -> None:
-        """Run the prompt through the model and pick the first token."""
-        if seq.sampling.max_new_tokens == 0:
+        """Run the prompt through the model and pick the first token (with ``prompt_logprobs``,
+        score every prompt token on the way; with ``max_new_tokens=0``, only that)."""
+        s = seq.sampling
+        if s.max_new_tokens == 0 and s.prompt_logprobs is None:
             seq.finish = "length"
             return
-        if len(seq.prompt) + 1 > cache.length:
+        if len(seq.prompt) + (s.max_new_tokens > 0) > cache.length:
             raise ValueError(f"the prompt is {len(seq.prompt)} tokens; this cache holds {cache.length} per sequence")
-        logits = self.decoder(torch.tensor([seq.prompt], device=self.device), [0], [seq.slot], cache)
+        scored = s.prompt_logprobs is not None
+        logits = self.decoder(torch.tensor([seq.prompt], device=self.device), [0], [seq.slot], cache, last_only=not scored)
+        if scored:
+            seq.prompt_logprobs = self._prompt_logprobs(seq.prompt, logits[0], s.prompt_logprobs)
+        if s.max_new_tokens == 0:
+            seq.finish = "length"
+            return
         self._accept(seq, self._pick(seq, logits[0, -1]), on_token, cache.length)
 
     @torch.inference_mode()
@@ -204,6 +230,27 @@ class Engine:
         for seq, token in zip(active, tokens):
             self._accept(seq, token, on_token, cache.length)
 
+    def token_text(self, token: int) -> str:
+        """One token on its own, as text (a byte of a longer character shows as U+FFFD)."""
+        text = self._texts.get(token)
+        if text is None:
+            text = self._texts[token] = self.tok.decode([token])
+        return text
+
+    def _entry(self, token: int, row: torch.Tensor, k: int) -> dict[str, Any]:
+        """``token``'s log-probability under log-softmax ``row``, with the ``k`` most likely."""
+        top = []
+        if k:
+            values, ids = torch.topk(row, k)
+            top = [{"token": self.token_text(i), "id": i, "logprob": v} for i, v in zip(ids.tolist(), values.tolist())]
+        return {"token": self.token_text(token), "id": token, "logprob": float(row[token]), "top": top}
+
+    def _prompt_logprobs(self, prompt: list[int], logits: torch.Tensor, k: int) -> list[dict[str, Any]]:
+        """Each prompt token's log-probability given the tokens before it (none for the first)."""
+        rows = torch.log_softmax(logits[:-1].float(), -1)
+        out = [{"token": self.token_text(prompt[0]), "id": prompt[0], "logprob": None, "top": None}]
+        return out + [self._entry(token, rows[i], k) for i, token in enumerate(prompt[1:])]
+
     def completion(self, seq: _Seq) -> Completion:
         done = time.perf_counter()
         if seq.text is None:
@@ -214,6 +261,8 @@ class Engine:
             tokens=seq.out,
             finish_reason=seq.finish or "length",
             prompt_tokens=len(seq.prompt),
+            logprobs=seq.logprobs if seq.sampling.logprobs is not None else None,
+            prompt_logprobs=seq.prompt_logprobs,
             timings={
                 "ttft_s": (seq.first_token_at or done) - seq.started,
                 "total_s": done - seq.started,
@@ -234,10 +283,22 @@ class Engine:
             self.decode(seqs, cache, on_token)
         return [self.completion(q) for q in seqs]
 
-    @staticmethod
-    def _pick(seq: _Seq, logits: torch.Tensor) -> int:
+    def _pick(self, seq: _Seq, logits: torch.Tensor) -> int:
+        """The next token of ``seq`` from its raw ``logits`` (which may be changed in place).
+
+        Log-probabilities, when asked, are the model's own (before penalties and temperature), as
+        OpenAI's API and vLLM report them."""
         s = seq.sampling
-        return sample_next(logits.float(), seq.prompt + seq.out if s.repetition_penalty != 1.0 else [], s, seq.generator)
+        logits = logits.float()
+        if s.logprobs is not None:
+            row = torch.log_softmax(logits, -1)
+        if (s.presence_penalty or s.frequency_penalty) and seq.out:
+            ids, counts = torch.unique(torch.tensor(seq.out, device=logits.device), return_counts=True)
+            logits[ids] -= s.frequency_penalty * counts.to(logits.dtype) + s.presence_penalty
+        token = sample_next(logits, seq.prompt + seq.out if s.repetition_penalty != 1.0 else [], s, seq.generator)
+        if s.logprobs is not None:
+            seq.pending_logprob = self._entry(token, row, s.logprobs)
+        return token
 
     def _accept(self, seq: _Seq, token: int, on_token: Any, cache_length: int) -> None:
         s = seq.sampling
@@ -250,6 +311,9 @@ class Engine:
             self._finish(seq, "eos", token, on_token)
             return
         seq.out.append(token)
+        if seq.pending_logprob is not None:
+            seq.logprobs.append(seq.pending_logprob)
+            seq.pending_logprob = None
         if not on_token and not s.stop:  # nobody reads the text before the end: decode it then
             seq.text = None
         else:

@@ -3,11 +3,19 @@ the kernel, with continuous batching: new requests join the running batch at the
 finished ones leave it, within ``max_seqs`` concurrent sequences; past that, requests wait in a
 queue of ``max_queue``; past that, they get a "busy" error. A request that cannot be served
 (bad options, a failure while generating) fails at its own caller: the service keeps running.
-Stopping the service (cancel) fails what is running or waiting with an "is stopping" error."""
+Stopping the service (cancel) fails what is running or waiting with an "is stopping" error.
+
+A request body is ``{"prompt": text or token ids, "sampling": {...}, "stream": bool}``, with
+``"check_length": true`` to refuse a prompt whose ``max_new_tokens`` would not fit the context
+(instead of stopping at it). A stream sends ``{"text", "tokens", "logprobs"}`` pieces (the new
+tokens since the last piece, their log-probabilities when asked), then ``{"completion"}``.
+``{"op": "info" | "tokenize" | "detokenize"}`` bodies are answered at once, outside the batch:
+what an HTTP gateway needs (the context length, the chat template, the tokenizer)."""
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import time
 import traceback
 from dataclasses import dataclass
@@ -16,11 +24,12 @@ from typing import Any
 
 import llmos
 from llmos.errors import ServiceBusy, ServiceError, ValidationError
+from llmos.plugins.lm.checkpoint import read_chat_template
 from llmos.plugins.lm.engine import Engine, Sampling
 from llmos.plugins.lm.runtime import load_for_job, pick_device, set_threads, tokenizer_beside
 from llmos.units import format_size, parse_size
 
-SAMPLING_KEYS = {"max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed", "stop", "stop_tokens"}
+SAMPLING_KEYS = frozenset(f.name for f in dataclasses.fields(Sampling))
 
 
 def service_name(model: str, name: str | None) -> str:
@@ -49,16 +58,24 @@ class _Batch:
         self.max_queue = ctx.params.max_queue
         self.max_seqs = ctx.params.max_seqs
         self.waiting: collections.deque[_Request] = collections.deque()
-        self.active: dict[int, tuple[str, Any, bool]] = {}  # slot -> (request id, sequence, stream)
+        self.active: dict[int, tuple[str, Any, Any]] = {}  # slot -> (request id, sequence, its sender)
         self.free = list(range(self.max_seqs))
         self.served = 0
 
-    def _sender(self, request_id: str, stream: bool) -> Any:
-        ctx = self.ctx
+    def _sender(self, request_id: str, stream: bool, seq: Any) -> Any:
+        """What the engine calls with each text piece of ``seq``: sent on with the tokens since
+        the last piece (and their log-probabilities), when the caller streams."""
+        respond, sent = self.ctx.respond, 0
 
         def send(_slot: int, _token: int, text: str) -> None:
-            if stream:
-                ctx.respond(request_id, {"text": text}, done=False)
+            nonlocal sent
+            if not stream:
+                return
+            body: dict[str, Any] = {"text": text, "tokens": seq.out[sent:]}
+            if seq.sampling.logprobs is not None:
+                body["logprobs"] = seq.logprobs[sent:]
+            sent = len(seq.out)
+            respond(request_id, body, done=False)
 
         return send
 
@@ -96,21 +113,27 @@ class _Batch:
             slot = self.free.pop(0)  # the lowest free slot: active slots stay contiguous (cache views)
             try:
                 seq = self.engine.start(request.prompt, request.sampling, slot, arrived=request.arrived)
-                self.engine.prefill(seq, self.cache, self._sender(request.request_id, request.stream))
+                send = self._sender(request.request_id, request.stream, seq)
+                self.engine.prefill(seq, self.cache, send)
             except Exception as exc:
                 self.runner._failed(self.ctx, request.request_id, exc)
                 self.free.append(slot)
                 continue
-            self.active[slot] = (request.request_id, seq, request.stream)
+            if seq.finish is not None:  # nothing to decode (max_new_tokens=0: the prompt scored only)
+                self.ctx.respond(request.request_id, {"completion": self.engine.completion(seq).to_dict()}, done=True)
+                self.free.append(slot)
+                self.served += 1
+                continue
+            self.active[slot] = (request.request_id, seq, send)
 
     def step(self) -> None:
         """One decode step for the whole batch; then the finished leave."""
         if not self.active:
             return
         seqs = [seq for _, seq, _ in self.active.values()]
-        senders = {seq.slot: self._sender(rid, stream) for rid, seq, stream in self.active.values()}
+        active = self.active
         try:
-            self.engine.decode(seqs, self.cache, lambda slot, token, text: senders[slot](slot, token, text))
+            self.engine.decode(seqs, self.cache, lambda slot, token, text: active[slot][2](slot, token, text))
         except Exception as exc:
             # One step serves the whole batch: its sequences fail together, the service goes on.
             for request_id, _seq, _s in self.active.values():
@@ -118,7 +141,7 @@ class _Batch:
             self.free.extend(self.active)
             self.active.clear()
             return
-        for slot, (request_id, seq, _stream) in list(self.active.items()):
+        for slot, (request_id, seq, _send) in list(self.active.items()):
             if seq.finish is not None:
                 self.ctx.respond(request_id, {"completion": self.engine.completion(seq).to_dict()}, done=True)
                 del self.active[slot]
@@ -155,30 +178,48 @@ class ServeRunner(llmos.Runner):
                 )
         self.cache = self.engine.new_cache(p.max_seqs, length)
         self.name = service_name(p.model, p.name)
+        self.model, self.ctx_params, self.started = p.model, p, int(time.time())
+        self.chat_template = read_chat_template(p.model)
+        self.batch: _Batch | None = None
 
-    def _parse(self, body: Any) -> tuple[str, Sampling, bool]:
-        """The prompt, sampling and stream flag of a request body; ValueError says what is wrong."""
+    def _parse(self, body: Any) -> tuple[str | list[int], Sampling, bool, bool]:
+        """The prompt, sampling, stream and check_length flags of a request body; ValueError says what is wrong."""
         if not isinstance(body, dict):
             raise ValueError("a generation request is a map with 'prompt' and optional 'sampling' and 'stream'")
         prompt = body.get("prompt")
-        if not isinstance(prompt, str):
-            raise ValueError("a generation request needs 'prompt' (a string)")
+        if isinstance(prompt, list):
+            vocab = self.engine.model.config.vocab_size
+            if not prompt or not all(type(t) is int and 0 <= t < vocab for t in prompt):
+                raise ValueError(f"a prompt of token ids must be a non-empty list of integers in [0, {vocab})")
+        elif not isinstance(prompt, str):
+            raise ValueError("a generation request needs 'prompt' (a string or a list of token ids)")
         sampling = body.get("sampling") or {}
         if not isinstance(sampling, dict):
             raise ValueError(f"'sampling' must be a map of options, got {type(sampling).__name__}")
         unknown = set(sampling) - SAMPLING_KEYS
         if unknown:
             raise ValueError(f"unknown sampling option {sorted(unknown, key=str)[0]!r}; known: {', '.join(sorted(SAMPLING_KEYS))}")
-        return prompt, Sampling(**sampling).validate(), bool(body.get("stream", False))
+        return prompt, Sampling(**sampling).validate(), bool(body.get("stream", False)), bool(body.get("check_length", False))
 
     def _take(self, ctx: llmos.JobContext, call: Any) -> _Request | None:
-        """The checked request of ``call``, or None once its caller has been told why not."""
+        """The checked request of ``call``, or None once its caller has been told why not (or,
+        for an ``op``, answered)."""
         arrived = time.perf_counter()
         try:
-            prompt, sampling, stream = self._parse(call.body)
-            ids = self.engine.encode(prompt)  # too long for the context: refused now, not mid-batch
-            if len(ids) + 1 > self.cache.length:
-                raise ValueError(f"the prompt is {len(ids)} tokens; this service holds {self.cache.length} per sequence")
+            if isinstance(call.body, dict) and "op" in call.body:
+                ctx.respond(call.request_id, self._op(call.body), done=True)
+                return None
+            prompt, sampling, stream, check_length = self._parse(call.body)
+            ids = list(prompt) if isinstance(prompt, list) else self.engine.tok.encode(prompt)
+            length = self.cache.length
+            if check_length and len(ids) + sampling.max_new_tokens > length:
+                raise ValueError(
+                    f"this model's maximum context length is {length} tokens, but {len(ids) + sampling.max_new_tokens} were asked for "
+                    f"({len(ids)} in the prompt and {sampling.max_new_tokens} to generate); shorten the prompt or lower max_tokens"
+                )
+            if len(ids) + (sampling.max_new_tokens > 0) > length:
+                raise ValueError(f"the prompt is {len(ids)} tokens; this service holds {length} per sequence")
+            ids = self.engine.encode(ids)  # past the model's own context: refused now, not mid-batch
         except ValueError as exc:
             ctx.respond(call.request_id, error=str(exc), code=ValidationError.code)
             return None
@@ -186,6 +227,40 @@ class ServeRunner(llmos.Runner):
             self._failed(ctx, call.request_id, exc)
             return None
         return _Request(call.request_id, ids, sampling, stream, arrived)
+
+    def _eos_text(self) -> str | None:
+        """The end-of-text token as text (for chat templates): the tokenizer's, else the model's."""
+        tk, engine = self.engine.tok.tk, self.engine
+        for token in (engine.tok.eos_id, engine.eos):
+            text = tk.id_to_token(token) if token is not None else None
+            if text is not None:
+                return text
+        return None
+
+    def _op(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Answer an ``op`` request: ``info``, ``tokenize`` (``text``) or ``detokenize`` (``tokens``)."""
+        op, engine = body["op"], self.engine
+        if op == "info":
+            eos = engine.eos
+            return {
+                "model": self.model, "service": self.name, "context": self.cache.length, "model_context": engine.context,
+                "vocab_size": engine.model.config.vocab_size, "eos_token": self._eos_text(),
+                "eos_token_id": eos, "bos_token": None, "chat_template": self.chat_template, "max_seqs": self.ctx_params.max_seqs,
+                "max_queue": self.ctx_params.max_queue, "tokenizer_class": "PreTrainedTokenizerFast", "created": self.started,
+                "running": len(self.batch.active) if self.batch else 0, "waiting": len(self.batch.waiting) if self.batch else 0,
+            }
+        if op == "tokenize":
+            text = body.get("text")
+            if not isinstance(text, str):
+                raise ValueError("tokenize needs 'text' (a string)")
+            return {"tokens": engine.tok.encode(text)}
+        if op == "detokenize":
+            tokens = body.get("tokens")
+            vocab = engine.model.config.vocab_size
+            if not isinstance(tokens, list) or not all(type(t) is int and 0 <= t < vocab for t in tokens):
+                raise ValueError(f"detokenize needs 'tokens' (a list of integers in [0, {vocab}))")
+            return {"text": engine.tok.decode(tokens)}
+        raise ValueError(f"unknown op {op!r}; expected info, tokenize or detokenize")
 
     @staticmethod
     def _failed(ctx: llmos.JobContext, request_id: str, exc: Exception) -> None:
@@ -196,7 +271,7 @@ class ServeRunner(llmos.Runner):
         p, cache = ctx.params, self.cache
         ctx.register_service(self.name)
         ctx.log.info("serving", service=self.name, max_seqs=p.max_seqs, max_queue=p.max_queue, max_len=cache.length, kv_bytes=cache.k.nbytes + cache.v.nbytes)
-        batch = _Batch(self, ctx)
+        batch = self.batch = _Batch(self, ctx)
         while not ctx.cancelled:
             batch.admit()
             batch.drop_cancelled()

@@ -1,0 +1,85 @@
+"""The ``api`` service's runner: binds the socket (a port in use fails the job at once, saying
+so), serves the gateway's app with uvicorn on an event loop in a thread of its own, registers
+the service once it listens, and answers service calls with where it listens."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from typing import Any
+
+import llmos
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host:port``; OSError says plainly when the port is taken."""
+    family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host.strip("[]"), port))
+    except OSError as exc:
+        sock.close()
+        why = "is in use" if exc.errno == 98 else f"cannot be bound: {exc.strerror}"
+        raise OSError(exc.errno, f"port {port} on {host} {why}; choose another with --port") from None
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
+
+
+class ApiRunner(llmos.Runner):
+    def setup(self, ctx: llmos.JobContext) -> None:
+        p = ctx.params
+        self.sock = bind(p.host, p.port)
+        port = self.sock.getsockname()[1]
+        host = f"[{p.host.strip('[]')}]" if ":" in p.host else p.host
+        self.url = f"http://{host}:{port}"
+        self.port = port
+
+    def run(self, ctx: llmos.JobContext) -> dict[str, Any]:
+        import uvicorn
+
+        from llmos.plugins.api.app import Gateway
+
+        p = ctx.params
+        state: dict[str, Any] = {}
+
+        async def main() -> None:
+            client = llmos.AsyncClient()
+            try:
+                gateway = Gateway(client, key_sha256=p.api_key_sha256, max_body=p.max_body, name=p.name)
+                config = uvicorn.Config(gateway.app(), log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=3,
+                                        timeout_keep_alive=30)
+                server = state["server"] = uvicorn.Server(config)
+                await server.serve(sockets=[self.sock])
+            finally:
+                await client.close()
+
+        def serve() -> None:
+            try:
+                asyncio.run(main())
+            except BaseException as exc:
+                state["failed"] = exc
+
+        thread = threading.Thread(target=serve, name="llmos-api", daemon=True)
+        thread.start()
+        while not (state.get("server") is not None and state["server"].started) and thread.is_alive() and not ctx.cancelled:
+            time.sleep(0.01)
+        if "failed" in state:
+            raise RuntimeError(f"the HTTP server did not start: {state['failed']}")
+        ctx.register_service(p.name)
+        ctx.log.info("api_listening", url=self.url, service=p.name, api_key=p.api_key_sha256 is not None)
+        where = {"url": self.url, "host": p.host, "port": self.port, "api_key": p.api_key_sha256 is not None}
+        while not ctx.cancelled and thread.is_alive():
+            call = ctx.next_request(timeout=0.2)
+            if call is not None:
+                ctx.respond(call.request_id, where)
+        server = state.get("server")
+        if server is not None:
+            server.should_exit = True
+        thread.join(timeout=10)
+        if "failed" in state and not ctx.cancelled:
+            raise RuntimeError(f"the HTTP server stopped: {state['failed']}")
+        return where
