@@ -298,37 +298,43 @@ class Gateway:
         failed: ApiError | None = None
         heads = plan.kind == "chat" or plan.echo  # a first chunk per choice: the role, or the echoed prompt
         try:
-            while open_:
-                index, reply, exc = await queue.get()
-                if exc is not None:
-                    open_ -= 1
-                    failed = await self._failure(exc, plan.model)
-                    if first_token_at is None and heads is not None:
-                        raise failed  # nothing sent yet: the response is this error's status
-                    break
-                if reply is None:
-                    open_ -= 1
-                    continue
-                if heads:
-                    yield _sse(oa.chunk(plan, [oa.piece_choice(plan, i, await self._prompt_text(plan, p, {}) or "", None, None, first=True)
-                                               for i, (_j, p) in enumerate(calls)]))
-                heads = None
-                if "completion" in reply:
-                    completion = reply["completion"]
-                    if calls[index][0] == 0:
-                        prompt_tokens += completion["prompt_tokens"]
-                    completion_tokens += len(completion["tokens"])
-                    rest = completion["text"][sent_text[index]:]
-                    sent_text[index] = len(completion["text"])
-                    finish = oa.FINISH.get(completion["finish_reason"], "stop")
-                    yield _sse(oa.chunk(plan, [oa.piece_choice(plan, index, rest, None, finish)]))
-                    self.metrics.completion(plan.model, completion, None)
-                    continue
-                if first_token_at is None:
-                    first_token_at = time.perf_counter()
-                    self.metrics.first_token(plan.model, first_token_at - started)
-                sent_text[index] += len(reply.get("text", ""))
-                yield _sse(oa.chunk(plan, [oa.piece_choice(plan, index, reply.get("text", ""), reply.get("logprobs"), None)]))
+            while open_ and failed is None:
+                ready = [await queue.get()]
+                while not queue.empty():  # what arrived meanwhile goes out in one write
+                    ready.append(queue.get_nowait())
+                out: list[bytes] = []
+                for index, reply, exc in ready:
+                    if exc is not None:
+                        open_ -= 1
+                        failed = await self._failure(exc, plan.model)
+                        if heads is not None and not out:
+                            raise failed  # nothing sent yet: the response is this error's status
+                        break
+                    if reply is None:
+                        open_ -= 1
+                        continue
+                    if heads:
+                        out.append(_sse(oa.chunk(plan, [oa.piece_choice(plan, i, await self._prompt_text(plan, p, {}) or "", None, None, first=True)
+                                                        for i, (_j, p) in enumerate(calls)])))
+                    heads = None
+                    if "completion" in reply:
+                        completion = reply["completion"]
+                        if calls[index][0] == 0:
+                            prompt_tokens += completion["prompt_tokens"]
+                        completion_tokens += len(completion["tokens"])
+                        rest = completion["text"][sent_text[index]:]
+                        sent_text[index] = len(completion["text"])
+                        finish = oa.FINISH.get(completion["finish_reason"], "stop")
+                        out.append(_sse(oa.chunk(plan, [oa.piece_choice(plan, index, rest, None, finish)])))
+                        self.metrics.completion(plan.model, completion, None)
+                        continue
+                    if first_token_at is None:
+                        first_token_at = time.perf_counter()
+                        self.metrics.first_token(plan.model, first_token_at - started)
+                    sent_text[index] += len(reply.get("text", ""))
+                    out.append(_sse(oa.chunk(plan, [oa.piece_choice(plan, index, reply.get("text", ""), reply.get("logprobs"), None)])))
+                if out:
+                    yield b"".join(out)
             if failed is not None:
                 self.metrics.request(plan.model, endpoint, failed.status)
                 yield _sse(failed.body())

@@ -16,7 +16,9 @@ import llmos
 def bind(host: str, port: int) -> socket.socket:
     """A listening TCP socket on ``host:port``; OSError says plainly when the port is taken."""
     family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP named outright: asyncio sets TCP_NODELAY only on sockets whose proto says TCP,
+    # and without it every keep-alive response after the first waits 40 ms for a delayed ACK.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host.strip("[]"), port))

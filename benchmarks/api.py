@@ -1,0 +1,220 @@
+"""The OpenAI-compatible gateway against the SDK it stands in front of, one run.
+
+Run ``python benchmarks/api.py`` (about 3 minutes on 2 cores; ``--quick`` about 1). A kernel is
+booted with ``llmos boot --detach`` in a temporary state dir; the model (preset ``micro``, random
+weights, a byte vocabulary, an end-of-text id outside it so every request runs to its length:
+speed does not depend on the weights) is served with ``llmos serve`` and default options (every
+free core, ``max_seqs=16``), and the gateway is started with ``llmos api``, as a user would. The
+HTTP side is the real ``openai`` client (one shared by a thread pool); the SDK side is one
+``llmos.connect()`` shared by a thread pool, streaming from the same service. The two sides
+alternate phase by phase, so they share whatever load the machine has:
+
+1. **Streams.** One stream of ``NEW`` greedy tokens at a time, then 16 at once: tokens over the
+   wall time of the load (time to first token included), HTTP against the SDK (target >= 0.95x).
+2. **Time to first token added by the gateway.** Short streamed requests one at a time,
+   alternating SDK and HTTP: the medians' difference (target <= 5 ms).
+3. **Short completions under 64 concurrent clients.** ``max_tokens=4``, not streamed, 64 threads
+   for ``--requests`` requests: requests/s, and that none was lost (every one answered 200 with 4
+   tokens); the SDK under the same 64 threads beside it.
+
+A table is printed and written into ``docs/benchmarks.md`` under ``## API gateway
+(benchmarks/api.py)`` (``--no-write`` skips the file). A missed target is marked FAIL and does not
+change the exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from _benchkernel import Kernel, llmos_cmd
+from _report import cpu_model, pct, say, verdict, write_doc
+
+import llmos
+
+SECTION = "## API gateway (benchmarks/api.py)"
+SERVICE = "api-bench"
+STREAMS = 16
+PRESET = "small"  # 12 layers of width 768 (85M parameters with a byte vocabulary): decode speed of a common small model
+CLIENTS = 64
+
+
+def make_model(directory: Path) -> Path:
+    from llmos.plugins.lm.checkpoint import save_checkpoint
+    from llmos.plugins.lm.config import config_from_preset
+    from llmos.plugins.lm.model import Llama
+    from llmos.plugins.lm.text import bytes_tokenizer
+
+    tok = bytes_tokenizer()
+    model = Llama(config_from_preset(PRESET, tok.vocab_size, eos_token_id=tok.vocab_size + 1))
+    model.init_weights(seed=0)
+    save_checkpoint(directory, model, tok.to_json(), {})
+    return directory
+
+
+def cli(state: Path, *args: str) -> Any:
+    proc = subprocess.run([*llmos_cmd(), args[0], "--state-dir", str(state), *args[1:], "--json"], capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0:
+        raise RuntimeError(f"llmos {' '.join(args)} failed: {proc.stderr.strip()}")
+    return json.loads(proc.stdout)
+
+
+def prompt(i: int) -> str:
+    return f"def function_{i}(value):\n    return "
+
+
+class Sides:
+    """The two ways to ask the same service: the SDK directly, and HTTP through the gateway."""
+
+    def __init__(self, client: llmos.Client, url: str) -> None:
+        import openai
+
+        self.client = client
+        self.http = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=300)
+
+    def sdk_stream(self, text: str, new: int) -> tuple[float, int, float]:
+        """(time to first piece, tokens, total seconds) of one streamed request."""
+        t0 = time.perf_counter()
+        first, tokens = None, 0
+        for reply in self.client.call(SERVICE, {"prompt": text, "sampling": {"max_new_tokens": new, "temperature": 0}, "stream": True}):
+            if "completion" in reply:
+                tokens = len(reply["completion"]["tokens"])
+            elif first is None:
+                first = time.perf_counter() - t0
+        return first or 0.0, tokens, time.perf_counter() - t0
+
+    def http_stream(self, text: str, new: int) -> tuple[float, int, float]:
+        t0 = time.perf_counter()
+        first, tokens = None, 0
+        stream = self.http.completions.create(model=SERVICE, prompt=text, max_tokens=new, temperature=0, stream=True,
+                                              stream_options={"include_usage": True})
+        for chunk in stream:
+            if chunk.usage is not None:
+                tokens = chunk.usage.completion_tokens
+            elif first is None and chunk.choices and chunk.choices[0].text:
+                first = time.perf_counter() - t0
+        return first or 0.0, tokens, time.perf_counter() - t0
+
+    def sdk_short(self, text: str) -> bool:
+        c = self.client.generate(SERVICE, text, max_new_tokens=4, temperature=0)
+        return len(c.tokens) == 4
+
+    def http_short(self, text: str) -> bool:
+        r = self.http.completions.create(model=SERVICE, prompt=text, max_tokens=4, temperature=0)
+        return r.usage.completion_tokens == 4 and r.choices[0].finish_reason == "length"
+
+
+def load(fn: Any, count: int, threads: int, new: int | None) -> tuple[float, list[Any]]:
+    """Run ``count`` calls of ``fn`` on ``threads`` threads; (wall seconds, results)."""
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        futures = [pool.submit(fn, prompt(i)) if new is None else pool.submit(fn, prompt(i), new) for i in range(count)]
+        results = []
+        for f in futures:
+            try:
+                results.append(f.result())
+            except Exception as exc:
+                results.append(exc)
+    return time.perf_counter() - t0, results
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer rounds (about 1 minute)")
+    ap.add_argument("--requests", type=int, default=None, help="short completions per side in phase 3 (default 640; 192 with --quick)")
+    ap.add_argument("--no-write", action="store_true", help="do not write docs/benchmarks.md")
+    args = ap.parse_args(argv)
+    q = args.quick
+    rounds, new, pings = (1, 64, 20) if q else (3, 128, 60)
+    requests = args.requests or (192 if q else 640)
+    started = time.time()
+    t_start = time.perf_counter()
+    rows: list[tuple[str, str, str, str, str]] = []
+    notes: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="llmos-api-bench-") as tmp, Kernel() as kernel:
+        assert kernel.client is not None
+        model = make_model(Path(tmp) / "micro")
+        t0 = time.perf_counter()
+        served = cli(kernel.dir, "serve", str(model), "--name", SERVICE)
+        up = time.perf_counter() - t0
+        api = cli(kernel.dir, "api", "--port", "0")
+        cores = kernel.client.job(served["replicas"][0]["job_id"]).info().resources["cpus"]
+        sides = Sides(kernel.client, api["url"])
+        say(f"serving on {cores:g} core(s); gateway at {api['url']}")
+        sides.sdk_stream(prompt(0), 8)
+        sides.http_stream(prompt(0), 8)  # warm both paths
+
+        rates: dict[str, list[float]] = {"sdk1": [], "http1": [], "sdk16": [], "http16": []}
+        for r in range(rounds):
+            for side in ("sdk", "http"):
+                fn = sides.sdk_stream if side == "sdk" else sides.http_stream
+                wall, results = load(fn, 2, 1, new)
+                rates[f"{side}1"].append(sum(x[1] for x in results) / wall)
+                wall, results = load(fn, STREAMS, STREAMS, new)
+                rates[f"{side}16"].append(sum(x[1] for x in results) / wall)
+                say(f"round {r + 1} {side}: 1 stream {rates[side + '1'][-1]:.1f} tokens/s, {STREAMS} streams {rates[side + '16'][-1]:.1f} tokens/s")
+        med = {k: statistics.median(v) for k, v in rates.items()}
+        for n, label in ((1, "1 stream"), (STREAMS, f"{STREAMS} concurrent streams")):
+            ratio = med[f"http{n}"] / med[f"sdk{n}"]
+            rows.append((f"tokens/s through HTTP, {label} ({new} greedy tokens each, median of {rounds} rounds)", f"{med[f'http{n}']:.1f} tokens/s",
+                         f"{med[f'sdk{n}']:.1f} tokens/s SDK", f"{ratio:.3f}x (target >= 0.95x)", verdict(ratio >= 0.95)))
+        notes.append("Streams, tokens/s per round (SDK / HTTP): 1 stream " + ", ".join(f"{a:.1f} / {b:.1f}" for a, b in zip(rates["sdk1"], rates["http1"]))
+                     + f"; {STREAMS} streams " + ", ".join(f"{a:.1f} / {b:.1f}" for a, b in zip(rates["sdk16"], rates["http16"])) + ".")
+
+        sdk_ttft, http_ttft = [], []
+        for i in range(pings):
+            order = (sides.sdk_stream, sides.http_stream) if i % 2 == 0 else (sides.http_stream, sides.sdk_stream)
+            for fn in order:
+                first, _, _ = fn(prompt(i), 2)
+                (sdk_ttft if fn == sides.sdk_stream else http_ttft).append(first)
+        added = statistics.median(http_ttft) - statistics.median(sdk_ttft)
+        rows.append((f"time to first token added by the gateway (median of {pings} streamed requests each, alternating)", f"{added * 1e3:.2f} ms",
+                     f"SDK {statistics.median(sdk_ttft) * 1e3:.2f} ms, HTTP {statistics.median(http_ttft) * 1e3:.2f} ms", "target <= 5 ms", verdict(added <= 0.005)))
+        notes.append(f"Time to first token: SDK p50 {statistics.median(sdk_ttft) * 1e3:.2f} ms p90 {pct(sdk_ttft, 0.9) * 1e3:.2f} ms; "
+                     f"HTTP p50 {statistics.median(http_ttft) * 1e3:.2f} ms p90 {pct(http_ttft, 0.9) * 1e3:.2f} ms.")
+
+        short: dict[str, tuple[float, int, int]] = {}
+        for side, fn in (("sdk", sides.sdk_short), ("http", sides.http_short)):
+            wall, results = load(fn, requests, CLIENTS, None)
+            ok = sum(1 for x in results if x is True)
+            errors = [x for x in results if x is not True]
+            short[side] = (requests / wall, ok, len(errors))
+            if errors:
+                notes.append(f"{side}: {len(errors)} requests not answered in full, first: {errors[0]!r}")
+            say(f"{side}: {requests / wall:.1f} requests/s, {ok} of {requests} answered")
+        h, s = short["http"], short["sdk"]
+        rows.append((f"short completions (`max_tokens=4`) under {CLIENTS} concurrent clients, {requests} requests", f"{h[0]:.1f} requests/s, {h[1]} of {requests} answered",
+                     f"{s[0]:.1f} requests/s SDK, {s[1]} answered", f"{h[0] / s[0]:.2f}x; none lost", verdict(h[1] == requests)))
+    elapsed = time.perf_counter() - t_start
+    import openai
+    import starlette
+    import uvicorn
+
+    head = (f"`python benchmarks/api.py{' --quick' if q else ''}` on {dt.datetime.fromtimestamp(started, dt.UTC):%Y-%m-%d %H:%M} UTC, {elapsed:.0f} s. "
+            f"Machine: {os.cpu_count()} CPUs ({cpu_model()}), Python {platform.python_version()}, llmos {llmos.__version__}, starlette {starlette.__version__}, "
+            f"uvicorn {uvicorn.__version__}, openai {openai.__version__}. Model: preset `micro` (random weights, byte vocabulary), `llmos serve` with default options "
+            f"({cores:g} cores, `max_seqs=16`; up in {up:.1f} s), `llmos api --port 0`; both sides in one process beside them.")
+    table = ["| metric | HTTP (gateway) | baseline | ratio / target | result |", "|---|---|---|---|---|"]
+    table += [f"| {' | '.join(r)} |" for r in rows]
+    section = "\n".join([SECTION, "", head, "", *table, "", *[f"- {n}" for n in notes], ""])
+    print(section)
+    if not args.no_write:
+        write_doc(SECTION, section)
+    return 0
+
+
+if __name__ == "__main__":
+    threading.current_thread().name = "bench"
+    sys.exit(main())
