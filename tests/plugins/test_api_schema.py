@@ -7,10 +7,10 @@ import pytest
 
 pytest.importorskip("jinja2")
 
-from llmos.plugins.api import check_api, is_loopback  # noqa: E402
-from llmos.plugins.api import openai as oa  # noqa: E402
-from llmos.plugins.api.app import digest  # noqa: E402
-from llmos.plugins.lm.checkpoint import DEFAULT_CHAT_TEMPLATE  # noqa: E402
+from llmos.plugins.api import check_api, is_loopback
+from llmos.plugins.api import openai as oa
+from llmos.plugins.api.app import digest
+from llmos.plugins.lm.checkpoint import DEFAULT_CHAT_TEMPLATE
 
 
 @pytest.mark.parametrize(
