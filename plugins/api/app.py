@@ -297,6 +297,7 @@ class Gateway:
         first_token_at: float | None = None
         failed: ApiError | None = None
         heads = plan.kind == "chat" or plan.echo  # a first chunk per choice: the role, or the echoed prompt
+        pieces = oa.Pieces(plan)
         try:
             while open_ and failed is None:
                 ready = [await queue.get()]
@@ -331,8 +332,12 @@ class Gateway:
                     if first_token_at is None:
                         first_token_at = time.perf_counter()
                         self.metrics.first_token(plan.model, first_token_at - started)
-                    sent_text[index] += len(reply.get("text", ""))
-                    out.append(_sse(oa.chunk(plan, [oa.piece_choice(plan, index, reply.get("text", ""), reply.get("logprobs"), None)])))
+                    text = reply.get("text", "")
+                    sent_text[index] += len(text)
+                    if plan.logprobs is None:
+                        out.append(pieces(index, text))
+                    else:
+                        out.append(_sse(oa.chunk(plan, [oa.piece_choice(plan, index, text, reply.get("logprobs"), None)])))
                 if out:
                     yield b"".join(out)
             if failed is not None:

@@ -368,4 +368,24 @@ def piece_choice(plan: Plan, index: int, text: str, entries: list[dict[str, Any]
     return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
 
 
-__all__ = ["ApiError", "Plan", "chat_plan", "completion_plan", "render_chat"]
+class Pieces:
+    """Server-sent events for a stream's text pieces without log-probabilities, the most common
+    chunk by far: the chunk's fixed parts are encoded once per stream, only the text per piece
+    (the same JSON as ``chunk(plan, [piece_choice(...)])``, a few times faster)."""
+
+    def __init__(self, plan: Plan) -> None:
+        import json
+
+        self.dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+        head = chunk(plan, [])
+        prefix = json.dumps({k: head[k] for k in ("id", "object", "created", "model")}, ensure_ascii=False, separators=(",", ":"))[:-1]
+        self.head = ("data: " + prefix + ',"choices":[').encode()
+        self.tail = ("]" + (',"usage":null' if plan.include_usage else "") + "}\n\n").encode()
+        self.field = '{"index":%d,"text":' if plan.kind == "completion" else '{"index":%d,"delta":{"content":'
+        self.end = ',"logprobs":null,"finish_reason":null,"stop_reason":null}' if plan.kind == "completion" else '},"logprobs":null,"finish_reason":null}'
+
+    def __call__(self, index: int, text: str) -> bytes:
+        return self.head + (self.field % index + self.dumps(text) + self.end).encode() + self.tail
+
+
+__all__ = ["ApiError", "Pieces", "Plan", "chat_plan", "completion_plan", "render_chat"]

@@ -113,3 +113,16 @@ def test_the_gateway_params_refuse_a_public_address_without_a_key() -> None:
     check_api(ApiParams(host="0.0.0.0", api_key_sha256=digest("k")))
     with pytest.raises(ValueError, match="64"):
         check_api(ApiParams(api_key_sha256="abc"))
+
+
+@pytest.mark.parametrize("usage", [False, True])
+@pytest.mark.parametrize("kind", ["completion", "chat"])
+def test_fast_pieces_are_the_same_json_as_chunks(kind: str, usage: bool) -> None:
+    import json
+
+    body = {"model": "m\u00e9", "stream": True, "stream_options": {"include_usage": usage}}
+    plan = oa.completion_plan({**body, "prompt": "x"}) if kind == "completion" else oa.chat_plan({**body, "messages": [{"role": "user", "content": "x"}]})
+    for text in ("plain", 'quo"te\n\\ \u00e9\u4e2d \U0001f600', ""):
+        fast = oa.Pieces(plan)(3, text)
+        assert fast.startswith(b"data: ") and fast.endswith(b"\n\n")
+        assert json.loads(fast[6:]) == oa.chunk(plan, [oa.piece_choice(plan, 3, text, None, None)])
