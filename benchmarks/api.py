@@ -49,7 +49,7 @@ SERVICE = "api-bench"
 STREAMS = 16
 PRESET = "small"  # 12 layers of width 768 (85M parameters with a byte vocabulary): decode speed of a common small model
 CLIENTS = 64
-NOTE = "Where HTTP loses against the SDK on this 2-core machine: the decode's two threads use both cores, and every token wakes three more threads (the gateway's socket pump and its event loop, then the HTTP client) against one for the SDK; each wake-up that lands on a core mid-step delays that step. Reading the kernel's socket on the gateway's event loop (one wake-up per token instead of two) is the change that would close the gap; the gateway's own work per piece is kept small (one SSE event encoded from a per-stream template; pieces that arrive together go out in one write)."
+NOTE = "Where HTTP loses against the SDK on this 2-core machine: the decode's two threads use both cores, and every token wakes two processes (the gateway's event loop, which reads the kernel's socket itself, then the HTTP client and its parsing) against one for the SDK; a wake-up that lands on a core mid-step delays that step. The gateway's own work per piece is kept small (one SSE event encoded from a per-stream template; pieces that arrive together go out in one write)."
 
 
 def make_model(directory: Path) -> Path:

@@ -16,9 +16,11 @@ dashboard) that talk to the kernel from one event loop.
 
     asyncio.run(main())
 
-It runs on the same connection core as :class:`~llmos.client.Client` (:mod:`llmos.connection`):
-a pump thread leads the shared socket and files each reply in its request's mailbox, whose
-callback wakes the loop; requests and service streams are awaited without a thread each. Event
+It runs on the same connection core as :class:`~llmos.client.Client` (:mod:`llmos.connection`).
+Made inside a running loop, the client's loop leads the shared socket itself (a reader on its
+descriptor files each reply in its request's mailbox and sets the waiter's event: a reply wakes
+no other thread); made outside one, a pump thread leads it and wakes the loop. Requests and
+service streams are awaited without a thread each. Event
 streams (journal replay, gap filling, live SUB) run the synchronous stream in a thread of their
 own and hand its events to the loop, so both clients deliver exactly the same events.
 """
@@ -120,8 +122,16 @@ class AsyncClient:
         self.state_dir, self.timeout, self.kernel = self.sync.state_dir, timeout, self.sync.kernel
         self._conn = self.sync.connection
         self._stop = threading.Event()
-        self._pump = threading.Thread(target=self._conn.pump, args=(self._stop,), name="llmos-aio-pump", daemon=True)
-        self._pump.start()
+        self._pump: threading.Thread | None = None
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        if loop is not None:  # made in its loop: the loop reads the socket itself
+            self._conn.lead_on(loop)
+        else:  # made outside any loop: a pump thread reads it, for whichever loop awaits
+            self._pump = threading.Thread(target=self._conn.pump, args=(self._stop,), name="llmos-aio-pump", daemon=True)
+            self._pump.start()
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -130,12 +140,15 @@ class AsyncClient:
         await self.close()
 
     async def close(self) -> None:
-        """Stop the pump and close the connection (idempotent)."""
+        """Stop reading and close the connection (idempotent)."""
         self._stop.set()
+        if self._pump is None:
+            self._conn.stop_leading_on()
         await asyncio.get_running_loop().run_in_executor(None, self._close_sync)
 
     def _close_sync(self) -> None:
-        self._pump.join(timeout=2 * ALIVE_CHECK + 1)
+        if self._pump is not None:
+            self._pump.join(timeout=2 * ALIVE_CHECK + 1)
         self.sync.close()
 
     # -- the core: a reply, awaited --
@@ -144,7 +157,12 @@ class AsyncClient:
         loop = asyncio.get_running_loop()
         wake = asyncio.Event()
 
+        conn = self._conn
+
         def notify() -> None:
+            if conn.on_loop_thread():  # filed by the loop itself: no thread to wake
+                wake.set()
+                return
             with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
                 loop.call_soon_threadsafe(wake.set)
 

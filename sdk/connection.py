@@ -101,6 +101,8 @@ class Connection:
         self._closed = False
         self._dead: KernelUnavailable | None = None
         self._last_alive = time.monotonic()
+        self._loop: Any = None  # the event loop that leads (lead_on), if one does
+        self._loop_thread = 0
 
     # -- frames --
 
@@ -133,6 +135,10 @@ class Connection:
     def send(self, frames: list[bytes]) -> None:
         """Queue frames for the kernel and see that they leave now (by the leader, or by this thread)."""
         self._usable()
+        if self.on_loop_thread():  # the loop leads and this is its thread: send now
+            self._sock.send_multipart(frames)
+            self._loop.call_soon(self._on_readable)  # a send can consume the descriptor's edge
+            return
         with self._cond:
             self._outbox.append(frames)
             if self._leading:
@@ -284,6 +290,73 @@ class Connection:
                     return
         finally:
             self._release()
+
+    # -- leading from an event loop --
+
+    def lead_on(self, loop: Any) -> None:
+        """Lead from ``loop``'s thread (call it there): the loop reads the socket when it is
+        readable and flushes what other threads queue, so a reply wakes no thread but the loop's
+        (the event-loop client; a pump thread would wake first, then wake the loop). Until
+        :meth:`stop_leading_on`."""
+        with self._cond:
+            while self._leading:
+                self._cond.wait(0.05)
+            self._leading = True
+        self._loop, self._loop_thread = loop, threading.get_ident()
+        loop.add_reader(self._sock.getsockopt(zmq.FD), self._on_readable)
+        loop.add_reader(self._bell_r, self._on_readable)
+        self._tick = loop.call_later(ALIVE_CHECK, self._on_tick)
+        loop.call_soon(self._on_readable)
+
+    def stop_leading_on(self) -> None:
+        """Give the socket back (in the loop's thread); threads may lead again."""
+        loop = getattr(self, "_loop", None)
+        if loop is None:
+            return
+        self._loop = None
+        self._tick.cancel()
+        with contextlib.suppress(Exception):  # a closed loop has no readers left to remove
+            loop.remove_reader(self._sock.getsockopt(zmq.FD))
+            loop.remove_reader(self._bell_r)
+        self._release()
+
+    def on_loop_thread(self) -> bool:
+        return getattr(self, "_loop", None) is not None and threading.get_ident() == self._loop_thread
+
+    def _on_readable(self) -> None:
+        """The socket (or the bell) may be readable: flush, then take every frame waiting. The
+        socket's descriptor signals edges, so it is drained until ZMQ_EVENTS says no more."""
+        if self._loop is None or self._closed:
+            return
+        with contextlib.suppress(BlockingIOError, OSError):
+            os.read(self._bell_r, 4096)
+        sock = self._sock
+        self._flush()
+        batch = []
+        while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            try:
+                batch.append(sock.recv_multipart(zmq.NOBLOCK))
+            except zmq.Again:
+                break
+        if batch:
+            self._file(batch)
+
+    def _on_tick(self) -> None:
+        if self._loop is None:
+            return
+        try:
+            self._check_alive()
+        except KernelUnavailable:
+            self.stop_leading_on()
+            with self._cond:
+                boxes = list(self._mail.values())
+                self._cond.notify_all()
+            for box in boxes:
+                if box.notify is not None:
+                    box.notify()
+            return
+        self._on_readable()  # an edge is never missed for long
+        self._tick = self._loop.call_later(ALIVE_CHECK, self._on_tick)
 
     # -- health --
 
