@@ -21,11 +21,12 @@ import structlog
 import zmq
 
 from llmos.errors import ConfigError, KernelError, LlmosError
+from llmos.kernel.keys import ZAP_DOMAIN
 from llmos.protocol import MAX_FRAME_BYTES, ErrorReply, encode_control, pack_array
 
 log = structlog.get_logger("llmos.kernel")
 
-__all__ = ["Bus", "check_endpoint", "count_bad_frame"]
+__all__ = ["Bus", "check_endpoint", "count_bad_frame", "is_loopback_host"]
 
 NOBLOCK = int(zmq.NOBLOCK)
 _EVENTS = int(zmq.EVENTS)
@@ -37,17 +38,36 @@ _PUB_CHUNK = 1000  # events per PUB message (and per journal row)
 class Bus:
     """The sockets and the outbox. One owner: the kernel's loop thread."""
 
-    def __init__(self, endpoints: Mapping[str, str], *, pub_hwm: int) -> None:
+    def __init__(self, endpoints: Mapping[str, str], *, pub_hwm: int, curve: tuple[str, Any] | None = None) -> None:
+        """``endpoints`` maps ``control``, ``events`` and ``ingest`` (and optionally
+        ``control_tcp``, ``events_tcp``, ``ingest_tcp``: the same sockets also on TCP) to URLs.
+        ``curve`` is (the kernel's secret key, a start function for the ZAP authenticator taking
+        the context): with it every TCP endpoint is a CURVE server whose clients the
+        authenticator admits. A TCP port 0 binds any free port; :attr:`endpoints` holds the
+        ports bound."""
         for url in endpoints.values():
-            check_endpoint(url)
+            check_endpoint(url, curve=curve is not None)
         self.endpoints = dict(endpoints)
         self.zctx = zmq.Context()
+        self.guard: Any = None
+        if curve is not None and any(url.startswith("tcp://") for url in self.endpoints.values()):
+            if not zmq.has("curve"):
+                raise ConfigError("this libzmq has no CURVE support (zmq.has('curve') is False): TCP endpoints cannot be authenticated; install pyzmq's wheel, which bundles libsodium")
+            self.guard = curve[1](self.zctx)  # before any bind: a CURVE handshake without ZAP admits any key
         self.control = self._socket(zmq.ROUTER, rcvhwm=100_000, sndhwm=100_000)
         self.control.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.ingest = self._socket(zmq.PULL, rcvhwm=100_000)
         self.pub = self._socket(zmq.PUB, sndhwm=pub_hwm)
         for sock, name in ((self.control, "control"), (self.ingest, "ingest"), (self.pub, "events")):
-            _bind(sock, name, self.endpoints[name])
+            # Local endpoints first: the security options set below apply only to what is bound after.
+            urls = [(key, url) for key, url in self.endpoints.items() if key in (name, f"{name}_tcp")]
+            urls.sort(key=lambda item: item[1].startswith("tcp://"))
+            for key, url in urls:
+                if url.startswith("tcp://") and curve is not None:
+                    sock.setsockopt(zmq.CURVE_SERVER, 1)
+                    sock.setsockopt(zmq.CURVE_SECRETKEY, curve[0].encode())
+                    sock.setsockopt(zmq.ZAP_DOMAIN, ZAP_DOMAIN.encode())
+                self.endpoints[key] = _bind(sock, name, url)
         self.poller = zmq.Poller()
         self.poller.register(self.control, zmq.POLLIN)
         self.poller.register(self.ingest, zmq.POLLIN)
@@ -124,6 +144,8 @@ class Bus:
     def close(self) -> None:
         for sock in (self.control, self.ingest, self.pub):
             sock.close(0)
+        if self.guard is not None:
+            self.guard.stop()
         self.zctx.term()
         for url in self.endpoints.values():
             if url.startswith("ipc://"):
@@ -133,7 +155,10 @@ class Bus:
                     pass
 
 
-def _bind(sock: zmq.Socket[bytes], name: str, url: str) -> None:
+def _bind(sock: zmq.Socket[bytes], name: str, url: str) -> str:
+    """Bind ``url``; returns the endpoint bound (a TCP port 0 becomes the port chosen)."""
+    if url.startswith("tcp://") and url.endswith(":0"):
+        url = url[:-2] + ":*"
     if url.startswith("ipc://"):
         path = Path(url[len("ipc://"):])
         if path.exists():
@@ -144,9 +169,16 @@ def _bind(sock: zmq.Socket[bytes], name: str, url: str) -> None:
         raise ConfigError(f"cannot bind the {name} endpoint {url}: {exc}", endpoint=url) from None
     if url.startswith("ipc://"):
         os.chmod(url[len("ipc://"):], 0o600)
+    if url.startswith("tcp://"):
+        url = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+    return url
 
 
-def check_endpoint(url: str) -> None:
+def is_loopback_host(host: str) -> bool:
+    return host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.")
+
+
+def check_endpoint(url: str, *, curve: bool = False) -> None:
     """ConfigError unless ``url`` is an endpoint this kernel may bind."""
     if url.startswith("ipc://") or url.startswith("inproc://"):
         path = url.split("://", 1)[1]
@@ -154,10 +186,12 @@ def check_endpoint(url: str) -> None:
             raise ConfigError(f"ipc socket path is too long ({len(path)} bytes, the limit is 107): {path}", endpoint=url)
         return
     if url.startswith("tcp://"):
-        host = url[len("tcp://"):].rsplit(":", 1)[0].strip("[]")
-        if host not in ("127.0.0.1", "localhost", "::1"):
+        host, _, port = url[len("tcp://"):].rpartition(":")
+        if not host or not (port.isdigit() or port == "*"):
+            raise ConfigError(f"endpoint {url!r}: expected tcp://HOST:PORT", endpoint=url)
+        if not curve and not is_loopback_host(host.strip("[]")):
             raise ConfigError(
-                f"refusing to bind {url}: TCP endpoints on a non-loopback address need CurveZMQ authentication, which this kernel does not enable yet",
+                f"refusing to bind {url}: a TCP endpoint on a non-loopback address needs CurveZMQ (set [kernel] curve = true, the default)",
                 endpoint=url,
             )
         return

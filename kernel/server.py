@@ -49,6 +49,7 @@ from llmos.kernel.devices import DeviceTable, GpuProbe, parse_fake_gpus
 from llmos.kernel.ingest import Ingest
 from llmos.kernel.jobs import JobTable
 from llmos.kernel.journal import Journal
+from llmos.kernel.keys import KeyGuard, KeyStore
 from llmos.kernel.metrics import DeviceView, Exporter, Snapshot
 from llmos.kernel.pipelines import Pipelines
 from llmos.kernel.plugins import Registry, load_plugins, ranks_of
@@ -155,7 +156,12 @@ class Kernel:
         self.artifacts = Artifacts(self.store, self.state_dir)
         self.registry: Registry = self._load_registry()
         self.devices = self._device_table()
-        self.bus = Bus(self.endpoints, pub_hwm=int(self.settings["kernel"]["pub_hwm"]))
+        self.keys = KeyStore(self.state_dir)
+        curve = (self.keys.kernel_pair()[1], lambda zctx: KeyGuard(zctx, self.keys)) if self.curve else None
+        self.bus = Bus(self.endpoints, pub_hwm=int(self.settings["kernel"]["pub_hwm"]), curve=curve)
+        self.endpoints = self.bus.endpoints  # TCP ports chosen at bind
+        if self.bus.guard is not None:
+            self.endpoints["curve_public"] = self.keys.kernel_pair()[0]
         self._install_signals()
         self._wire(method)
         self._start_exporter()
@@ -180,8 +186,16 @@ class Kernel:
             "events": ks["events_endpoint"] or f"ipc://{self.runtime_dir}/events",
             "ingest": ks["ingest_endpoint"] or f"ipc://{self.runtime_dir}/ingest",
         }
+        listen = str(ks["listen"]).strip()
+        if listen:
+            host, _, port = listen.rpartition(":")
+            if not host or not port.isdigit() or int(port) > 65533:
+                raise ConfigError(f"kernel.listen {listen!r}: expected HOST:PORT (PORT 0 for any free ports)", value=listen)
+            for i, name in enumerate(("control", "events", "ingest")):
+                self.endpoints[f"{name}_tcp"] = f"tcp://{host}:{int(port) + i if int(port) else 0}"
+        self.curve = bool(ks["curve"])
         for url in self.endpoints.values():
-            check_endpoint(url)
+            check_endpoint(url, curve=self.curve)
         method = self.settings["workers"]["start_method"]
         if method not in ("zygote", "spawn"):
             raise ConfigError(f"workers.start_method must be 'zygote' or 'spawn', got {method!r}")

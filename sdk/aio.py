@@ -117,8 +117,8 @@ class AsyncClient:
     :meth:`AsyncJob.events` and :meth:`call` are ``async for`` iterators. ``sync`` is the
     synchronous client on the same connection, for code that must call one from a thread."""
 
-    def __init__(self, state_dir: str | os.PathLike[str] | None = None, *, timeout: float = 30.0) -> None:
-        self.sync = Client(state_dir, timeout=timeout)
+    def __init__(self, state_dir: str | os.PathLike[str] | None = None, *, timeout: float = 30.0, key: Any = None) -> None:
+        self.sync = Client(state_dir, timeout=timeout, key=key)
         self.state_dir, self.timeout, self.kernel = self.sync.state_dir, timeout, self.sync.kernel
         self._conn = self.sync.connection
         self._stop = threading.Event()

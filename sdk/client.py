@@ -32,6 +32,7 @@ import zmq
 from llmos.completion import Completion
 from llmos.connection import Connection, ForkedClient, _Timeout
 from llmos.errors import (
+    ConfigError,
     JobRejected,
     KernelUnavailable,
     ServiceError,
@@ -71,13 +72,55 @@ class Client:
     """A connection to one kernel, found through its state directory's ``kernel.json``; safe to
     share between threads."""
 
-    def __init__(self, state_dir: str | os.PathLike[str] | None = None, *, timeout: float = 30.0) -> None:
-        self.state_dir: Path = resolve_state_dir(state_dir)
+    def __init__(self, state_dir: str | os.PathLike[str] | None = None, *, timeout: float = 30.0, key: Any = None) -> None:
+        """``state_dir`` finds a local kernel; a ``tcp://HOST:PORT`` URL (its control endpoint)
+        reaches a remote one over CurveZMQ with ``key`` (a key file from ``llmos keys add``, or
+        its JSON). Without either, ``$LLMOS_KERNEL`` and ``$LLMOS_KEY`` are used when set."""
         self.timeout = timeout
+        target = state_dir if state_dir is not None else os.environ.get("LLMOS_KERNEL") or None
+        self.remote = isinstance(target, str) and target.startswith("tcp://")
+        if self.remote:
+            self._connect_remote(str(target), key if key is not None else os.environ.get("LLMOS_KEY"))
+            return
+        self.state_dir: Path = resolve_state_dir(target)
         self.kernel = read_kernel_info(self.state_dir)
         self.endpoints = {"control": self.kernel["control"], "events": self.kernel["events"]}
+        self.key = None
         self._conn = Connection(self.kernel, self.state_dir)
         self._ctx = self._conn.ctx  # event streams open their SUB sockets on it
+
+    def _connect_remote(self, url: str, key: Any) -> None:
+        from llmos.keys import load_client_key
+
+        host, _, port = url[len("tcp://"):].rpartition(":")
+        if not host or not port.isdigit():
+            raise ConfigError(f"kernel address {url!r}: expected tcp://HOST:PORT (the kernel's control_tcp endpoint, see `llmos status`)")
+        if key is None:
+            raise ConfigError(f"connecting to {url} over TCP needs a key: key=PATH (or $LLMOS_KEY, or --key), a key file made by `llmos keys add NAME` on the kernel's machine")
+        self.key = load_client_key(key)
+        self.kernel = {"control": url, "pid": None, "key": self.key, "timeout": self.timeout}
+        self._conn = Connection(self.kernel, Path(url))
+        self._ctx = self._conn.ctx
+        try:
+            info = encode_body(self.request(StatusRequest()))
+        except BaseException:
+            self._conn.close()
+            raise
+        events = str(info.get("endpoints", {}).get("events_tcp", ""))
+        if not events.startswith("tcp://"):
+            self._conn.close()
+            raise ConfigError(f"the kernel at {url} publishes no TCP events endpoint")
+        # The kernel may have bound a wildcard address: reach its events port where its control answered.
+        self.endpoints = {"control": url, "events": f"tcp://{host}:{events.rpartition(':')[2]}"}
+        self.state_dir = Path(str(info.get("state_dir", url)))
+        self.kernel.update(pid=None, version=info.get("version"), state_dir=str(self.state_dir), **self.endpoints)
+
+    def secure(self, sock: Any) -> None:
+        """Make a new socket of this client (an event stream's SUB) speak CURVE when it is remote."""
+        if self.key is not None:
+            from llmos.keys import apply_client_key
+
+            apply_client_key(sock, self.key)
 
     # -- plumbing --
 
@@ -340,6 +383,8 @@ class Client:
     def shutdown(self) -> None:
         """Stop the kernel and wait until its process is gone."""
         self.request(ShutdownRequest())
+        if self.kernel.get("pid") is None:
+            return  # a remote kernel: its process is not ours to watch
         pid = int(self.kernel["pid"])
         deadline = time.monotonic() + 30
         while pid_alive(pid) and time.monotonic() < deadline:
@@ -373,8 +418,10 @@ class Client:
             stream.close()
 
 
-def connect(state_dir: str | os.PathLike[str] | None = None, *, timeout: float = 30.0, embedded: bool = False) -> Client:
-    """Connect to the kernel of ``state_dir`` (default: ``$LLMOS_STATE_DIR`` or the XDG state dir).
+def connect(state_dir: str | os.PathLike[str] | None = None, *, timeout: float = 30.0, embedded: bool = False, key: Any = None) -> Client:
+    """Connect to the kernel of ``state_dir`` (default: ``$LLMOS_STATE_DIR`` or the XDG state dir),
+    or to a remote kernel: ``connect("tcp://HOST:PORT", key="alice.key")`` (CurveZMQ; the key file
+    from ``llmos keys add alice`` on the kernel's machine).
 
     Raises :class:`~llmos.errors.KernelUnavailable` naming the state dir and the command to start
     a kernel when none is running there.
@@ -384,7 +431,7 @@ def connect(state_dir: str | os.PathLike[str] | None = None, *, timeout: float =
     scripts that want no daemon.
     """
     if not embedded:
-        return Client(state_dir, timeout=timeout)
+        return Client(state_dir, timeout=timeout, key=key)
     from llmos.embedded import EmbeddedKernel
 
     kernel = EmbeddedKernel(state_dir).start()

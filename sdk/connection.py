@@ -45,6 +45,7 @@ from llmos.errors import (
     ProtocolError,
     ValidationError,
 )
+from llmos.keys import apply_client_key
 from llmos.paths import pid_alive
 from llmos.protocol import MAX_FRAME_BYTES, decode_control, encode_control, unpackb
 
@@ -87,7 +88,12 @@ class Connection:
         self.ctx = zmq.Context()
         self._sock = self.ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.connect(self.endpoint)
+        self.key = kernel.get("key")  # a ClientKey: CURVE to a kernel over TCP
+        if self.key is not None:
+            apply_client_key(self._sock, self.key)
+            self._handshake(float(kernel.get("timeout", 30.0)))
+        else:
+            self._sock.connect(self.endpoint)
         self._bell_r, self._bell_w = os.pipe()
         os.set_blocking(self._bell_r, False)
         os.set_blocking(self._bell_w, False)
@@ -103,6 +109,46 @@ class Connection:
         self._last_alive = time.monotonic()
         self._loop: Any = None  # the event loop that leads (lead_on), if one does
         self._loop_thread = 0
+
+    def _handshake(self, timeout: float) -> None:
+        """Connect over CURVE and wait for the handshake, so that a refused key is told as such
+        (ZeroMQ would otherwise retry in silence and every request would only time out)."""
+        events = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+        monitor = self._sock.get_monitor_socket(events)
+        try:
+            failure = self._await_handshake(monitor, timeout)
+        finally:
+            with contextlib.suppress(zmq.ZMQError):
+                self._sock.disable_monitor()
+            monitor.close(0)
+        if failure is not None:
+            self._sock.close(0)
+            self.ctx.term()
+            raise failure
+
+    def _await_handshake(self, monitor: Any, timeout: float) -> KernelUnavailable | None:
+        from zmq.utils.monitor import recv_monitor_message
+
+        self._sock.connect(self.endpoint)
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            if not monitor.poll(int(left * 1000) + 1):
+                break
+            event = recv_monitor_message(monitor)["event"]
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                return None
+            if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                return KernelUnavailable(
+                    f"the kernel at {self.endpoint} refused key {self.key.name or self.key.public!r}: it is not on the kernel's allow-list "
+                    "(ask its operator for `llmos keys add NAME`, or check that the key was not revoked)",
+                    endpoint=self.endpoint,
+                )
+            if event in (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL):
+                return KernelUnavailable(
+                    f"the CURVE handshake with {self.endpoint} failed: the key's kernel_public is not this kernel's key, or the endpoint is not an llmos kernel",
+                    endpoint=self.endpoint,
+                )
+        return KernelUnavailable(f"no kernel answered at {self.endpoint} within {timeout:g} s", endpoint=self.endpoint)
 
     # -- frames --
 
@@ -362,7 +408,7 @@ class Connection:
 
     def _check_alive(self) -> None:
         self._last_alive = time.monotonic()
-        if self._dead is None and not pid_alive(int(self.kernel["pid"])):
+        if self._dead is None and self.kernel.get("pid") is not None and not pid_alive(int(self.kernel["pid"])):
             self._dead = KernelUnavailable(
                 f"the kernel for state dir {self.state_dir} (pid {self.kernel['pid']}) is gone; "
                 f"start one with: llmos boot --state-dir {self.state_dir}",

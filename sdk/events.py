@@ -86,6 +86,7 @@ class EventStream:
         self.sub = client._ctx.socket(zmq.SUB)
         self.sub.setsockopt(zmq.LINGER, 0)
         self.sub.setsockopt(zmq.RCVHWM, 100_000)
+        client.secure(self.sub)
         self.sub.connect(client.endpoints["events"])
         self.sub.setsockopt(zmq.SUBSCRIBE, self.sub_prefix.encode())
 

@@ -70,13 +70,24 @@ class LlmosGroup(click.Group):
 
 @click.group(cls=LlmosGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(llmos.__version__, prog_name="llmos")
-def cli() -> None:
+@click.option("--kernel", "kernel_url", default=None, metavar="tcp://HOST:PORT", help="Reach a remote kernel at its control_tcp endpoint (CurveZMQ; needs --key). Also $LLMOS_KERNEL.")
+@click.option("--key", "key_file", default=None, type=click.Path(dir_okay=False), help="The key file (from `llmos keys add NAME`) for --kernel. Also $LLMOS_KEY.")
+def cli(kernel_url: str | None, key_file: str | None) -> None:
     """llmos: an operating system for language-model work.
 
     Start a kernel with `llmos boot`, then submit jobs, follow their logs and manage the machine.
     Every command finds the kernel through its state directory: --state-dir, else
-    $LLMOS_STATE_DIR, else $XDG_STATE_HOME/llmos.
+    $LLMOS_STATE_DIR, else $XDG_STATE_HOME/llmos; or reaches a remote one with
+    `llmos --kernel tcp://HOST:PORT --key FILE COMMAND`.
     """
+    import os
+
+    if kernel_url:
+        if not kernel_url.startswith("tcp://"):
+            raise click.BadParameter(f"expected tcp://HOST:PORT, got {kernel_url!r}", param_hint="--kernel")
+        os.environ["LLMOS_KERNEL"] = kernel_url
+    if key_file:
+        os.environ["LLMOS_KEY"] = key_file
 
 
 from llmos.kernel.cli.acct import acct  # noqa: E402 - the commands hang on the group above
@@ -84,10 +95,11 @@ from llmos.kernel.cli.demo import demo  # noqa: E402
 from llmos.kernel.cli.events import events, logs  # noqa: E402
 from llmos.kernel.cli.jobs import cancel, job, jobs, submit  # noqa: E402
 from llmos.kernel.cli.kernel import boot, devices, shutdown, status  # noqa: E402
+from llmos.kernel.cli.keys import keys  # noqa: E402
 from llmos.kernel.cli.lifecycle import artifacts, pipeline  # noqa: E402
 from llmos.kernel.cli.plugins import plugins  # noqa: E402
 
-for _command in (demo, boot, shutdown, status, devices, submit, jobs, job, cancel, logs, events, acct, artifacts, pipeline, plugins):
+for _command in (demo, boot, shutdown, status, devices, submit, jobs, job, cancel, logs, events, acct, artifacts, pipeline, plugins, keys):
     cli.add_command(_command)
 
 
