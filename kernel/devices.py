@@ -82,8 +82,11 @@ def parse_fake_gpus(spec: str) -> list[int]:
 class DeviceTable:
     """Capacity and reservations of every device, and placement of resource requests."""
 
-    def __init__(self, cpu_cores: float, ram: int, fake_gpus: list[int] | None = None) -> None:
-        self.cpu = Device(id="cpu", kind="cpu", name="cpu", memory_total=int(ram), capacity=float(cpu_cores))
+    def __init__(self, cpu_cores: float, ram: int, fake_gpus: list[int] | None = None, *, node: str | None = None) -> None:
+        #: The cluster node this table is one of (its devices' ids start with "<node>:"), or None on one machine.
+        self.node = node
+        self._prefix = f"{node}:" if node else ""
+        self.cpu = Device(id=f"{self._prefix}cpu", kind="cpu", name="cpu", memory_total=int(ram), capacity=float(cpu_cores))
         self.gpus: list[Device] = []
         self.probing = False
         self.probe_source: str | None = None
@@ -92,7 +95,7 @@ class DeviceTable:
 
     def _add_gpu(self, name: str, memory: int, *, fake: bool, index: int | None = None) -> None:
         n = len(self.gpus)
-        self.gpus.append(Device(id=f"gpu{n}", kind="gpu", name=name, memory_total=int(memory), capacity=1.0, index=n if index is None else index, fake=fake))
+        self.gpus.append(Device(id=f"{self._prefix}gpu{n}", kind="gpu", name=name, memory_total=int(memory), capacity=1.0, index=n if index is None else index, fake=fake))
 
     def add_probed(self, gpus: list[dict[str, Any]], source: str) -> None:
         """Put probed real GPUs first (their CUDA indices), fake ones after."""
@@ -110,7 +113,9 @@ class DeviceTable:
         return [self.cpu, *self.gpus]
 
     def to_list(self) -> list[dict[str, Any]]:
-        return [d.to_dict() for d in self.devices]
+        if self.node is None:
+            return [d.to_dict() for d in self.devices]
+        return [{**d.to_dict(), "node": self.node} for d in self.devices]
 
     # -- requests --
 
@@ -131,7 +136,7 @@ class DeviceTable:
 
     def never_fits(self, res: Resources) -> str | None:
         """Why ``res`` can never be placed here, or None if it could be (on an idle machine)."""
-        have = f"this machine has {self.cpu.capacity:g} CPU cores, {format_size(self.cpu.memory_total)} RAM"
+        have = f"{f'node {self.node}' if self.node else 'this machine'} has {self.cpu.capacity:g} CPU cores, {format_size(self.cpu.memory_total)} RAM"
         gpus_desc = ", ".join(f"{g.id} {format_size(g.memory_total)}{' (fake)' if g.fake else ''}" for g in self.gpus) or "no GPUs"
         have += f" and {gpus_desc}"
         if res.cpus > self.cpu.capacity + _EPS:

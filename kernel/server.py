@@ -44,6 +44,7 @@ from llmos.errors import ConfigError, JobRejected, KernelError, LlmosError, Vali
 from llmos.kernel import scheduler
 from llmos.kernel.artifacts import Artifacts
 from llmos.kernel.bus import Bus, check_endpoint
+from llmos.kernel.cluster import Cluster, ClusterTable, ray_host
 from llmos.kernel.control import Control, Request
 from llmos.kernel.devices import DeviceTable, GpuProbe, parse_fake_gpus
 from llmos.kernel.ingest import Ingest
@@ -155,7 +156,7 @@ class Kernel:
         self.jobs = JobTable(self.store, self.emit)
         self.artifacts = Artifacts(self.store, self.state_dir)
         self.registry: Registry = self._load_registry()
-        self.devices = self._device_table()
+        self.devices: DeviceTable | ClusterTable = self._device_table()
         self.keys = KeyStore(self.state_dir)
         curve = (self.keys.kernel_pair()[1], lambda zctx: KeyGuard(zctx, self.keys)) if self.curve else None
         self.bus = Bus(self.endpoints, pub_hwm=int(self.settings["kernel"]["pub_hwm"]), curve=curve)
@@ -193,7 +194,17 @@ class Kernel:
                 raise ConfigError(f"kernel.listen {listen!r}: expected HOST:PORT (PORT 0 for any free ports)", value=listen)
             for i, name in enumerate(("control", "events", "ingest")):
                 self.endpoints[f"{name}_tcp"] = f"tcp://{host}:{int(port) + i if int(port) else 0}"
+        self.backend = str(self.settings["cluster"]["backend"])
+        if self.backend not in ("local", "ray"):
+            raise ConfigError(f"cluster.backend must be 'local' or 'ray', got {self.backend!r}", value=self.backend)
+        if self.backend == "ray" and not listen:
+            # Remote workers reach the bus over TCP: listen where the cluster can reach us.
+            host = ray_host(str(self.settings["cluster"]["address"]))
+            for name in ("control", "events", "ingest"):
+                self.endpoints[f"{name}_tcp"] = f"tcp://{host}:0"
         self.curve = bool(ks["curve"])
+        if self.backend == "ray" and not self.curve:
+            raise ConfigError("cluster.backend 'ray' needs kernel.curve = true: remote workers authenticate with the kernel's keys")
         for url in self.endpoints.values():
             check_endpoint(url, curve=self.curve)
         method = self.settings["workers"]["start_method"]
@@ -201,7 +212,9 @@ class Kernel:
             raise ConfigError(f"workers.start_method must be 'zygote' or 'spawn', got {method!r}")
         return method
 
-    def _device_table(self) -> DeviceTable:
+    def _device_table(self) -> DeviceTable | ClusterTable:
+        if self.backend == "ray":
+            return ClusterTable()  # filled from the cluster's nodes, each probed on its node
         ds = self.settings["devices"]
         cores = float(ds["cpus"]) or float(psutil.cpu_count() or 1)
         ram = parse_size(ds["memory"]) if ds["memory"] else psutil.virtual_memory().total
@@ -220,7 +233,16 @@ class Kernel:
             method=method, control=self.endpoints["control"], ingest=self.endpoints["ingest"], heartbeat=float(ws["heartbeat_interval"]),
             log_level=ks["log_level"], worker_dir=self.state_dir / "workers",
         )
-        self.pool = Pool(self.launcher, ws, self.bus, self._worker_ready)
+        self.pool = Pool(self.launcher, {**ws, "pool_size": 0} if self.backend == "ray" else ws, self.bus, self._worker_ready)
+        self.cluster: Cluster | None = None
+        self._cluster_fd: int | None = None
+        if isinstance(self.devices, ClusterTable):
+            self.cluster = Cluster(
+                str(self.settings["cluster"]["address"]), self.devices, self.pool, control=self.endpoints["control_tcp"],
+                ingest=self.endpoints["ingest_tcp"], key=self.keys.workers_key(), heartbeat=float(ws["heartbeat_interval"]),
+                log_level=ks["log_level"], state_dir=self.state_dir, emit=self.emit, changed=self._cluster_changed,
+            )
+            self._watch_cluster()
         self.router = ServiceRouter(self.bus, self.pool.workers, on_register=lambda worker, name: self.pipelines.job_serving(worker.job_id))
         self.restarts = RestartPolicy(self.settings["services"], self.emit)
         self.usage = Usage(
@@ -253,6 +275,20 @@ class Kernel:
         self.control.route(self.pool.handlers())
         self.control.route(self.router.handlers())
         self.control.route(self.usage.handlers())
+
+    def _cluster_changed(self) -> None:
+        self._schedule_needed = True
+
+    def _watch_cluster(self) -> None:
+        """Poll the Ray agent's reports (its pipe changes when it is started again)."""
+        fd = self.cluster.fd if self.cluster is not None else None
+        if fd != self._cluster_fd:
+            if self._cluster_fd is not None:
+                with contextlib.suppress(KeyError):
+                    self.bus.poller.unregister(self._cluster_fd)
+            if fd is not None:
+                self.bus.poller.register(fd, zmq.POLLIN)
+            self._cluster_fd = fd
 
     def _load_registry(self) -> Registry:
         from llmos.kernel.cli.common import BUILTIN_COMMANDS
@@ -385,6 +421,9 @@ class Kernel:
             self.control.drain()
         if self.bus.ingest in ready or self.ingest.more:
             self.ingest.drain()
+        if self.cluster is not None and self._cluster_fd is not None and self._cluster_fd in ready:
+            self.cluster.read()
+            self._watch_cluster()
         self._timers(now)
         if self._probe is not None:
             result = self._probe.result()
@@ -515,6 +554,7 @@ class Kernel:
             last_seq=self.journal.seq,
             metrics_url=self.exporter.url,
             stats=dict(self.stats, events_journaled=self.journal.journaled, gpus_probing=int(self.devices.probing), zygote=int(self.launcher.zygote is not None)),
+            cluster=self.cluster.to_dict() if self.cluster is not None else None,
         )
 
     def _on_replay(self, req: Request) -> None:
@@ -609,6 +649,9 @@ class Kernel:
         job hostage while another worker sits idle.
         """
         pending = self.jobs.of_state("pending")
+        if self.cluster is not None:
+            self._schedule_cluster(pending)
+            return
         if not pending:
             self.pool.keep()
             return
@@ -621,6 +664,21 @@ class Kernel:
             log.info("job_preempting", job_id=victim.id, for_job=job.id, priority=victim.priority, for_priority=job.priority)
             self._stop_job(victim, f"preempted by job {job.id} (priority {job.priority})", "preempted")
         self.pool.keep(extra=plan.waiting_for_worker)
+
+    def _schedule_cluster(self, pending: list[JobRecord]) -> None:
+        """On a Ray cluster, a job's worker is started for it, on its node, once it is placed
+        (at most ``max_starting`` starting at once)."""
+        assert self.cluster is not None
+        if not pending:
+            return
+        slots = max(0, int(self.settings["workers"]["max_starting"]) - self.cluster.starting())
+        plan = scheduler.plan(pending, self.jobs.of_state("running"), self.devices, slots, self.policy, time.time(), self._preempting)
+        for job, placement in plan.starts:
+            cpu = placement.get("cpu", {})
+            self._start(job, placement, self.cluster.launch(placement, float(cpu.get("cores", 0)), int(cpu.get("memory", 0))))
+        for victim, job in plan.preemptions:
+            self._preempting[victim.id] = job.id
+            self._stop_job(victim, f"preempted by job {job.id} (priority {job.priority})", "preempted")
 
     def _start(self, job: JobRecord, placement: dict[str, Any], worker: WorkerProc) -> None:
         """Reserve devices and bind a worker: the try begins (the job is running from here)."""
@@ -660,15 +718,16 @@ class Kernel:
         if job is None or job.state != "running" or worker.assigned:
             return
         worker.attempt = (job.id, job.attempts, job.started_at or time.time())
-        job.worker_pid = worker.pid
+        # A remote worker's pid is its node's: never one a restarted kernel may kill here.
+        job.worker_pid = worker.pid if worker.node is None else None
         try:
-            job.worker_create_time = psutil.Process(worker.pid).create_time() if worker.pid else None
+            job.worker_create_time = psutil.Process(worker.pid).create_time() if job.worker_pid else None
         except psutil.Error:
             job.worker_create_time = None
         worker.assigned = True
         self.store.update_job(job)
         self.bus.send(worker.id.encode(), assignment(job, self.state_dir, self.artifacts.inputs_of(job.id)))
-        log.info("job_started", job_id=job.id, worker=worker.id, pid=worker.pid, attempt=job.attempts)
+        log.info("job_started", job_id=job.id, worker=worker.id, pid=worker.pid, attempt=job.attempts, node=worker.node)
 
     # ------------------------------------------------------------------ ending jobs
 
@@ -744,6 +803,9 @@ class Kernel:
             if self._probe is not None and pid == self._probe.pid:
                 self._probe.reaped(status)
                 continue
+            if self.cluster is not None and pid == self.cluster.pid:
+                self.cluster.reaped(status)
+                continue
             zygote = self.launcher.zygote
             if zygote is not None and pid == zygote.pid:
                 zygote.returncode = os.waitstatus_to_exitcode(status)
@@ -766,6 +828,9 @@ class Kernel:
             self.usage.account(worker)
 
     def _timers(self, now: float) -> None:
+        if self.cluster is not None:
+            self.cluster.timers(now)
+            self._watch_cluster()
         for restart in self.restarts.due(now):
             if restart.kind in self.registry.kinds:
                 self._create_job(restart.kind, restart.params, Resources(**restart.resources), priority=1000)
@@ -790,7 +855,11 @@ class Kernel:
             return
         status = worker.exited if worker.exited is not None and worker.exited >= 0 else 9
         reason, code = describe_status(status)
-        if worker.lost:
+        if worker.end_reason:
+            reason = worker.end_reason  # "node <id> lost": the exit status says nothing
+        elif worker.lost and worker.node is not None and worker.node in getattr(self.devices, "suspect", ()):
+            reason = f"node {worker.node} lost (its worker stopped answering; Ray had not declared the node dead yet)"
+        elif worker.lost:
             reason = f"worker lost its heartbeat and was killed ({reason})"
         if job.end_state_on_stop is not None:
             how = f" (stopped with {signal_name(-code)})" if code < 0 else ""
@@ -826,6 +895,8 @@ class Kernel:
         except Exception:
             log.exception("shutdown_flush_failed")
         self.pool.stop_all()
+        if getattr(self, "cluster", None) is not None:
+            self.cluster.close()
         if self._probe is not None:
             self._probe.kill()
         if getattr(self, "exporter", None) is not None:

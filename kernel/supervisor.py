@@ -81,6 +81,9 @@ class WorkerProc:
     services: set[str] = field(default_factory=set)  # the services it answers for
     rusage: Any = None  # os.wait4's resource usage, once reaped
     attempt: tuple[int, int, float] | None = None  # (job id, attempt, start) of the try it ran, until accounted
+    node: str | None = None  # the cluster node it runs on (started by Ray); None: a child of this kernel
+    signaller: Callable[[int], None] | None = None  # how to signal a remote worker's process group
+    end_reason: str | None = None  # why it ended, when its exit status cannot say ("node <id> lost")
 
     @property
     def alive(self) -> bool:
@@ -88,7 +91,12 @@ class WorkerProc:
 
     def signal_group(self, sig: int) -> None:
         """Send ``sig`` to the worker's process group (its job's whole tree)."""
-        if self.pid is None or self.exited is not None:
+        if self.exited is not None:
+            return
+        if self.signaller is not None:
+            self.signaller(sig)
+            return
+        if self.pid is None:
             return
         try:
             os.killpg(self.pid, sig)
@@ -352,7 +360,8 @@ class Pool:
         proc.last_seen = time.monotonic()
         if proc.pid is None:
             proc.pid = msg.pid
-            self.by_pid[msg.pid] = proc
+            if proc.node is None:  # a remote worker's pid is its node's, never reaped here
+                self.by_pid[msg.pid] = proc
         if proc.generation != self.generation and proc.job_id is None:
             proc.assigned = True  # started before a plugin reload: let it go
             self.bus.send(req.identity, WorkerExit())
@@ -415,7 +424,7 @@ class Pool:
                 worker.signal_group(signal.SIGTERM)
         self.launcher.close()
         deadline = time.monotonic() + grace
-        while any(w.alive and w.pid for w in self.workers.values()) and time.monotonic() < deadline:
+        while any(w.alive and w.pid and w.node is None for w in self.workers.values()) and time.monotonic() < deadline:
             self.reap_quietly()
             time.sleep(0.01)
         for worker in self.workers.values():

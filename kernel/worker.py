@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import collections
 import gc
+import json
 import logging
 import os
 import queue
@@ -36,6 +37,7 @@ from llmos.context import JobContext
 from llmos.errors import JobCancelled
 from llmos.kernel.logs import configure_logging
 from llmos.kernel.plugins import Registry, call_broadcast, load_plugins
+from llmos.keys import ClientKey, apply_client_key, load_client_key
 from llmos.plugin import resolve_runner
 from llmos.protocol import (
     ITEM_TS_KEY,
@@ -96,8 +98,13 @@ class Bus:
         self._dealer = self._ctx.socket(zmq.DEALER)
         self._dealer.setsockopt(zmq.IDENTITY, worker_id.encode())
         self._dealer.setsockopt(zmq.LINGER, 2000)
+        key = worker_key()
+        if key is not None:
+            apply_client_key(self._dealer, key)
         self._dealer.connect(control)
         self._push = self._ctx.socket(zmq.PUSH)
+        if key is not None:
+            apply_client_key(self._push, key)
         self._push.setsockopt(zmq.SNDHWM, 0)
         # Exit only once the kernel has every event (a minute at most if the kernel is gone).
         self._push.setsockopt(zmq.LINGER, 60_000)
@@ -240,6 +247,13 @@ class Bus:
             self.calls.put(msg)
         elif isinstance(msg, ServiceCancel):
             self.cancelled_calls.add(msg.request_id)
+
+
+def worker_key() -> ClientKey | None:
+    """The CURVE key a remote worker reaches the kernel's TCP endpoints with (``LLMOS_WORKER_KEY``,
+    set by the kernel's cluster backend), or None for a local worker on ipc."""
+    text = os.environ.pop("LLMOS_WORKER_KEY", "")
+    return load_client_key(json.loads(text)) if text else None
 
 
 class _BusLogHandler(logging.Handler):

@@ -31,17 +31,29 @@ from llmos.units import format_size
 @click.option("--fake-gpus", default=None, help="Simulated GPUs for placement tests, e.g. 2x24GiB.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default=None, help="Level of <state-dir>/kernel.log.")
 @click.option("--listen", default=None, metavar="HOST:PORT", help="Also listen on TCP (CurveZMQ) for remote clients and workers: control on PORT, events PORT+1, ingest PORT+2 (0: any free ports).")
+@click.option("--ray", "ray_address", default=None, metavar="ADDRESS",
+              help="Run jobs on a Ray cluster: its GCS address (HOST:PORT) or 'auto' (needs pip install 'llmos[ray]'). Same as [cluster] backend = \"ray\".")
 @click.option("--detach", is_flag=True, help="Start in the background and return once the kernel answers.")
 @json_option
-def boot(state_dir: Path | None, config_file: Path | None, fake_gpus: str | None, log_level: str | None, listen: str | None, detach: bool, as_json: bool) -> None:
-    """Start the kernel (in the foreground; Ctrl-C or SIGTERM stops it cleanly)."""
+def boot(state_dir: Path | None, config_file: Path | None, fake_gpus: str | None, log_level: str | None, listen: str | None, ray_address: str | None,
+         detach: bool, as_json: bool) -> None:
+    """Start the kernel (in the foreground; Ctrl-C or SIGTERM stops it cleanly).
+
+    \b
+    One machine (the default): jobs run in worker processes the kernel forks.
+    A Ray cluster:   llmos boot --ray HOST:PORT   (or --ray auto)
+      the kernel places every job on a node of the cluster and Ray starts its worker there;
+      workers reach the kernel over CurveZMQ TCP (see --listen).
+    """
     from llmos.config import load_settings
 
     overrides = {"devices.fake_gpus": fake_gpus, "kernel.log_level": log_level, "kernel.listen": listen}
+    if ray_address is not None:
+        overrides.update({"cluster.backend": "ray", "cluster.address": ray_address})
     settings = load_settings(config_file, overrides=overrides)
     state = resolve_state_dir(state_dir or settings["state_dir"] or None)
     if detach:
-        _boot_detached(state, config_file, fake_gpus, log_level, as_json, listen=listen)
+        _boot_detached(state, config_file, fake_gpus, log_level, as_json, listen=listen, ray_address=ray_address)
         return
     from llmos.kernel.logs import configure_logging
     from llmos.kernel.server import Kernel
@@ -84,7 +96,8 @@ def _make_state_dir(state: Path) -> None:
         raise click.ClickException(f"cannot use state dir {state}: {exc.strerror or exc}; choose another with --state-dir or LLMOS_STATE_DIR") from None
 
 
-def _boot_detached(state: Path, config_file: Path | None, fake_gpus: str | None, log_level: str | None, as_json: bool, *, quiet: bool = False, listen: str | None = None) -> None:
+def _boot_detached(state: Path, config_file: Path | None, fake_gpus: str | None, log_level: str | None, as_json: bool, *, quiet: bool = False,
+                   listen: str | None = None, ray_address: str | None = None) -> None:
     from llmos.kernel.statedir import holder_pid
 
     held = holder_pid(state)
@@ -100,6 +113,8 @@ def _boot_detached(state: Path, config_file: Path | None, fake_gpus: str | None,
         argv += ["--log-level", log_level]
     if listen:
         argv += ["--listen", listen]
+    if ray_address:
+        argv += ["--ray", ray_address]
     out_path = state / "kernel.out"
     with open(out_path, "ab") as out:
         child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True, close_fds=True)

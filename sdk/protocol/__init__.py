@@ -11,6 +11,7 @@ types and their checks), :mod:`~llmos.protocol.topics`, and the catalogue by are
 from __future__ import annotations
 
 from llmos.protocol.events import (
+    ClusterChanged,
     DeviceMetrics,
     GeneratedText,
     JobArtifact,
@@ -21,6 +22,7 @@ from llmos.protocol.events import (
     JobUsage,
     KernelStarted,
     KernelStopping,
+    NodeChanged,
     PluginsChanged,
     ServiceQuarantined,
 )
@@ -142,6 +144,7 @@ __all__ = [
     "ArtifactsReply",
     "ArtifactsRequest",
     "CancelRequest",
+    "ClusterChanged",
     "DeviceMetrics",
     "DevicesReply",
     "DevicesRequest",
@@ -163,6 +166,7 @@ __all__ = [
     "KernelStarted",
     "KernelStopping",
     "MessageSpec",
+    "NodeChanged",
     "OkReply",
     "PipelineReply",
     "PipelineRequest",

@@ -131,3 +131,27 @@ class KernelStopping:
     """The kernel is shutting down."""
 
     reason: str
+
+
+@message("kernel.cluster")
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ClusterChanged:
+    """The kernel's link to its Ray cluster changed: ``connected`` or ``unavailable`` (why in
+    ``error``; the kernel keeps its state and tries again)."""
+
+    state: str
+    address: str
+    error: str | None = None
+    nodes: list[str] = field(default_factory=list)
+
+
+@message("kernel.node")
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NodeChanged:
+    """A cluster node ``joined`` or was ``lost`` (``why``; its jobs fail with "node <id> lost")."""
+
+    node: str
+    state: str
+    cpus: float = 0.0
+    memory: int = 0
+    why: str | None = None

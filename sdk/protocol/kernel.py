@@ -73,6 +73,8 @@ class StatusReply:
     last_seq: int
     metrics_url: str | None = None
     stats: dict[str, int] = field(default_factory=dict)
+    #: With the Ray backend: its address, state (connected / unavailable), error and node ids.
+    cluster: dict[str, Any] | None = None
 
 
 @message("kernel.replay_request")

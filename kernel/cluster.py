@@ -1,0 +1,394 @@
+"""More than one machine: the device table of a Ray cluster, and the link to the cluster.
+
+With ``[cluster] backend = "ray"`` (``llmos boot --ray ADDRESS``) the kernel keeps everything it
+keeps on one machine — the job table, the journal, placement by bytes, accounting — and Ray only
+starts processes where the kernel placed them:
+
+* :class:`ClusterTable` is the device table: one :class:`~llmos.kernel.devices.DeviceTable` per
+  Ray node (its CPUs, memory and GPUs, probed on that node; fake GPUs from the node's
+  ``llmos_fake_gpus`` resource), with the same interface the scheduler uses on one machine.
+  Placement is best fit by bytes across every node's devices; the placement names its node.
+* :class:`Cluster` runs the kernel's Ray driver, ``python -m llmos.kernel.ray_agent``, a child that
+  speaks JSON lines (the kernel never imports Ray), launches a worker for each job on its node (a
+  placement group with the job's bundle there and an actor pinned to it that runs the llmos worker,
+  which reaches the kernel's bus over CurveZMQ TCP), follows nodes joining and leaving, and turns
+  a lost node into the end of its workers ("node <id> lost").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import structlog
+
+from llmos.errors import ResourceError
+from llmos.kernel.devices import Device, DeviceTable
+from llmos.kernel.supervisor import Pool, WorkerProc
+from llmos.keys import ClientKey
+from llmos.plugin import Resources
+from llmos.protocol import ClusterChanged, NodeChanged
+from llmos.units import format_size
+
+log = structlog.get_logger("llmos.kernel")
+
+__all__ = ["Cluster", "ClusterTable", "ray_host"]
+
+
+def ray_host(address: str) -> str:
+    """The host the kernel listens on for a cluster at ``address``: the GCS's host, or for
+    "auto" the host of the cluster ``ray start`` made on this machine (its address file)."""
+    if address and address != "auto":
+        host = address.rpartition(":")[0] if ":" in address else address
+        return host.removeprefix("ray://") or "127.0.0.1"
+    try:
+        text = Path("/tmp/ray/ray_current_cluster").read_text().strip()
+        return text.rpartition(":")[0] or "127.0.0.1"
+    except OSError:
+        return "127.0.0.1"
+
+
+class ClusterTable:
+    """The devices of every node of the cluster, and placement across them (the interface of
+    :class:`DeviceTable`, which the scheduler and the kernel use unchanged)."""
+
+    def __init__(self) -> None:
+        self.nodes: dict[str, DeviceTable] = {}
+        self.info: dict[str, dict[str, Any]] = {}
+        self.connected = False  # the first node list has arrived
+        #: Nodes where a worker's actor died while Ray still lists them: nothing is placed there
+        #: until Ray declares them dead (they leave) or the agent trusts them again.
+        self.suspect: set[str] = set()
+        self.probe_source: str | None = "ray"
+        self._monitor_cpu = Device(id="cpu", kind="cpu", name="cpu", memory_total=0, capacity=0.0)
+
+    # -- nodes --
+
+    def update(self, nodes: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
+        """The agent's node list: add the nodes that joined, drop the ones that left (or died).
+        Returns (joined, left)."""
+        self.connected = True
+        alive = {n["id"]: n for n in nodes if n.get("alive")}
+        joined = [nid for nid in alive if nid not in self.nodes]
+        left = [nid for nid in self.nodes if nid not in alive]
+        for nid in left:
+            del self.nodes[nid]
+            self.info.pop(nid, None)
+            self.suspect.discard(nid)
+        for nid in joined:
+            n = alive[nid]
+            table = DeviceTable(float(n["cpus"]), int(n["memory"]), list(n.get("fake_gpus") or []), node=nid)
+            table.probing = True  # until the probe on that node answers
+            self.nodes[nid] = table
+            self.info[nid] = {"ray_id": n["ray_id"], "address": n.get("address", "")}
+        return joined, left
+
+    def probed(self, node: str, gpus: list[dict[str, Any]], source: str) -> None:
+        table = self.nodes.get(node)
+        if table is not None:
+            table.add_probed([g for g in gpus if isinstance(g, dict) and isinstance(g.get("index"), int)], source)
+
+    def forget_all(self) -> list[str]:
+        """The cluster went away: every node is gone until it is back."""
+        left = list(self.nodes)
+        self.nodes.clear()
+        self.info.clear()
+        self.connected = False
+        return left
+
+    # -- the DeviceTable interface --
+
+    @property
+    def probing(self) -> bool:
+        return not self.connected or any(t.probing for t in self.nodes.values())
+
+    @property
+    def devices(self) -> list[Device]:
+        return [d for t in self.nodes.values() for d in t.devices]
+
+    @property
+    def gpus(self) -> list[Device]:
+        return [g for t in self.nodes.values() for g in t.gpus]
+
+    @property
+    def cpu(self) -> Device:
+        """The monitor's node samples (kept apart: one monitor cannot speak for every node)."""
+        return self._monitor_cpu
+
+    def to_list(self) -> list[dict[str, Any]]:
+        return [d for t in self.nodes.values() for d in t.to_list()]
+
+    def needs_probe(self, res: Resources) -> bool:
+        if res.gpus <= 0 or not self.probing:
+            return False
+        return all(t.probing or t.never_fits(res) is not None for t in self.nodes.values())
+
+    def never_fits(self, res: Resources) -> str | None:
+        if not self.nodes:
+            return None  # no node yet (or the cluster is away): the job waits for one
+        reasons = [t.never_fits(res) for t in self.nodes.values()]
+        if any(r is None for r in reasons):
+            return None
+        return f"no node of the cluster ({len(self.nodes)}) can hold it: " + "; ".join(str(r) for r in reasons[:4])
+
+    def check(self, res: Resources) -> None:
+        why = self.never_fits(res)
+        if why:
+            raise ResourceError(f"the request can never fit: {why}", requested=res.to_dict(), available=self.to_list())
+
+    def place(self, res: Resources) -> dict[str, Any] | None:
+        """The best fit by bytes over every node: the placement that leaves the least free (GPU
+        memory first, then RAM, then cores), a real GPU before a fake one; it names its node."""
+        best: tuple[tuple[Any, ...], str, dict[str, Any]] | None = None
+        for nid, table in self.nodes.items():
+            if nid in self.suspect:
+                continue
+            placement = table.place(res)
+            if placement is None:
+                continue
+            by_id = {g.id: g for g in table.gpus}
+            gpus = placement["gpus"]
+            key = (
+                any(g["fake"] for g in gpus),
+                sum(by_id[g["id"]].memory_free - g["memory"] for g in gpus),
+                table.cpu.memory_free - res.memory,
+                table.cpu.share_free - res.cpus,
+                nid,
+            )
+            if best is None or key < best[0]:
+                best = (key, nid, placement)
+        if best is None:
+            return None
+        return {**best[2], "node": best[1]}
+
+    def reserve(self, job_id: int, placement: dict[str, Any]) -> None:
+        table = self.nodes.get(placement.get("node", ""))
+        if table is not None:
+            table.reserve(job_id, placement)
+
+    def release(self, job_id: int) -> None:
+        for table in self.nodes.values():
+            table.release(job_id)
+
+
+class Cluster:
+    """The kernel's side of the Ray agent: start it (again, after a backoff, if it dies), send it
+    launches and signals, and turn its reports into changes of the device table and the pool."""
+
+    def __init__(
+        self, address: str, table: ClusterTable, pool: Pool, *, control: str, ingest: str, key: ClientKey, heartbeat: float,
+        log_level: str, state_dir: Path, emit: Callable[[str, Any], None],
+        changed: Callable[[], None],
+    ) -> None:
+        self.address = address
+        self.table = table
+        self.pool = pool
+        self.emit = emit
+        self.changed = changed  # something placement depends on changed: schedule again
+        self.state_dir = state_dir
+        self.worker_dir = state_dir / "workers"
+        self.args = ["--control", control, "--ingest", ingest, "--heartbeat", str(heartbeat), "--log-level", log_level]
+        self.env = {
+            "LLMOS_STATE_DIR": str(state_dir), "LLMOS_WORKER_KEY": json.dumps(key.to_dict()),
+            "MALLOC_TRIM_THRESHOLD_": str(64 << 20), "MALLOC_MMAP_THRESHOLD_": str(32 << 20),
+        }
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.state = "connecting"  # connecting | connected | unavailable
+        self.error: str | None = None
+        self._buf = b""
+        self._counter = 0
+        self._restart_at = 0.0
+        self._backoff = 1.0
+        self.detected: dict[str, float] = {}  # node -> seconds from its loss to the kernel knowing (for the record)
+        self._start_agent()
+
+    # -- the agent process --
+
+    def _start_agent(self) -> None:
+        env = dict(os.environ)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "llmos.kernel.ray_agent", "--address", self.address], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=open(self.state_dir / "ray-agent.log", "ab"), env=env, close_fds=True,  # noqa: SIM115 - the child keeps it
+        )
+        assert self.proc.stdout is not None
+        os.set_blocking(self.proc.stdout.fileno(), False)
+        self._buf = b""
+        log.info("ray_agent_started", pid=self.proc.pid, address=self.address)
+
+    @property
+    def fd(self) -> int | None:
+        return self.proc.stdout.fileno() if self.proc is not None and self.proc.stdout is not None else None
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    def _send(self, cmd: dict[str, Any]) -> bool:
+        if self.proc is None or self.proc.stdin is None:
+            return False
+        try:
+            self.proc.stdin.write(json.dumps(cmd).encode() + b"\n")
+            self.proc.stdin.flush()
+            return True
+        except (BrokenPipeError, OSError):
+            return False
+
+    def reaped(self, status: int) -> None:
+        """The kernel's reap found the agent's exit."""
+        if self.proc is not None:
+            self.proc.returncode = os.waitstatus_to_exitcode(status)
+
+    def read(self) -> None:
+        """Act on what the agent reported."""
+        if self.proc is None or self.proc.stdout is None:
+            return
+        try:
+            chunk = os.read(self.proc.stdout.fileno(), 1 << 20)
+        except BlockingIOError:
+            chunk = None
+        except OSError:
+            chunk = b""
+        if chunk:
+            self._buf += chunk
+            *lines, self._buf = self._buf.split(b"\n")
+            for line in lines:
+                try:
+                    self._on_report(json.loads(line))
+                except Exception:
+                    log.exception("ray_agent_report_failed", line=line[:300].decode(errors="replace"))
+        elif chunk == b"":
+            self._agent_gone()
+
+    def _agent_gone(self) -> None:
+        code = self.proc.returncode if self.proc is not None else None
+        if self.proc is not None:
+            for pipe in (self.proc.stdout, self.proc.stdin):
+                try:
+                    if pipe is not None:
+                        pipe.close()
+                except OSError:
+                    pass
+        self.proc = None
+        self._set_state("unavailable", f"the Ray agent exited (code {code}); see {self.state_dir / 'ray-agent.log'}")
+        self._restart_at = time.monotonic() + self._backoff
+        self._backoff = min(30.0, self._backoff * 2)
+        self._lose_nodes(self.table.forget_all(), "the Ray cluster is unavailable")
+        for worker in self.pool.workers.values():
+            if worker.node is not None and worker.alive:
+                self._exited(worker, None, f"node {worker.node} lost (the Ray cluster is unavailable)")
+
+    def timers(self, now: float) -> None:
+        if self.proc is None and now >= self._restart_at:
+            self._start_agent()
+
+    # -- reports --
+
+    def _set_state(self, state: str, error: str | None = None) -> None:
+        if state == self.state and error == self.error:
+            return
+        self.state, self.error = state, error
+        log.log(30 if state == "unavailable" else 20, "cluster_state", state=state, error=error, address=self.address)
+        self.emit("kernel.cluster", ClusterChanged(state=state, error=error, address=self.address, nodes=sorted(self.table.nodes)))
+
+    def _on_report(self, report: dict[str, Any]) -> None:
+        ev = report.get("ev")
+        if ev == "connected":
+            self._backoff = 1.0
+            self._set_state("connected")
+        elif ev in ("unavailable", "fatal"):
+            self._set_state("unavailable", str(report.get("error")))
+        elif ev == "nodes":
+            joined, left = self.table.update(report["nodes"])
+            for nid in joined:
+                info = next(n for n in report["nodes"] if n["id"] == nid)
+                log.info("node_joined", node=nid, cpus=info["cpus"], memory=info["memory"], fake_gpus=len(info.get("fake_gpus") or []))
+                self.emit("kernel.node", NodeChanged(node=nid, state="joined", cpus=float(info["cpus"]), memory=int(info["memory"])))
+            self._lose_nodes(left, "it left the cluster")
+            self.changed()
+        elif ev == "probed":
+            self.table.probed(report["node"], report.get("gpus") or [], str(report.get("source")))
+            self.changed()
+        elif ev == "started":
+            worker = self.pool.workers.get(report["worker"])
+            if worker is not None and worker.pid is None:
+                worker.pid = int(report["pid"])
+        elif ev == "exited":
+            worker = self.pool.workers.get(report["worker"])
+            if worker is not None and worker.alive:
+                self._exited(worker, report.get("code"), report.get("reason"), report.get("usage"))
+        elif ev == "suspect":
+            log.warning("node_suspect", node=report["node"], why=report.get("why"))
+            self.table.suspect.add(report["node"])
+        elif ev == "trusted":
+            self.table.suspect.discard(report["node"])
+            self.changed()
+        elif ev == "error":
+            log.warning("ray_agent_error", error=report.get("error"))
+
+    def _lose_nodes(self, nodes: list[str], why: str) -> None:
+        for nid in nodes:
+            lost = [w for w in self.pool.workers.values() if w.node == nid and w.alive]
+            log.warning("node_lost", node=nid, why=why, workers=len(lost))
+            self.emit("kernel.node", NodeChanged(node=nid, state="lost", why=why))
+            for worker in lost:
+                self._exited(worker, None, f"node {nid} lost")
+
+    def _exited(self, worker: WorkerProc, code: int | None, reason: str | None, usage: dict[str, float] | None = None) -> None:
+        """A remote worker ended: as a reaped local one would (a waitpid-style status)."""
+        if code is None:
+            worker.exited = 9  # as if killed: its host or its node is gone
+        else:
+            worker.exited = -code if code < 0 else code << 8
+        worker.exited_at = time.monotonic()
+        if reason and worker.end_reason is None:
+            worker.end_reason = reason
+        if usage:
+            worker.rusage = SimpleNamespace(ru_utime=float(usage["utime"]), ru_stime=float(usage["stime"]), ru_maxrss=int(usage["maxrss"]))
+        self.changed()
+
+    # -- commands --
+
+    def launch(self, placement: dict[str, Any], cpus: float, memory: int) -> WorkerProc:
+        """A worker for a job placed on ``placement["node"]`` (started there by Ray)."""
+        self._counter += 1
+        node = placement["node"]
+        proc = WorkerProc(
+            id=f"r{os.getpid()}-{self._counter}", log_path=self.worker_dir / f"r{os.getpid()}-{self._counter}.log", spawned_at=time.monotonic(),
+            last_seen=time.monotonic(), node=node,
+        )
+        proc.generation = self.pool.generation
+        proc.signaller = lambda sig, wid=proc.id: self._send({"op": "signal", "worker": wid, "sig": int(sig)})
+        self.pool.workers[proc.id] = proc
+        info = self.table.info.get(node, {})
+        cmd = {
+            "op": "launch", "worker": proc.id, "node": node, "ray_id": info.get("ray_id", ""), "log": str(proc.log_path),
+            "argv": ["-m", "llmos.kernel.worker", "--worker-id", proc.id, *self.args], "env": self.env,
+            "bundle": {"CPU": float(cpus), "memory": float(memory)},
+        }
+        if not self._send(cmd):
+            self._exited(proc, None, f"node {node} lost (the Ray agent is not running)")
+        log.info("worker_launching", worker=proc.id, node=node, cpus=cpus, memory=format_size(memory))
+        return proc
+
+    def starting(self) -> int:
+        return sum(1 for w in self.pool.workers.values() if w.node is not None and w.alive and not w.ready)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"backend": "ray", "address": self.address, "state": self.state, "error": self.error, "nodes": sorted(self.table.nodes)}
+
+    def close(self) -> None:
+        if self.proc is None:
+            return
+        self._send({"op": "quit"})
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.proc = None
