@@ -185,13 +185,14 @@ class Cluster:
     def __init__(
         self, address: str, table: ClusterTable, pool: Pool, *, control: str, ingest: str, key: ClientKey, heartbeat: float,
         log_level: str, state_dir: Path, emit: Callable[[str, Any], None],
-        changed: Callable[[], None],
+        changed: Callable[[], None], exited: Callable[[WorkerProc], None],
     ) -> None:
         self.address = address
         self.table = table
         self.pool = pool
         self.emit = emit
         self.changed = changed  # something placement depends on changed: schedule again
+        self.on_exit = exited  # a worker's exit is known (its try can be accounted)
         self.state_dir = state_dir
         self.worker_dir = state_dir / "workers"
         self.args = ["--control", control, "--ingest", ingest, "--heartbeat", str(heartbeat), "--log-level", log_level]
@@ -351,6 +352,7 @@ class Cluster:
             worker.end_reason = reason
         if usage:
             worker.rusage = SimpleNamespace(ru_utime=float(usage["utime"]), ru_stime=float(usage["stime"]), ru_maxrss=int(usage["maxrss"]))
+        self.on_exit(worker)
         self.changed()
 
     # -- commands --

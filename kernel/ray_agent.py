@@ -101,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         def start(self, argv: list[str], env: dict[str, str], log: str) -> int:
             full_env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
             full_env.update(env)
+            # Where this really is, as Ray says (a job can check it against its placement).
+            full_env["LLMOS_NODE"] = short(ray.get_runtime_context().get_node_id())
             with open(log, "ab") as out:
                 self.proc = subprocess.Popen(
                     [sys.executable, *argv, "--kernel-pid", str(os.getpid())], env=full_env, stdin=subprocess.DEVNULL, stdout=out, stderr=out,

@@ -241,6 +241,7 @@ class Kernel:
                 str(self.settings["cluster"]["address"]), self.devices, self.pool, control=self.endpoints["control_tcp"],
                 ingest=self.endpoints["ingest_tcp"], key=self.keys.workers_key(), heartbeat=float(ws["heartbeat_interval"]),
                 log_level=ks["log_level"], state_dir=self.state_dir, emit=self.emit, changed=self._cluster_changed,
+                exited=lambda worker: self.usage.account(worker),
             )
             self._watch_cluster()
         self.router = ServiceRouter(self.bus, self.pool.workers, on_register=lambda worker, name: self.pipelines.job_serving(worker.job_id))

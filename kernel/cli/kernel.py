@@ -170,6 +170,10 @@ def status(client: Client, as_json: bool) -> None:
     click.echo("jobs       " + "  ".join(f"{k} {v}" for k, v in info["jobs"].items()))
     click.echo("workers    " + "  ".join(f"{k} {v}" for k, v in info["workers"].items()))
     click.echo(f"journal    {info['last_seq']} events")
+    cluster = info.get("cluster")
+    if cluster:
+        state = cluster["state"] + (f" ({cluster['error']})" if cluster.get("error") else "")
+        click.echo(f"cluster    ray {cluster['address']}: {state}, {len(cluster['nodes'])} node(s) {' '.join(cluster['nodes'])}")
 
 
 @click.command()
@@ -182,17 +186,24 @@ def devices(client: Client, as_json: bool) -> None:
         echo_json(table)
         return
     rows = []
-    for d in table:
+    nodes = any(d.get("node") for d in table)  # a cluster: grouped by node, one row per device
+    for d in sorted(table, key=lambda d: (d.get("node") or "", d["kind"] != "cpu", d["id"])) if nodes else table:
         if d["kind"] == "cpu":
             share = f"{d['share_reserved']:g}/{d['capacity']:g} cores"
         else:
             share = f"{d['share_reserved']:g}/1"
         rows.append([
-            d["id"],
+            *([d.get("node") or "-"] if nodes else []),
+            d["id"].split(":", 1)[-1] if nodes else d["id"],
             d["kind"],
             d["name"] + (" (fake)" if d["fake"] else ""),
             f"{format_size(d['memory_reserved'])}/{format_size(d['memory_total'])}",
             share,
             ",".join(map(str, d["jobs"])) or "-",
         ])
-    _table(rows, ["ID", "KIND", "NAME", "MEMORY RESERVED", "SHARE", "JOBS"])
+    if nodes:
+        _table(rows, ["NODE", "DEVICE", "KIND", "NAME", "MEMORY RESERVED", "SHARE", "JOBS"])
+    elif not rows:
+        click.echo("no devices (a cluster kernel shows its nodes' devices once they have joined)")
+    else:
+        _table(rows, ["ID", "KIND", "NAME", "MEMORY RESERVED", "SHARE", "JOBS"])

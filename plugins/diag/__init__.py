@@ -143,6 +143,7 @@ class DevicesRunner(Runner):
             "placement": ctx.placement,
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
             "cuda_device_order": os.environ.get("CUDA_DEVICE_ORDER"),
+            "node": os.environ.get("LLMOS_NODE"),  # where it really runs, as its cluster says (Ray backend)
             "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
             "distributed": ctx.distributed,
             "rank_env": {k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")},

@@ -248,12 +248,17 @@ def serve_command(model: str, name: str | None, replicas: int, max_seqs: int | N
 
 
 def free_cores(client: llmos.Client, replicas: int = 1) -> float:
-    """The whole CPU cores free in the device table now, shared among ``replicas`` (at least 1 each)."""
-    cpu = next((d for d in client.devices() if d.get("kind") == "cpu"), None)
-    if cpu is None:
+    """The whole CPU cores free in the device table now, shared among ``replicas`` (at least 1 each).
+    On a cluster (a CPU per node): the cores of the node with the most free, when the replicas
+    fit there together, else of the node with the fewest free among the ones that hold one each."""
+    cpus = [d for d in client.devices() if d.get("kind") == "cpu"]
+    if not cpus:
         return 1.0
-    free = float(cpu.get("capacity", 1)) - float(cpu.get("share_reserved", 0))
-    return float(max(1, int(free + 1e-9) // max(replicas, 1)))
+    free = sorted((float(d.get("capacity", 1)) - float(d.get("share_reserved", 0)) for d in cpus), reverse=True)
+    n = max(replicas, 1)
+    if len(free) > 1 and int(free[0] + 1e-9) < n and len([f for f in free if f >= 1 - 1e-9]) >= n:
+        return float(max(1, int(free[n - 1] + 1e-9)))  # one replica a node
+    return float(max(1, int(free[0] + 1e-9) // n))
 
 
 def _wait_for_replicas(client: llmos.Client, service: str, jobs: list[llmos.Job], wait_s: float) -> dict[str, Any]:
