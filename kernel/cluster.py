@@ -25,6 +25,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -41,7 +42,7 @@ from llmos.units import format_size
 
 log = structlog.get_logger("llmos.kernel")
 
-__all__ = ["Cluster", "ClusterTable", "ray_host"]
+__all__ = ["Cluster", "ClusterTable", "RankHost", "ray_host"]
 
 
 def ray_host(address: str) -> str:
@@ -75,7 +76,7 @@ class ClusterTable:
         self._buckets: list[dict[str, None]] = []
         self._free_whole: dict[str, int] = {}
         self._partial: dict[str, None] = {}
-        self._held: dict[int, str] = {}
+        self._held: dict[int, list[str]] = {}
         self._cpu_buckets: list[dict[str, None]] = []
         self._cpu_free: dict[str, int] = {}
 
@@ -93,7 +94,7 @@ class ClusterTable:
             self.info.pop(nid, None)
             self.suspect.discard(nid)
             self._index(nid)
-            self._held = {j: n for j, n in self._held.items() if n != nid}
+            self._held = {j: [n for n in ns if n != nid] for j, ns in self._held.items()}
         for nid in joined:
             n = alive[nid]
             table = DeviceTable(float(n["cpus"]), int(n["memory"]), list(n.get("fake_gpus") or []), node=nid)
@@ -146,20 +147,41 @@ class ClusterTable:
             return False
         return all(t.probing or t.never_fits(res) is not None for t in self.nodes.values())
 
-    def never_fits(self, res: Resources) -> str | None:
+    def never_fits(self, res: Resources, ranks: int = 1) -> str | None:
         if not self.nodes:
             return None  # no node yet (or the cluster is away): the job waits for one
         reasons = [t.never_fits(res) for t in self.nodes.values()]
         if any(r is None for r in reasons):
             return None
+        if ranks > 1:
+            per = Resources(cpus=res.cpus / ranks, memory=res.memory // ranks, gpus=res.gpus / ranks if res.gpus else 0.0, gpu_memory=res.gpu_memory)
+            room = sum(self._ranks_room(t, per) for t in self.nodes.values())
+            if room >= ranks:
+                return None  # spread over the nodes, a rank each share
+            return (f"its {ranks} ranks ({per.cpus:g} cores, {format_size(per.memory)} RAM and {per.gpus:g} GPUs each) do not fit on one node "
+                    f"and the cluster's {len(self.nodes)} nodes hold {room} such ranks at most")
         return f"no node of the cluster ({len(self.nodes)}) can hold it: " + "; ".join(str(r) for r in reasons[:4])
 
-    def check(self, res: Resources) -> None:
-        why = self.never_fits(res)
+    @staticmethod
+    def _ranks_room(table: DeviceTable, per: Resources) -> int:
+        """How many ranks of ``per`` the node holds when idle."""
+        if table.never_fits(per) is not None:
+            return 0
+        counts = [10**6]
+        if per.cpus > 0:
+            counts.append(int(table.cpu.capacity / per.cpus + 1e-9))
+        if per.memory > 0:
+            counts.append(table.cpu.memory_total // per.memory)
+        if per.gpus >= 1:
+            counts.append(len(table.gpus) // int(per.gpus))
+        return min(counts)
+
+    def check(self, res: Resources, ranks: int = 1) -> None:
+        why = self.never_fits(res, ranks)
         if why:
             raise ResourceError(f"the request can never fit: {why}", requested=res.to_dict(), available=self.to_list())
 
-    def place(self, res: Resources) -> dict[str, Any] | None:
+    def place(self, res: Resources, ranks: int = 1) -> dict[str, Any] | None:
         """Best fit across the nodes, found through an index rather than a scan of every node (a
         pass over 10,000 jobs on 1,000 nodes must stay fast: docs/scale.md):
 
@@ -168,13 +190,43 @@ class ClusterTable:
         * a GPU share: a node whose GPUs are already shared, best fit by bytes, else as above;
         * CPU only: the nodes with the fewest whole free cores that hold it, then by bytes.
 
-        The placement names its node."""
+        The placement names its node. A gang of ``ranks`` goes on one node when it fits there,
+        else each rank (an equal share of the request) where it fits best, the ranks packed on as
+        few nodes as that allows: the placement then has ``ranks`` (each rank's node, cores and
+        GPUs) and ``parts`` (what it holds on each node)."""
         if res.gpus >= 1:
-            return self._place_in_buckets(res, int(res.gpus))
-        if res.gpus > 0:
-            best = self._best_of(self._partial, res)
-            return best or self._place_in_buckets(res, 1)
-        return self._place_cpu(res)
+            found = self._place_in_buckets(res, int(res.gpus))
+        elif res.gpus > 0:
+            found = self._best_of(self._partial, res) or self._place_in_buckets(res, 1)
+        else:
+            found = self._place_cpu(res)
+        if found is None and ranks > 1:
+            return self._spread(res, ranks)
+        return found
+
+    def _spread(self, res: Resources, n: int) -> dict[str, Any] | None:
+        per = Resources(cpus=res.cpus / n, memory=res.memory // n, gpus=res.gpus / n if res.gpus else 0.0, gpu_memory=res.gpu_memory)
+        ranks: list[dict[str, Any]] = []
+        held: list[int] = []
+        try:
+            for r in range(n):
+                p = self.place(per)
+                if p is None:
+                    return None
+                held.append(-(10**12) - r)  # held for the rest of this search only
+                self.reserve(held[-1], p)
+                ranks.append({"node": p["node"], "cpu": p["cpu"], "gpus": p["gpus"]})
+        finally:
+            for tid in held:
+                self.release(tid)
+        parts: dict[str, dict[str, Any]] = {}
+        for rank in ranks:
+            part = parts.setdefault(rank["node"], {"cpu": {"cores": 0.0, "memory": 0}, "gpus": []})
+            part["cpu"]["cores"] += rank["cpu"]["cores"]
+            part["cpu"]["memory"] += rank["cpu"]["memory"]
+            part["gpus"].extend(rank["gpus"])
+        return {"node": ranks[0]["node"], "cpu": {"cores": res.cpus, "memory": res.memory}, "gpus": [g for r in ranks for g in r["gpus"]],
+                "ranks": ranks, "parts": parts}
 
     def _place_cpu(self, res: Resources) -> dict[str, Any] | None:
         """The tightest nodes first (fewest whole free cores that still hold the request), the
@@ -254,19 +306,31 @@ class ClusterTable:
             self._partial[nid] = None
 
     def reserve(self, job_id: int, placement: dict[str, Any]) -> None:
-        nid = placement.get("node", "")
-        table = self.nodes.get(nid)
-        if table is not None:
-            table.reserve(job_id, placement)
-            self._held[job_id] = nid
-            self._index(nid)
+        parts = placement.get("parts") or {placement.get("node", ""): placement}
+        for nid, part in parts.items():
+            table = self.nodes.get(nid)
+            if table is not None:
+                table.reserve(job_id, part)
+                self._held.setdefault(job_id, []).append(nid)
+                self._index(nid)
 
     def release(self, job_id: int) -> None:
-        nid = self._held.pop(job_id, None)
-        table = self.nodes.get(nid) if nid is not None else None
-        if table is not None:
-            table.release(job_id)
-            self._index(nid)  # type: ignore[arg-type]
+        for nid in self._held.pop(job_id, ()):
+            table = self.nodes.get(nid)
+            if table is not None:
+                table.release(job_id)
+                self._index(nid)
+
+
+@dataclass(slots=True)
+class RankHost:
+    """A rank of a gang job started on another node than its worker's (by the kernel, for it)."""
+
+    id: str
+    job_id: int
+    rank: int
+    node: str
+    worker: str  # the job's worker (rank 0), told when the rank ends
 
 
 class Cluster:
@@ -276,7 +340,7 @@ class Cluster:
     def __init__(
         self, address: str, table: ClusterTable, pool: Pool, *, control: str, ingest: str, key: ClientKey, heartbeat: float,
         log_level: str, state_dir: Path, emit: Callable[[str, Any], None],
-        changed: Callable[[], None], exited: Callable[[WorkerProc], None],
+        changed: Callable[[], None], exited: Callable[[WorkerProc], None], rank_exited: Callable[[RankHost, int | None, str | None], None],
     ) -> None:
         self.address = address
         self.table = table
@@ -284,6 +348,8 @@ class Cluster:
         self.emit = emit
         self.changed = changed  # something placement depends on changed: schedule again
         self.on_exit = exited  # a worker's exit is known (its try can be accounted)
+        self.on_rank_exit = rank_exited  # a gang's rank started on another node ended
+        self.rank_hosts: dict[str, RankHost] = {}
         self.state_dir = state_dir
         self.worker_dir = state_dir / "workers"
         self.args = ["--control", control, "--ingest", ingest, "--heartbeat", str(heartbeat), "--log-level", log_level]
@@ -375,6 +441,8 @@ class Cluster:
         for worker in self.pool.workers.values():
             if worker.node is not None and worker.alive:
                 self._exited(worker, None, f"node {worker.node} lost (the Ray cluster is unavailable)")
+        for host in list(self.rank_hosts.values()):
+            self._rank_ended(host, None, f"node {host.node} lost (the Ray cluster is unavailable)")
 
     def timers(self, now: float) -> None:
         if self.proc is None and now >= self._restart_at:
@@ -411,6 +479,8 @@ class Cluster:
             worker = self.pool.workers.get(report["worker"])
             if worker is not None and worker.pid is None:
                 worker.pid = int(report["pid"])
+        elif ev == "exited" and report["worker"] in self.rank_hosts:
+            self._rank_ended(self.rank_hosts[report["worker"]], report.get("code"), report.get("reason"))
         elif ev == "exited":
             worker = self.pool.workers.get(report["worker"])
             if worker is not None and worker.alive:
@@ -431,6 +501,8 @@ class Cluster:
             self.emit("kernel.node", NodeChanged(node=nid, state="lost", why=why))
             for worker in lost:
                 self._exited(worker, None, f"node {nid} lost")
+            for host in [h for h in self.rank_hosts.values() if h.node == nid]:
+                self._rank_ended(host, None, f"node {nid} lost")
 
     def _exited(self, worker: WorkerProc, code: int | None, reason: str | None, usage: dict[str, float] | None = None) -> None:
         """A remote worker ended: as a reaped local one would (a waitpid-style status)."""
@@ -469,6 +541,34 @@ class Cluster:
             self._exited(proc, None, f"node {node} lost (the Ray agent is not running)")
         log.info("worker_launching", worker=proc.id, node=node, cpus=cpus, memory=format_size(memory))
         return proc
+
+    def launch_rank(self, worker: WorkerProc, job_id: int, rank: int, plan: dict[str, Any], argv: list[str], env: dict[str, str], log_path: str) -> None:
+        """Start rank ``rank`` of a gang on the node its rank plan gave it (for its worker, who
+        hears of its end as RankExited)."""
+        entry = plan["ranks"][rank]
+        node = entry["node"]
+        host = RankHost(id=f"{worker.id}-rank{rank}", job_id=job_id, rank=rank, node=node, worker=worker.id)
+        self.rank_hosts[host.id] = host
+        gpus = ",".join(str(i) for i in entry.get("gpus", []))
+        full_env = {**env, "LLMOS_STATE_DIR": str(self.state_dir), "CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": gpus}
+        if float(entry.get("cpus", 0)) >= 1:
+            full_env["OMP_NUM_THREADS"] = str(int(entry["cpus"]))
+        cmd = {
+            "op": "launch", "worker": host.id, "node": node, "ray_id": self.table.info.get(node, {}).get("ray_id", ""), "log": log_path, "argv": argv,
+            "env": full_env, "rank": True, "bundle": {"CPU": float(entry.get("cpus", 0))},
+        }
+        log.info("rank_launching", job_id=job_id, rank=rank, node=node)
+        if not self._send(cmd):
+            self._rank_ended(host, None, f"node {node} lost (the Ray agent is not running)")
+
+    def stop_ranks(self, job_id: int, rank: int | None = None) -> None:
+        for host in self.rank_hosts.values():
+            if host.job_id == job_id and (rank is None or host.rank == rank):
+                self._send({"op": "signal", "worker": host.id, "sig": 9})
+
+    def _rank_ended(self, host: RankHost, code: int | None, reason: str | None) -> None:
+        self.rank_hosts.pop(host.id, None)
+        self.on_rank_exit(host, code, reason)
 
     def starting(self) -> int:
         return sum(1 for w in self.pool.workers.values() if w.node is not None and w.alive and not w.ready)

@@ -134,7 +134,7 @@ class DeviceTable:
         want = 1 if res.gpus < 1 else int(res.gpus)
         return sum(self._gpu_need(res, g) <= g.memory_total for g in self.gpus) < want
 
-    def never_fits(self, res: Resources) -> str | None:
+    def never_fits(self, res: Resources, ranks: int = 1) -> str | None:
         """Why ``res`` can never be placed here, or None if it could be (on an idle machine)."""
         have = f"{f'node {self.node}' if self.node else 'this machine'} has {self.cpu.capacity:g} CPU cores, {format_size(self.cpu.memory_total)} RAM"
         gpus_desc = ", ".join(f"{g.id} {format_size(g.memory_total)}{' (fake)' if g.fake else ''}" for g in self.gpus) or "no GPUs"
@@ -153,8 +153,8 @@ class DeviceTable:
                 return f"asked for {res.gpus:g} GPU(s){mem}; {have}"
         return None
 
-    def place(self, res: Resources) -> dict[str, Any] | None:
-        """A placement for ``res`` on what is free now, or None: real GPUs before fake ones (fake GPUs
+    def place(self, res: Resources, ranks: int = 1) -> dict[str, Any] | None:
+        """A placement for ``res`` (all ``ranks`` of a gang on this machine) on what is free now, or None: real GPUs before fake ones (fake GPUs
         simulate placement; a job on a machine with real ones wants a real one), then best fit by bytes."""
         if res.cpus > self.cpu.share_free + _EPS or res.memory > self.cpu.memory_free:
             return None
@@ -212,8 +212,8 @@ class DeviceTable:
                 dev.share_reserved = max(0.0, dev.share_reserved - held[0])
                 dev.memory_reserved = max(0, dev.memory_reserved - held[1])
 
-    def check(self, res: Resources) -> None:
-        """ResourceError if ``res`` can never fit on this machine."""
+    def check(self, res: Resources, ranks: int = 1) -> None:
+        """ResourceError if ``res`` (all its ``ranks``) can never fit on this machine."""
         why = self.never_fits(res)
         if why:
             raise ResourceError(f"the request can never fit: {why}", requested=res.to_dict(), available=self.to_list())

@@ -17,9 +17,10 @@ Reports:
   still lists as alive is held (``--hold`` s) until Ray declares the node dead; meanwhile
   ``{"ev": "suspect", "node"}`` (and ``{"ev": "trusted", "node"}`` if it was not).
 
-Commands: ``{"op": "launch", "worker", "node", "argv", "env", "log", "bundle"}`` (a placement
+Commands: ``{"op": "launch", "worker", "node", "argv", "env", "log", "bundle", "rank"}`` (a placement
 group with ``bundle`` on ``node`` when ``bundle`` asks for something, an actor pinned there that
-runs ``python argv...``), ``{"op": "signal", "worker", "sig"}``, ``{"op": "quit"}``.
+runs ``python argv...``; an llmos worker also gets ``--kernel-pid`` of its actor, a job's own rank
+process, ``"rank": true``, does not), ``{"op": "signal", "worker", "sig"}``, ``{"op": "quit"}``.
 
 Fake GPUs: a node started with the custom resources ``llmos_fake_gpus: N`` and (optionally)
 ``llmos_fake_gpu_gib: G`` shows N fake GPUs of G GiB (24 without it).
@@ -98,14 +99,15 @@ def main(argv: list[str] | None = None) -> int:
             self.started = threading.Event()
             self.proc: subprocess.Popen[bytes] | None = None
 
-        def start(self, argv: list[str], env: dict[str, str], log: str) -> int:
+        def start(self, argv: list[str], env: dict[str, str], log: str, watch_parent: bool) -> int:
             full_env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
             full_env.update(env)
             # Where this really is, as Ray says (a job can check it against its placement).
             full_env["LLMOS_NODE"] = short(ray.get_runtime_context().get_node_id())
             with open(log, "ab") as out:
                 self.proc = subprocess.Popen(
-                    [sys.executable, *argv, "--kernel-pid", str(os.getpid())], env=full_env, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                    # A worker watches its parent (this actor): it leaves when the actor is gone.
+                    [sys.executable, *argv, *(["--kernel-pid", str(os.getpid())] if watch_parent else [])], env=full_env, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
                     start_new_session=True, close_fds=True,
                 )
             self.started.set()
@@ -202,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
                         strategy = NodeAffinitySchedulingStrategy(cmd["ray_id"], soft=False)
                     host = WorkerHost.options(scheduling_strategy=strategy, name=f"llmos-{worker}").remote()
                     hosts[worker] = host
-                    starts[host.start.remote(cmd["argv"], cmd["env"], cmd["log"])] = worker
+                    starts[host.start.remote(cmd["argv"], cmd["env"], cmd["log"], not cmd.get("rank"))] = worker
                     waits[host.wait.remote()] = (worker, node)
                 except Exception as exc:
                     end(worker, None, f"could not start a worker on node {node}: {type(exc).__name__}: {exc}")

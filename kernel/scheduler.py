@@ -26,7 +26,7 @@ The rules:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,14 +80,16 @@ def order(pending: Sequence[JobRecord], aging_seconds: float) -> list[JobRecord]
 def plan(
     pending: Sequence[JobRecord],
     running: Sequence[JobRecord],
-    devices: DeviceTable,
+    devices: DeviceTable | Any,
     ready_workers: int,
     policy: Policy,
     now: float,
     preempting: Mapping[int, int] | None = None,
+    ranks: Callable[[JobRecord], int] | None = None,
 ) -> Plan:
     """The plan for one scheduling pass (see the module's rules). ``preempting`` maps victims
-    already stopping to the job they stop for."""
+    already stopping to the job they stop for; ``ranks`` says how many ranks a gang job runs (a
+    cluster's table spreads them over nodes when they do not fit on one)."""
     out = Plan()
     if not pending:
         return out
@@ -99,9 +101,10 @@ def plan(
     ready = ready_workers
     try:
         for job in order(pending, policy.aging_seconds):
-            key = tuple(job.resources.items())
+            n = ranks(job) if ranks is not None else 1
+            key = (*job.resources.items(), n)
             res = Resources(**job.resources)
-            placement = None if key in unfit else devices.place(res)
+            placement = None if key in unfit else (devices.place(res, ranks=n) if n > 1 else devices.place(res))
             if placement is not None and ready > 0:
                 devices.reserve(job.id, placement)
                 held.append(job.id)
@@ -157,12 +160,21 @@ def choose_victims(job: JobRecord, res: Resources, running: Sequence[JobRecord],
 def rank_plan(placement: Mapping[str, Any], n: int, master_port: int, master_addr: str = "127.0.0.1") -> dict[str, Any]:
     """A gang job's placement split among its ``n`` ranks: GPUs in equal runs, CPU cores shared
     evenly, and the rendezvous address every rank meets at."""
+    if placement.get("ranks"):  # spread over a cluster's nodes: each rank where it was placed
+        return {
+            "world_size": n,
+            "master_addr": master_addr,
+            "master_port": master_port,
+            "ranks": [{"rank": r, "node": p["node"], "gpus": [int(g["index"]) for g in p["gpus"]], "cpus": float(p["cpu"]["cores"])}
+                      for r, p in enumerate(placement["ranks"])],
+        }
     gpus = placement.get("gpus", [])
     per = len(gpus) // n
     cores = float(placement.get("cpu", {}).get("cores", 0)) / n
+    node = {"node": placement["node"]} if placement.get("node") else {}
     return {
         "world_size": n,
         "master_addr": master_addr,
         "master_port": master_port,
-        "ranks": [{"rank": r, "gpus": [int(g["index"]) for g in gpus[r * per : (r + 1) * per]], "cpus": cores} for r in range(n)],
+        "ranks": [{"rank": r, **node, "gpus": [int(g["index"]) for g in gpus[r * per : (r + 1) * per]], "cpus": cores} for r in range(n)],
     }

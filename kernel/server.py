@@ -40,7 +40,14 @@ import zmq
 
 from llmos import __version__
 from llmos.config import Settings
-from llmos.errors import ConfigError, JobRejected, KernelError, LlmosError, ValidationError
+from llmos.errors import (
+    ConfigError,
+    JobRejected,
+    KernelError,
+    LlmosError,
+    ProtocolError,
+    ValidationError,
+)
 from llmos.kernel import scheduler
 from llmos.kernel.artifacts import Artifacts
 from llmos.kernel.bus import Bus, check_endpoint
@@ -107,6 +114,9 @@ from llmos.protocol import (
     PluginsReloadRequest,
     PluginsReply,
     PluginsRequest,
+    RankExited,
+    RankStart,
+    RankStop,
     ReplayRequest,
     ShutdownRequest,
     StatusReply,
@@ -241,7 +251,7 @@ class Kernel:
                 str(self.settings["cluster"]["address"]), self.devices, self.pool, control=self.endpoints["control_tcp"],
                 ingest=self.endpoints["ingest_tcp"], key=self.keys.workers_key(), heartbeat=float(ws["heartbeat_interval"]),
                 log_level=ks["log_level"], state_dir=self.state_dir, emit=self.emit, changed=self._cluster_changed,
-                exited=lambda worker: self.usage.account(worker),
+                exited=lambda worker: self.usage.account(worker), rank_exited=self._rank_exited,
             )
             self._watch_cluster()
         self.router = ServiceRouter(self.bus, self.pool.workers, on_register=lambda worker, name: self.pipelines.job_serving(worker.job_id))
@@ -273,12 +283,48 @@ class Kernel:
             PipelineRequest: self._on_pipeline,
             PipelinesRequest: lambda req: PipelinesReply(pipelines=self.pipelines.list(max(1, min(req.msg.limit, 10_000)))),
         })
+        self.control.route({RankStart: self._on_rank_start, RankStop: self._on_rank_stop})
         self.control.route(self.pool.handlers())
         self.control.route(self.router.handlers())
         self.control.route(self.usage.handlers())
 
     def _cluster_changed(self) -> None:
         self._schedule_needed = True
+
+    def _rank_job(self, req: Request, job_id: int) -> tuple[WorkerProc, JobRecord]:
+        """The worker asking about a rank of its own job, and that job (ProtocolError otherwise)."""
+        worker = self.pool.workers.get(req.identity.decode(errors="replace"))
+        job = self.jobs.get(job_id)
+        if worker is None or job is None or worker.job_id != job_id or job.state != "running":
+            raise ProtocolError(f"rank requests come only from the worker running job {job_id}")
+        return worker, job
+
+    def _on_rank_start(self, req: Request) -> None:
+        """Rank 0 of a gang asks for a rank the plan put on another node (a refusal reaches it
+        as that rank's end, so it never waits for a rank that will not come)."""
+        msg: RankStart = req.msg
+        worker, job = self._rank_job(req, msg.job_id)
+        plan = (job.placement or {}).get("distributed") or {}
+        if self.cluster is None or not 0 < msg.rank < len(plan.get("ranks", [])) or not plan["ranks"][msg.rank].get("node"):
+            why = f"job {job.id} has no rank {msg.rank} on another node to start"
+            self.bus.send(req.identity, RankExited(job_id=job.id, rank=msg.rank, code=None, reason=why))
+            raise ValidationError(why, field="rank")
+        log_path = msg.log or str(self.state_dir / "jobs" / str(job.id) / f"rank{msg.rank}.log")
+        self.cluster.launch_rank(worker, job.id, msg.rank, plan, msg.argv, msg.env, log_path)
+
+    def _on_rank_stop(self, req: Request) -> None:
+        msg: RankStop = req.msg
+        self._rank_job(req, msg.job_id)
+        if self.cluster is not None:
+            self.cluster.stop_ranks(msg.job_id, msg.rank)
+
+    def _rank_exited(self, host: Any, code: int | None, reason: str | None) -> None:
+        """A remote rank ended: its worker hears of it; a rank whose node is lost takes its gang
+        with it (all ranks fail together, and retry together)."""
+        self.bus.send(host.worker.encode(), RankExited(job_id=host.job_id, rank=host.rank, code=code, reason=reason))
+        job = self.jobs.get(host.job_id)
+        if reason and job is not None and job.state == "running" and not job.stop_stage:
+            self._stop_job(job, f"{reason} (rank {host.rank} of the gang ran there)", "failed")
 
     def _watch_cluster(self) -> None:
         """Poll the Ray agent's reports (its pipe changes when it is started again)."""
@@ -353,7 +399,7 @@ class Kernel:
         """Pending jobs that can never fit on this machine fail rather than wait forever (and
         block the queue): after a restart on a smaller machine, or once the GPU probe is done."""
         for job in self.jobs.of_state("pending"):
-            why = self.devices.never_fits(Resources(**job.resources))
+            why = self.devices.never_fits(Resources(**job.resources), self._ranks_of(job))
             if why:
                 self._end_job(job, "failed", f"the request can never fit: {why}", None, retry=False)
 
@@ -482,7 +528,7 @@ class Kernel:
                 self._held_submits.append(hold)
                 return None
         else:
-            self.devices.check(res)
+            self.devices.check(res, ranks_of(entry.spec, params))
         asked = options.get("preemptible")
         preemptible = bool(getattr(entry.spec, "preemptible", False)) if asked is None else bool(asked)
         if preemptible and entry.service:
@@ -673,19 +719,22 @@ class Kernel:
         if not pending:
             return
         slots = max(0, int(self.settings["workers"]["max_starting"]) - self.cluster.starting())
-        plan = scheduler.plan(pending, self.jobs.of_state("running"), self.devices, slots, self.policy, time.time(), self._preempting)
+        plan = scheduler.plan(pending, self.jobs.of_state("running"), self.devices, slots, self.policy, time.time(), self._preempting, ranks=self._ranks_of)
         for job, placement in plan.starts:
-            cpu = placement.get("cpu", {})
+            cpu = (placement["ranks"][0] if placement.get("ranks") else placement).get("cpu", {})
             self._start(job, placement, self.cluster.launch(placement, float(cpu.get("cores", 0)), int(cpu.get("memory", 0))))
         for victim, job in plan.preemptions:
             self._preempting[victim.id] = job.id
             self._stop_job(victim, f"preempted by job {job.id} (priority {job.priority})", "preempted")
 
+    def _ranks_of(self, job: JobRecord) -> int:
+        entry = self.registry.kinds.get(job.kind)
+        return ranks_of(entry.spec, job.params) if entry is not None else 1
+
     def _start(self, job: JobRecord, placement: dict[str, Any], worker: WorkerProc) -> None:
         """Reserve devices and bind a worker: the try begins (the job is running from here)."""
         self.devices.reserve(job.id, placement)
-        entry = self.registry.kinds.get(job.kind)
-        ranks = ranks_of(entry.spec, job.params) if entry is not None else 1
+        ranks = self._ranks_of(job)
         if ranks > 1:
             placement = {**placement, "distributed": self._rank_plan(placement, ranks)}
         worker.job_id = job.id
@@ -705,6 +754,11 @@ class Kernel:
         port = free_port()
         while port in taken:
             port = free_port()
+        if isinstance(self.devices, ClusterTable):
+            # Rank 0's node is the rendezvous (its address as Ray knows it; the port is a guess
+            # there that is free here: on one loopback cluster, the same machine).
+            address = self.devices.info.get(placement["node"], {}).get("address") or "127.0.0.1"
+            return scheduler.rank_plan(placement, n, port, address)
         return scheduler.rank_plan(placement, n, port)
 
     def _worker_ready(self, worker: WorkerProc) -> None:
@@ -782,6 +836,8 @@ class Kernel:
         worker = self.pool.workers.get(job.worker_id) if job.worker_id else None
         self.usage.try_ended(worker, job, time.time())
         self.devices.release(job.id)
+        if self.cluster is not None:
+            self.cluster.stop_ranks(job.id)  # a gang's ranks on other nodes go with it
         if worker is not None and worker.job_id == job.id:
             worker.job_id = None
         job.worker_id = None

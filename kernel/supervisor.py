@@ -444,8 +444,11 @@ class Pool:
 def assignment(job: JobRecord, state_dir: Path, inputs: dict[str, Any] | None = None) -> WorkerAssign:
     """The message that hands ``job`` (running, placed) to its worker, with the environment its
     devices and rank plan call for."""
-    gpus = job.placement.get("gpus", []) if job.placement else []
-    cpus = float(job.resources.get("cpus", 0))
+    placement = job.placement or {}
+    # A gang spread over a cluster's nodes: this worker is rank 0, with rank 0's devices.
+    here = placement["ranks"][0] if placement.get("ranks") else placement
+    gpus = here.get("gpus", [])
+    cpus = float(here["cpu"]["cores"]) if placement.get("ranks") else float(job.resources.get("cpus", 0))
     env = {
         # The probe numbered the GPUs in PCI bus order (NVML's); CUDA's default order is
         # fastest first, which on a machine of mixed GPUs would hand the job another GPU.

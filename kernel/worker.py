@@ -42,6 +42,9 @@ from llmos.plugin import resolve_runner
 from llmos.protocol import (
     ITEM_TS_KEY,
     JobDone,
+    RankExited,
+    RankStart,
+    RankStop,
     ServiceCall,
     ServiceCancel,
     WorkerAssign,
@@ -93,6 +96,7 @@ class Bus:
         self.ctx: JobContext | None = None
         self.calls: queue.Queue[ServiceCall] = queue.Queue()
         self.cancelled_calls: set[str] = set()
+        self.rank_exits: dict[tuple[int, int], RankExited] = {}  # ranks started through the kernel that ended
         self._control_out: collections.deque[Any] = collections.deque()
         self._ctx = zmq.Context()
         self._dealer = self._ctx.socket(zmq.DEALER)
@@ -131,6 +135,12 @@ class Bus:
         """Queue a control message (service registration, responses) for the bus thread."""
         self._control_out.append(msg)
         self.emit_wake()
+
+    def start_rank(self, job_id: int, rank: int, argv: list[str], env: dict[str, str], log: str) -> RemoteRank:
+        """Have the kernel start a rank of this job on the node its rank plan gave it."""
+        self.rank_exits.pop((job_id, rank), None)
+        self.send_control(RankStart(job_id=job_id, rank=rank, argv=list(argv), env=dict(env), log=log))
+        return RemoteRank(self, job_id, rank)
 
     def close(self, timeout: float = 10.0) -> None:
         """Send everything queued, then stop the thread and close the sockets (waiting for delivery)."""
@@ -247,6 +257,40 @@ class Bus:
             self.calls.put(msg)
         elif isinstance(msg, ServiceCancel):
             self.cancelled_calls.add(msg.request_id)
+        elif isinstance(msg, RankExited):
+            self.rank_exits[(msg.job_id, msg.rank)] = msg
+
+
+class RemoteRank:
+    """A rank the kernel started on another node, as much of ``subprocess.Popen`` as a runner uses
+    to watch its ranks: ``poll()``, ``wait(timeout)``, ``kill()``, ``returncode``."""
+
+    def __init__(self, bus: Bus, job_id: int, rank: int) -> None:
+        self.bus, self.job_id, self.rank = bus, job_id, rank
+        self.returncode: int | None = None
+        self.reason: str | None = None
+
+    def poll(self) -> int | None:
+        done = self.bus.rank_exits.get((self.job_id, self.rank))
+        if done is not None and self.returncode is None:
+            self.returncode = done.code if done.code is not None else -signal.SIGKILL
+            self.reason = done.reason
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        import subprocess
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise subprocess.TimeoutExpired(f"rank {self.rank}", timeout or 0)
+            time.sleep(0.02)
+        assert self.returncode is not None
+        return self.returncode
+
+    def kill(self) -> None:
+        if self.poll() is None:
+            self.bus.send_control(RankStop(job_id=self.job_id, rank=self.rank))
 
 
 def worker_key() -> ClientKey | None:

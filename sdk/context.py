@@ -7,6 +7,7 @@ Everything a runner says goes onto the bus through it, as events on the job's st
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -121,6 +122,25 @@ class JobContext:
         self.log = make_bus_logger(emit, name=kind)
         self._model_loader: Callable[[str, Any, Any], Any] | None = None
         self._services: Any = None
+
+    # -- the other ranks of a gang --
+
+    def start_rank(self, rank: int, argv: list[str], env: dict[str, str], log: Path) -> Any:
+        """Start rank ``rank`` of this gang job: ``python ARGV...`` with ``env`` on top of this
+        process's environment, its output in ``log``. Where the kernel's rank plan put the rank on
+        another node of a cluster, the kernel starts it there (its own ``CUDA_VISIBLE_DEVICES`` and
+        threads); else it is a child of this worker. Returns what ``subprocess.Popen`` would (a
+        handle with ``poll()``, ``wait(timeout)``, ``kill()`` and ``returncode`` for a remote rank)."""
+        import subprocess
+        import sys
+
+        ranks = (self.distributed or {}).get("ranks") or []
+        here = ranks[0].get("node") if ranks else None
+        there = ranks[rank].get("node") if 0 <= rank < len(ranks) else None
+        if there is not None and there != here and self._services is not None and hasattr(self._services, "start_rank"):
+            return self._services.start_rank(self.job_id, rank, argv, env, str(log))
+        with open(log, "wb") as out:
+            return subprocess.Popen([sys.executable, *argv], env={**os.environ, **env}, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
 
     # -- what the runner reports --
 

@@ -338,8 +338,6 @@ class TrainRunner(llmos.Runner):
 
     def _init_distributed(self, ctx: llmos.JobContext) -> None:
         import datetime
-        import subprocess
-        import sys
 
         import torch.distributed as dist
 
@@ -357,14 +355,18 @@ class TrainRunner(llmos.Runner):
                 "job_id": ctx.job_id, "kind": ctx.kind, "attempt": ctx.attempt,
                 "resources": ctx.resources, "placement": ctx.placement, "workdir": str(ctx.workdir),
             }
+            nodes = [r.get("node") for r in (ctx.distributed or {}).get("ranks", [])]
             for r in range(1, self.world):
-                env = dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), LLMOS_RANK_SPEC=json.dumps(spec))
+                # LOCAL_RANK counts the ranks on the same node (a gang spread over a cluster's nodes).
+                local = sum(1 for n in nodes[:r] if n == nodes[r]) if len(nodes) > r else r
+                env = {
+                    "RANK": str(r), "LOCAL_RANK": str(local), "LLMOS_RANK_SPEC": json.dumps(spec),
+                    **{k: os.environ[k] for k in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE") if k in os.environ},
+                }
                 # Each rank's own output goes to a file in the job's workdir: a failed rank's reason
-                # is then in the job's error, not lost in rank 0's worker log.
-                with open(ctx.workdir / f"rank{r}.log", "wb") as out:
-                    self.ranks.append(subprocess.Popen(
-                        [sys.executable, "-m", "llmos.plugins.lm.rank"], env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                    ))
+                # is then in the job's error, not lost in rank 0's worker log. The kernel starts the
+                # ranks its plan put on other nodes; the ones on this node are this worker's children.
+                self.ranks.append(ctx.start_rank(r, ["-m", "llmos.plugins.lm.rank"], env, ctx.workdir / f"rank{r}.log"))
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         backend = "nccl" if self.device.type == "cuda" else "gloo"

@@ -120,6 +120,9 @@ from llmos.protocol.wire import (
 )
 from llmos.protocol.workers import (
     JobDone,
+    RankExited,
+    RankStart,
+    RankStop,
     WorkerAssign,
     WorkerCancel,
     WorkerExit,
@@ -180,6 +183,9 @@ __all__ = [
     "PluginsReloadRequest",
     "PluginsReply",
     "PluginsRequest",
+    "RankExited",
+    "RankStart",
+    "RankStop",
     "ReplayReply",
     "ReplayRequest",
     "ServiceCall",

@@ -44,6 +44,41 @@ class WorkerAssign:
     inputs: dict[str, Any] = field(default_factory=dict)
 
 
+@message("worker.rank_start")
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RankStart:
+    """Worker to kernel: start rank ``rank`` of my job (``python ARGV...`` with ``env``) on the
+    node the kernel's rank plan gave it (a gang spread over a cluster's nodes). The kernel answers
+    with :class:`RankExited` when it ends."""
+
+    job_id: int
+    rank: int
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    log: str = ""
+
+
+@message("worker.rank_stop")
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RankStop:
+    """Worker to kernel: kill rank ``rank`` of my job, which I started through the kernel."""
+
+    job_id: int
+    rank: int
+
+
+@message("worker.rank_exited")
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RankExited:
+    """Kernel to worker: a rank it started through the kernel ended (``code`` as subprocess's
+    returncode; None with ``reason`` when its node or host is gone)."""
+
+    job_id: int
+    rank: int
+    code: int | None = None
+    reason: str | None = None
+
+
 @message("worker.cancel")
 @dataclass(frozen=True, slots=True, kw_only=True)
 class WorkerCancel:

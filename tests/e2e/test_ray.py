@@ -209,3 +209,33 @@ def test_serve_replicas_on_two_nodes_behind_one_name(kernel: KernelHandle, tmp_p
             c.job(j).cancel()
         for j in jobs:
             c.job(j).wait(timeout=60)
+
+
+def test_a_gang_across_two_nodes_trains_with_ddp_to_the_losses_of_one_rank(cluster: RayCluster, kernel: KernelHandle, tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    from tests.conftest import write_word_corpus
+
+    (tmp_path / "corpus").mkdir()
+    corpus = write_word_corpus(tmp_path / "corpus", 40)
+    base = {"preset": "nano", "tokenizer": "bytes", "seq_len": 32, "batch_size": 8, "lr": 3e-3, "warmup_steps": 5, "eval_batches": 4, "log_every": 5,
+            "data": str(corpus), "steps": 6, "eval_every": 0, "threads": 1}
+    with kernel.client() as c:
+        # Two ranks of one core each: no node has two free cores, so the gang is spread.
+        two = c.submit("train", params={**base, "world_size": 2, "output": str(tmp_path / "two")}, resources={"cpus": 2})
+        info = two.wait(timeout=280)
+        assert info.state == "succeeded", info.reason
+        plan = info.placement["distributed"]
+        assert {r["node"] for r in plan["ranks"]} == {short(cluster.gpu_node.node_id), short(cluster.cpu_node.node_id)}
+        assert plan["master_addr"] == "127.0.0.1" and info.placement["node"] == plan["ranks"][0]["node"]
+        logs = [e.body for e in two.logs(follow=False) if e.body["event"] == "distributed"]
+        assert logs and logs[0]["fields"]["world_size"] == 2 and logs[0]["fields"]["backend"] == "gloo"
+        one = c.submit("train", params={**base, "output": str(tmp_path / "one")}, resources={"cpus": 1})
+        assert one.wait(timeout=280).state == "succeeded"
+
+        def losses(job: Any) -> dict[int, float]:
+            return {e.body["step"]: e.body["value"] for e in job.events(follow=False) if e.type == "job.metric" and e.body["name"] == "train_loss"}
+
+        a, b = losses(one), losses(two)
+        assert sorted(a) == sorted(b) == list(range(1, 7))
+        assert max(abs(a[s] - b[s]) for s in a) < 1e-4
+        assert (tmp_path / "two" / "model.safetensors").exists()
