@@ -30,7 +30,8 @@ def llmos_cmd() -> list[str]:
 class Kernel:
     """A kernel booted with ``llmos boot --detach`` in a temporary state dir; stopped on exit."""
 
-    def __init__(self, prefix: str = "llmos-bench-") -> None:
+    def __init__(self, prefix: str = "llmos-bench-", args: tuple[str, ...] = ()) -> None:
+        self.args = args  # more `llmos boot` options (--ray ADDRESS)
         self.dir = Path(tempfile.mkdtemp(prefix=prefix))
         self.pid: int | None = None
         self.client: llmos.Client | None = None
@@ -40,7 +41,7 @@ class Kernel:
     def __enter__(self) -> Kernel:
         try:
             t0 = time.perf_counter()
-            proc = subprocess.run([*llmos_cmd(), "boot", "--detach", "--state-dir", str(self.dir)], capture_output=True, text=True, timeout=60)
+            proc = subprocess.run([*llmos_cmd(), "boot", "--detach", "--state-dir", str(self.dir), *self.args], capture_output=True, text=True, timeout=60)
             self.boot_s = time.perf_counter() - t0
             if proc.returncode != 0:
                 raise RuntimeError(f"llmos boot failed ({proc.returncode}): {proc.stderr.strip() or proc.stdout.strip()}")
