@@ -141,6 +141,13 @@ def main(argv: list[str] | None = None) -> int:
             return {"source": "none", "gpus": []}
 
     while True:
+        unreachable = _unreachable(args.address)
+        if unreachable:
+            # ray.init waits without end for a GCS that is not there: say so, and try again.
+            say(ev="unavailable", error=unreachable)
+            if _stdin_closed(2.0):
+                return 0
+            continue
         try:
             ray.init(address=args.address, namespace=args.namespace, log_to_driver=False, logging_level="ERROR", include_dashboard=False)
             break
@@ -276,6 +283,20 @@ def main(argv: list[str] | None = None) -> int:
                 suspects.discard(node)
                 if node in alive:
                     say(ev="trusted", node=node)
+
+
+def _unreachable(address: str) -> str | None:
+    """Why the GCS at ``address`` (HOST:PORT) cannot be reached, or None (also for "auto")."""
+    import socket
+
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return None
+    try:
+        with socket.create_connection((host, int(port)), timeout=2):
+            return None
+    except OSError as exc:
+        return f"cannot reach the Ray cluster's GCS at {host}:{port}: {exc.strerror or exc}"
 
 
 def _stdin_closed(wait: float) -> bool:

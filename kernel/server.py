@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import importlib.util
 import os
 import signal
 import time
@@ -215,6 +216,8 @@ class Kernel:
         self.curve = bool(ks["curve"])
         if self.backend == "ray" and not self.curve:
             raise ConfigError("cluster.backend 'ray' needs kernel.curve = true: remote workers authenticate with the kernel's keys")
+        if self.backend == "ray" and importlib.util.find_spec("ray") is None:
+            raise ConfigError("cluster.backend 'ray' (llmos boot --ray) needs Ray in this environment: pip install 'llmos[ray]'")
         for url in self.endpoints.values():
             check_endpoint(url, curve=self.curve)
         method = self.settings["workers"]["start_method"]
@@ -237,8 +240,8 @@ class Kernel:
     def _wire(self, method: str) -> None:
         """The components, and the control handler table they make up."""
         ks, ws = self.settings["kernel"], self.settings["workers"]
-        if method == "zygote" and not become_subreaper():
-            method = "spawn"
+        if (method == "zygote" and not become_subreaper()) or self.backend == "ray":
+            method = "spawn"  # on a cluster, Ray starts every worker; no zygote here
         self.launcher = Launcher(
             method=method, control=self.endpoints["control"], ingest=self.endpoints["ingest"], heartbeat=float(ws["heartbeat_interval"]),
             log_level=ks["log_level"], worker_dir=self.state_dir / "workers",

@@ -239,3 +239,31 @@ def test_a_gang_across_two_nodes_trains_with_ddp_to_the_losses_of_one_rank(clust
         assert sorted(a) == sorted(b) == list(range(1, 7))
         assert max(abs(a[s] - b[s]) for s in a) < 1e-4
         assert (tmp_path / "two" / "model.safetensors").exists()
+
+
+def test_a_gang_loses_all_its_ranks_together_when_one_node_dies(cluster: RayCluster, kernel: KernelHandle, tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    from tests.conftest import write_word_corpus
+
+    (tmp_path / "corpus").mkdir()
+    corpus = write_word_corpus(tmp_path / "corpus", 20)
+    big = {"num_cpus": 1, "memory": 64 << 30, **LOOPBACK}
+    nodes = [cluster.cluster.add_node(**big) for _ in range(2)]
+    ids = {short(n.node_id): n for n in nodes}
+    params = {"preset": "nano", "tokenizer": "bytes", "seq_len": 32, "batch_size": 8, "data": str(corpus), "steps": 100_000, "eval_every": 0,
+              "threads": 1, "world_size": 2, "output": str(tmp_path / "gang")}
+    with kernel.client() as c:
+        _wait("the new nodes", lambda: set(ids) <= {d.get("node") for d in c.devices()})
+        # 48 GiB a rank: only the two new nodes hold one each.
+        job = c.submit("train", params=params, resources={"cpus": 2, "memory": "96GiB"}, max_retries=1)
+        _wait("both ranks to train", lambda: any(e.body.get("event") == "distributed" for e in job.logs(follow=False)), 180)
+        plan = job.info().placement["distributed"]
+        assert {r["node"] for r in plan["ranks"]} == set(ids)
+        rank1 = plan["ranks"][1]["node"]
+        cluster.cluster.remove_node(ids[rank1], allow_graceful=False)
+        requeued = _wait("the gang to be requeued", lambda: (lambda i: i if i.state == "pending" else None)(job.info()), 90)
+        assert requeued.reason.startswith(f"retrying after: node {rank1} lost"), requeued.reason
+        assert requeued.attempts == 1
+        job.cancel()
+        assert job.wait(timeout=60).state == "cancelled"
+    cluster.cluster.remove_node(ids[plan["ranks"][0]["node"]])
