@@ -153,6 +153,7 @@ class Kernel:
         self._next_reap = 0.0
         #: GPU submits that only the probe can answer (fit or never fit), answered when it ends.
         self._held_submits: list[Request] = []
+        self._no_restart: set[int] = set()  # service jobs that must not be started again when they fail
         self._probe: GpuProbe | None = None
 
     # ------------------------------------------------------------------ boot
@@ -257,7 +258,8 @@ class Kernel:
                 exited=lambda worker: self.usage.account(worker), rank_exited=self._rank_exited,
             )
             self._watch_cluster()
-        self.router = ServiceRouter(self.bus, self.pool.workers, on_register=lambda worker, name: self.pipelines.job_serving(worker.job_id))
+        self.router = ServiceRouter(self.bus, self.pool.workers, on_register=lambda worker, name: self.pipelines.job_serving(worker.job_id),
+                                    on_refused=self._replica_refused)
         self.restarts = RestartPolicy(self.settings["services"], self.emit)
         self.usage = Usage(
             self.store, self.devices, self.jobs, self.pool.workers, lambda: self.registry, self.emit, self._stop_job,
@@ -290,6 +292,14 @@ class Kernel:
         self.control.route(self.pool.handlers())
         self.control.route(self.router.handlers())
         self.control.route(self.usage.handlers())
+
+    def _replica_refused(self, worker: WorkerProc, why: str) -> None:
+        """A replica that serves something else than its name's running replicas: its job fails
+        with the reason, and is not restarted (it would be refused again)."""
+        job = self.jobs.get(worker.job_id) if worker.job_id is not None else None
+        if job is not None and job.state == "running":
+            self._no_restart.add(job.id)
+            self._stop_job(job, why, "failed")
 
     def _cluster_changed(self) -> None:
         self._schedule_needed = True
@@ -664,7 +674,8 @@ class Kernel:
 
     def _service_failed(self, job: JobRecord) -> None:
         entry = self.registry.kinds.get(job.kind)
-        if entry is None or not entry.service or self.stopping:
+        if entry is None or not entry.service or self.stopping or job.id in self._no_restart:
+            self._no_restart.discard(job.id)
             return
         if self.restarts.failed(job, entry.plugin, autostart=bool(getattr(entry.spec, "autostart", False))):
             self._quarantine()

@@ -43,10 +43,13 @@ class Call:
 class ServiceRouter:
     """Which workers answer for which service names, and the calls in flight between them."""
 
-    def __init__(self, bus: Bus, workers: Mapping[str, WorkerProc], on_register: Callable[[WorkerProc, str], None] | None = None) -> None:
+    def __init__(self, bus: Bus, workers: Mapping[str, WorkerProc], on_register: Callable[[WorkerProc, str], None] | None = None,
+                 on_refused: Callable[[WorkerProc, str], None] | None = None) -> None:
         self.bus = bus
         self.workers = workers
         self.on_register = on_register  # a replica answers now (a pipeline's service stage is serving)
+        self.on_refused = on_refused  # a replica that may not join its name (it serves something else): its job ends
+        self.versions: dict[str, str] = {}  # replica worker id -> what it serves
         self.replicas: dict[str, list[str]] = {}  # name -> replica worker ids
         self.calls: dict[str, Call] = {}  # request id -> the call
 
@@ -70,6 +73,17 @@ class ServiceRouter:
             raise ProtocolError(f"service.register from {msg.worker_id!r}, which is not a worker running a job")
         if not msg.name or " " in msg.name:
             raise ValidationError(f"service name {msg.name!r} must be non-empty without spaces")
+        others = {self.versions.get(w, "") for w in self._alive(msg.name) if w != worker.id}
+        if msg.version and others and others != {msg.version}:
+            serving = ", ".join(sorted(v or "?" for v in others))
+            jobs = ", ".join(str(self.workers[w].job_id) for w in self._alive(msg.name))
+            why = (f"service {msg.name!r} already serves {serving} (jobs {jobs}); a replica of {msg.version} may not join it: "
+                   f"stop those first (llmos cancel), serve under another name, or use llmos serve --replace")
+            if self.on_refused is not None:
+                self.on_refused(worker, why)
+            raise ValidationError(why, field="name")
+        if msg.version:
+            self.versions[worker.id] = msg.version
         replicas = self.replicas.setdefault(msg.name, [])
         if worker.id not in replicas:
             replicas.append(worker.id)
@@ -117,7 +131,8 @@ class ServiceRouter:
             if alive:
                 out.append({
                     "name": name,
-                    "replicas": [{"worker": w, "job_id": self.workers[w].job_id, "pid": self.workers[w].pid} for w in alive],
+                    "replicas": [{"worker": w, "job_id": self.workers[w].job_id, "pid": self.workers[w].pid, "version": self.versions.get(w, ""),
+                                  "node": self.workers[w].node} for w in alive],
                     "in_flight": sum(1 for c in self.calls.values() if c.service == name),
                 })
         return ServicesReply(services=out)
@@ -139,6 +154,7 @@ class ServiceRouter:
             if worker.id in self.replicas.get(name, []):
                 self.replicas[name].remove(worker.id)
         worker.services.clear()
+        self.versions.pop(worker.id, None)
         for request_id, call in list(self.calls.items()):
             if call.worker == worker.id:
                 del self.calls[request_id]

@@ -180,11 +180,13 @@ class JobContext:
 
     # -- services: answer requests routed by the kernel --
 
-    def register_service(self, name: str) -> None:
-        """Answer requests to service ``name`` (``client.call(name, ...)``) from this job."""
+    def register_service(self, name: str, version: str = "") -> None:
+        """Answer requests to service ``name`` (``client.call(name, ...)``) from this job, one replica of it. ``version`` names
+        what this replica serves (a model's path): the kernel refuses a replica whose version
+        differs from the running replicas' of the same name, and ends its job saying why."""
         from llmos.protocol import ServiceRegister
 
-        self._bus().send_control(ServiceRegister(worker_id=self._services.worker_id, name=name))
+        self._bus().send_control(ServiceRegister(worker_id=self._services.worker_id, name=name, version=version))
 
     def next_request(self, timeout: float | None = None) -> Any:
         """The next :class:`~llmos.protocol.ServiceCall` (``request_id``, ``body``), or None after ``timeout``."""

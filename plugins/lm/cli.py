@@ -185,11 +185,12 @@ def generate_command(model: str, prompt: str, stream: bool, max_new_tokens: int 
 @click.option("--api-key", default=None, envvar="LLMOS_API_KEY", show_envvar=True, help="With --http: the key clients must send (needed off loopback).")
 @click.option("--timeout", "wait_s", type=float, default=300, show_default=True, help="Seconds to wait for every replica to answer requests.")
 @click.option("--follow", is_flag=True, help="Stay attached and print the replicas' logs (Ctrl-C detaches).")
+@click.option("--replace", is_flag=True, help="If the name already serves another model, stop those replicas first (else that is refused).")
 @click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="The kernel's state directory.")
 @click.option("--json", "as_json", is_flag=True, help="Print the service as JSON.")
 def serve_command(model: str, name: str | None, replicas: int, max_seqs: int | None, max_len: int | None, max_queue: int | None, dtype: str | None,
                   allow_rejected: bool | None, kv_memory: str | None, extra: tuple[str, ...], cpus: float | None, gpus: float | None, http: str | None,
-                  api_key: str | None, wait_s: float, follow: bool, state_dir: Path | None, as_json: bool) -> None:
+                  api_key: str | None, wait_s: float, follow: bool, replace: bool, state_dir: Path | None, as_json: bool) -> None:
     """Serve the checkpoint MODEL (a directory, or job:ID for that job's newest checkpoint);
     returns once every replica answers requests. If one fails first (or the wait times out),
     the replicas already started are cancelled. Without --cpus, the replicas take the cores that
@@ -215,6 +216,7 @@ def serve_command(model: str, name: str | None, replicas: int, max_seqs: int | N
     resources = {k: v for k, v in (("cpus", cpus), ("gpus", gpus)) if v is not None}
     try:
         with llmos.connect(state_dir) as client:
+            _one_model_per_name(client, service, path, replace)
             if cpus is None:
                 resources["cpus"] = free_cores(client, replicas)
             jobs: list[llmos.Job] = []
@@ -245,6 +247,28 @@ def serve_command(model: str, name: str | None, replicas: int, max_seqs: int | N
                         click.echo(f"job {event.topic.split('.')[1]}: {event.type} {json.dumps(event.body)}")
     except llmos.LlmosError as exc:
         raise click.ClickException(str(exc)) from None
+
+
+def _one_model_per_name(client: llmos.Client, service: str, path: str, replace: bool) -> None:
+    """A name answers with one model: serving another under a running name is refused, unless
+    ``replace`` (then the running replicas are stopped first). The same model adds replicas."""
+    entry = next((s for s in client.services() if s["name"] == service), None)
+    if entry is None:
+        return
+    want = str(Path(path).resolve())
+    other = [r for r in entry["replicas"] if r.get("version") and r["version"] != want]
+    if not other:
+        return
+    jobs = ", ".join(str(r["job_id"]) for r in other)
+    if not replace:
+        raise click.ClickException(
+            f"service {service!r} already serves {other[0]['version']} (jobs {jobs}); serve {path} under another --name, "
+            f"or replace it: llmos serve {path} --name {service} --replace"
+        )
+    for r in other:
+        client.job(r["job_id"]).cancel(f"replaced by {path} (llmos serve --replace)")
+    for r in other:
+        client.job(r["job_id"]).wait(timeout=120)
 
 
 def free_cores(client: llmos.Client, replicas: int = 1) -> float:
@@ -294,6 +318,9 @@ def services_command(state_dir: Path | None, as_json: bool) -> None:
     for s in services:
         jobs = ", ".join(str(r["job_id"]) for r in s["replicas"])
         click.echo(f"{s['name']}: {len(s['replicas'])} replica(s) (jobs {jobs}), {s['in_flight']} request(s) in flight")
+        for r in s["replicas"]:
+            where = f" on node {r['node']}" if r.get("node") else ""
+            click.echo(f"  job {r['job_id']}{where}: {r.get('version') or '-'}")
 
 
 @click.command("eval")

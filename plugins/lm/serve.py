@@ -269,7 +269,7 @@ class ServeRunner(llmos.Runner):
 
     def run(self, ctx: llmos.JobContext) -> dict[str, Any]:
         p, cache = ctx.params, self.cache
-        ctx.register_service(self.name)
+        ctx.register_service(self.name, version=str(Path(p.model).resolve()))
         ctx.log.info("serving", service=self.name, max_seqs=p.max_seqs, max_queue=p.max_queue, max_len=cache.length, kv_bytes=cache.k.nbytes + cache.v.nbytes)
         batch = self.batch = _Batch(self, ctx)
         while not ctx.cancelled:

@@ -11,10 +11,12 @@ from llmos.protocol.registry import message
 @message("service.register")
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ServiceRegister:
-    """Worker to kernel: this worker answers requests to service ``name`` (one replica of it)."""
+    """Worker to kernel: this worker answers requests to service ``name`` (one replica of it).
+    ``version`` says what it serves (a model's path): replicas of one name must serve the same."""
 
     worker_id: str
     name: str
+    version: str = ""
 
 
 @message("service.request")

@@ -330,3 +330,41 @@ def test_a_kv_memory_budget_bounds_each_sequence(kernel: KernelHandle, checkpoin
         assert "raise kv_memory or lower max_seqs" in too_small.reason
         with pytest.raises(llmos.JobRejected, match="kv_memory"):
             c.submit("serve", params={"model": str(checkpoint), "kv_memory": "lots"})
+
+
+def test_one_name_serves_one_model(kernel: KernelHandle, checkpoint: Path, tmp_path: Path) -> None:
+    """A second model under a running name is refused (CLI and SDK alike); the same model adds a
+    replica; --replace swaps the model; `llmos services` shows each replica's model."""
+    tok = bytes_tokenizer()
+    other_model = Llama(config_from_preset("nano", tok.vocab_size, max_position_embeddings=32768, eos_token_id=tok.vocab_size + 1))
+    other_model.init_weights(seed=8, std=0.5)
+    other = tmp_path / "other"
+    save_checkpoint(other, other_model, tok.to_json(), {})
+    with kernel.client() as c:  # the cores to ourselves: earlier tests' replicas (and their restarts) go
+        time.sleep(1.5)
+        for j in c.jobs():
+            if j.kind == "serve" and not j.ended:
+                c.job(j.id).cancel()
+                c.job(j.id).wait(timeout=60)
+    kernel.cli("serve", str(checkpoint), "--name", "one", "--cpus", "1", timeout=180)
+    with kernel.client() as c:
+        refused = kernel.cli("serve", str(other), "--name", "one", "--cpus", "1", check=False)
+        assert refused.returncode != 0 and f"service 'one' already serves {checkpoint.resolve()}" in refused.stderr and "--replace" in refused.stderr
+        assert len(refused.stderr.strip().splitlines()) == 1
+        # Through the SDK the kernel refuses the replica when it registers: its job fails, saying why.
+        job = c.submit("serve", {"model": str(other), "name": "one"}, {"cpus": 1})
+        info = job.wait(timeout=120)
+        assert info.state == "failed" and "already serves" in info.reason, info.reason
+        time.sleep(1.5)  # no restart of a refused replica
+        assert not [j for j in c.jobs(state="pending") if j.kind == "serve"]
+        listed = kernel.cli("services").stdout
+        assert str(checkpoint.resolve()) in listed and str(other.resolve()) not in listed
+        first = c.generate("one", "abc", max_new_tokens=8, **GREEDY).text
+        kernel.cli("serve", str(other), "--name", "one", "--cpus", "1", "--replace", timeout=180)
+        entry = next(s for s in c.services() if s["name"] == "one")
+        assert {r["version"] for r in entry["replicas"]} == {str(other.resolve())}
+        answers = {c.generate("one", "abc", max_new_tokens=8, **GREEDY).text for _ in range(4)}
+        assert len(answers) == 1 and answers != {first}
+        for r in entry["replicas"]:
+            c.job(r["job_id"]).cancel()
+            c.job(r["job_id"]).wait(timeout=60)
