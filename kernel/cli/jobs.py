@@ -90,7 +90,8 @@ def _print_end(info: JobInfo) -> None:
     if info.state == "succeeded":
         click.echo(f"job {info.id} succeeded: {json.dumps(info.result, default=str)}")
     else:
-        click.echo(f"job {info.id} {info.state}: {info.reason} (exit code {info.exit_code}, attempts {info.attempts})")
+        # A failure ends with one line on stderr (and the exit code), as every command's does.
+        click.echo(f"llmos: job {info.id} {info.state}: {info.reason} (exit code {info.exit_code}, attempts {info.attempts})", err=True)
 
 
 @click.command()

@@ -102,8 +102,9 @@ class EvalResult:
     split: Literal["validation", "all"]
     loss: float  # mean cross-entropy per token, in nats
     perplexity: float
-    tokens: int  # tokens the windows were drawn from
+    tokens: int  # tokens scored: the windows' predicted tokens, each counted once per window
     samples: list[EvalSample]
+    split_tokens: int = 0  # the split's size, the tokens the windows were drawn from
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> EvalResult:
@@ -175,8 +176,16 @@ def _check_data(data: str | None) -> None:
 def _check_model(path: str) -> None:
     """A model to run exists. Its format is the business of the ``llmos_load_model`` hook, in the
     worker: this plugin loads checkpoint directories, other plugins may load other files."""
-    if not Path(path).expanduser().exists():
+    where = Path(path).expanduser()
+    if not where.exists():
         raise ValueError(f"model {path} does not exist (give a checkpoint directory, or job:ID for a job's checkpoint)")
+    if where.is_dir():
+        # A folder is a checkpoint (this plugin's format, and transformers'): say what it lacks.
+        missing = [name for name, ok in (("config.json", (where / "config.json").is_file()),
+                                        ("model.safetensors", any(where.glob("*.safetensors")))) if not ok]
+        if missing:
+            raise ValueError(f"{path} is not a checkpoint: it has no {' and no '.join(missing)} "
+                             "(a checkpoint folder holds config.json, model.safetensors and tokenizer.json, as `llmos train` writes)")
 
 
 def _check_rejected(path: str, allow: bool) -> None:

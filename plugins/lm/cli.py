@@ -64,7 +64,7 @@ def _finish(info: llmos.JobInfo, as_json: bool) -> None:
         for s in r.get("samples", []):
             click.echo(f"  {s['prompt']!r} -> {s['completion']!r}")
     else:
-        click.echo(f"job {info.id} {info.state}: {info.reason}")
+        click.echo(f"llmos: job {info.id} {info.state}: {info.reason}", err=True)  # one line on stderr, as every failure
     if info.state != "succeeded":
         sys.exit(1)
 

@@ -24,13 +24,19 @@ from llmos.plugins.lm.text import corpus_files, tokenize_corpus
 
 
 @torch.no_grad()
+def windows(n_tokens: int, seq_len: int, batches: int, batch_size: int) -> int:
+    """How many windows :func:`evaluate` scores from a split of ``n_tokens``."""
+    return min(batches * batch_size, max(0, n_tokens - seq_len - 1) + 1)
+
+
 def evaluate(model: Llama, tokens: np.ndarray, seq_len: int, batches: int, batch_size: int, device: torch.device, amp: torch.dtype | None) -> float:
-    """Mean loss over fixed windows of ``tokens`` (the same windows every time)."""
+    """Mean loss over fixed windows of ``tokens`` (the same windows every time): ``windows(...)``
+    of them, ``seq_len`` tokens scored in each."""
     model.eval()
     n = len(tokens) - seq_len - 1
     if n <= 0:
         raise ValueError(f"the validation split has {len(tokens)} tokens, fewer than one sequence of {seq_len + 1}")
-    starts = np.linspace(0, n, num=min(batches * batch_size, n + 1), dtype=np.int64)
+    starts = np.linspace(0, n, num=windows(len(tokens), seq_len, batches, batch_size), dtype=np.int64)
     losses = []
     for i in range(0, len(starts), batch_size):
         chunk = np.stack([np.asarray(tokens[s : s + seq_len + 1], dtype=np.int64) for s in starts[i : i + batch_size]])
@@ -72,7 +78,8 @@ class EvalRunner(llmos.Runner):
             out = greedy(model, ids, p.max_new_tokens, tok.eos_id)
             samples.append(EvalSample(prompt=prompt, completion=tok.decode(out[0, ids.shape[1]:].tolist())))
         ctx.progress(1, 1, message="done")
-        return asdict(EvalResult(model=str(p.model), split=p.split, loss=loss, perplexity=math.exp(min(loss, 50)), tokens=len(tokens), samples=samples))
+        return asdict(EvalResult(model=str(p.model), split=p.split, loss=loss, perplexity=math.exp(min(loss, 50)), tokens=windows(len(tokens), p.seq_len, p.batches, p.batch_size) * p.seq_len, samples=samples,
+                                 split_tokens=len(tokens)))
 
 
 @torch.no_grad()

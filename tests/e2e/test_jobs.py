@@ -20,6 +20,20 @@ def test_echo_through_sdk_returns_params(client: llmos.Client) -> None:
     assert info.placement == {"cpu": {"cores": 0.0, "memory": 0}, "gpus": []}
 
 
+def test_failures_end_with_one_line_on_stderr(kernel, tmp_path) -> None:
+    failed = kernel.cli("submit", "diag.fail", "-p", "message=boom", "--wait", check=False)
+    assert failed.returncode == 1
+    assert failed.stderr.strip().splitlines() == [failed.stderr.strip()] and "failed: RuntimeError: boom" in failed.stderr
+    assert "boom" not in failed.stdout
+    # A folder that is not a checkpoint is refused at submit, saying what it lacks; nothing runs.
+    (tmp_path / "notck").mkdir()
+    before = len(kernel.cli_json("jobs", "--all"))
+    refused = kernel.cli("eval", str(tmp_path / "notck"), check=False)
+    assert refused.returncode != 0 and refused.stdout == ""
+    assert len(refused.stderr.strip().splitlines()) == 1 and "is not a checkpoint: it has no config.json and no model.safetensors" in refused.stderr
+    assert len(kernel.cli_json("jobs", "--all")) == before
+
+
 def test_submit_through_cli_json_and_wait(kernel) -> None:
     out = kernel.cli_json("submit", "diag.echo", "-p", "message=from the cli")
     assert out["id"] > 0 and out["kind"] == "diag.echo"

@@ -57,6 +57,8 @@ def test_training_lowers_validation_loss_and_eval_agrees(client: llmos.Client, c
     assert ev["perplexity"] == pytest.approx(math.exp(ev["loss"]))
     typed = EvalResult.from_dict(ev)  # the typed result other jobs read back
     assert typed.samples[0].prompt == "alpha" and typed.split == "validation" and typed.tokens > 0
+    # What it scored (4 batches of windows of 32 tokens), not the size of the split it drew them from.
+    assert ev["tokens"] == 4 * 8 * 32 < ev["split_tokens"], ev  # batches x batch_size (8) x seq_len
     assert ev["samples"][0]["prompt"] == "alpha" and len(ev["samples"][0]["completion"]) > 0
 
 
