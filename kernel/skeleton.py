@@ -15,6 +15,9 @@ description = "An llmos plugin: {name}"
 requires-python = ">=3.11"
 dependencies = ["llmos"]
 
+[project.optional-dependencies]
+test = ["pytest>=8"]
+
 [project.entry-points.llmos]
 {name} = "llmos_{name}"
 
@@ -31,7 +34,7 @@ An llmos plugin. It registers the job kind `{name}.hello`, the CLI command `llmo
 and the message type `{name}.greeted`.
 
 ```bash
-pip install -e '.' && python -m pytest -q      # its tests boot a real kernel
+pip install -e '.[test]' && python -m pytest -q   # its tests boot a real kernel
 llmos plugins install .                        # into the environment llmos runs in
 llmos submit {name}.hello -p who=you --wait
 ```

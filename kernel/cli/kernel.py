@@ -170,6 +170,8 @@ def status(client: Client, as_json: bool) -> None:
     click.echo("jobs       " + "  ".join(f"{k} {v}" for k, v in info["jobs"].items()))
     click.echo("workers    " + "  ".join(f"{k} {v}" for k, v in info["workers"].items()))
     click.echo(f"journal    {info['last_seq']} events")
+    if info.get("metrics_url"):
+        click.echo(f"metrics    {info['metrics_url']}")
     cluster = info.get("cluster")
     if cluster:
         state = cluster["state"] + (f" ({cluster['error']})" if cluster.get("error") else "")

@@ -85,16 +85,33 @@ def snapshot(client: llmos.Client) -> Group:
     return Group(head, dev, jobs, queue, fails)
 
 
+def snapshot_data(client: llmos.Client) -> dict[str, object]:
+    """What the view shows, as data (``llmos top --json``)."""
+    return {
+        "status": client.status(),
+        "devices": client.devices(),
+        "running": [j.to_dict() for j in client.jobs(state="running")],
+        "pending": [j.to_dict() for j in client.jobs(state="pending", limit=20)],
+        "failed": [j.to_dict() for j in client.jobs(state="failed", limit=5)],
+    }
+
+
 @click.command("top")
 @click.option("--once", is_flag=True, help="Print one snapshot and exit.")
 @click.option("--interval", type=float, default=1.0, show_default=True, help="Seconds between refreshes.")
 @click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="The kernel's state directory.")
-def top_command(once: bool, interval: float, state_dir: Path | None) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print one snapshot as JSON (status, devices, running, pending and failed jobs) and exit.")
+def top_command(once: bool, interval: float, state_dir: Path | None, as_json: bool) -> None:
     """A live view of devices (reserved and used), running jobs with their progress, the queue and recent failures."""
+    import json
+
     from rich.live import Live
 
     try:
         with llmos.connect(state_dir) as client:
+            if as_json:
+                click.echo(json.dumps(snapshot_data(client), default=str))
+                return
             console = Console()
             if once or not console.is_terminal:
                 console.print(snapshot(client))

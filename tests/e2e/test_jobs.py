@@ -248,3 +248,11 @@ def test_gpu_requests_wait_for_the_probe_to_be_answered(tmp_path) -> None:
             assert [j.kind for j in c.jobs()] == ["diag.echo"]  # the refused request left no job behind
     finally:
         handle.shutdown()
+
+
+def test_top_json_and_status_show_what_the_readme_says(kernel) -> None:
+    top = kernel.cli_json("top", "--json")
+    assert {"status", "devices", "running", "pending", "failed"} <= set(top) and top["status"]["pid"] == kernel.pid
+    status = kernel.cli("status").stdout
+    url = kernel.cli_json("status")["metrics_url"]
+    assert url and f"metrics    {url}" in status
