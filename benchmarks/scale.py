@@ -55,14 +55,18 @@ def cluster(nodes: int, gpus: int) -> ClusterTable:
     return table
 
 
+NOW = 1_000_000.0  # the simulated clock: jobs were queued within the last 10 minutes (none starves)
+
+
 def pending_jobs(n: int, seed: int = 1) -> list[JobRecord]:
     rng = random.Random(seed)
     shapes = [s for w, s in SHAPES for _ in range(w)]
-    return [
-        JobRecord(id=i + 1, kind="train", params={}, resources=Resources(**rng.choice(shapes)).to_dict(), priority=rng.randint(0, 3), max_retries=0,
-                  timeout=None, state="pending", submitted_at=float(i), queued_at=float(i), preemptible=False)
-        for i in range(n)
-    ]
+    out = []
+    for i in range(n):
+        queued = NOW - 600.0 + 600.0 * i / n
+        out.append(JobRecord(id=i + 1, kind="train", params={}, resources=Resources(**rng.choice(shapes)).to_dict(), priority=rng.randint(0, 3),
+                             max_retries=0, timeout=None, state="pending", submitted_at=queued, queued_at=queued, preemptible=False))
+    return out
 
 
 def fill(table: ClusterTable) -> None:
@@ -78,7 +82,7 @@ def time_pass(pending: list[JobRecord], table: ClusterTable, slots: int, rounds:
     for _ in range(rounds):
         gc.collect()
         t0 = time.perf_counter()
-        plan = scheduler.plan(pending, [], table, slots, policy, 1e9)
+        plan = scheduler.plan(pending, [], table, slots, policy, NOW)
         times.append(time.perf_counter() - t0)
         starts = len(plan.starts)
     return statistics.median(times), starts

@@ -162,6 +162,15 @@ class ClusterTable:
                     f"and the cluster's {len(self.nodes)} nodes hold {room} such ranks at most")
         return f"no node of the cluster ({len(self.nodes)}) can hold it: " + "; ".join(str(r) for r in reasons[:4])
 
+    def why_waiting(self, res: Resources) -> str:
+        if not self.nodes:
+            return "waiting for the cluster's nodes (none has joined, or the cluster is unavailable)"
+        usable = [t for nid, t in self.nodes.items() if nid not in self.suspect]
+        if not usable:
+            return "waiting for a node that is not suspect (the others are gone)"
+        best = max(usable, key=lambda t: (t.cpu.share_free, t.cpu.memory_free))
+        return f"no node of {len(self.nodes)} has room now; the freest: {best.why_waiting(res)}"
+
     @staticmethod
     def _ranks_room(table: DeviceTable, per: Resources) -> int:
         """How many ranks of ``per`` the node holds when idle."""

@@ -140,6 +140,8 @@ class DeviceTable:
         gpus_desc = ", ".join(f"{g.id} {format_size(g.memory_total)}{' (fake)' if g.fake else ''}" for g in self.gpus) or "no GPUs"
         have += f" and {gpus_desc}"
         if res.cpus > self.cpu.capacity + _EPS:
+            if ranks > 1:
+                return f"its {ranks} ranks ask for {res.cpus:g} CPU cores together ({res.cpus / ranks:g} each, a core of its own at least); {have}"
             return f"asked for {res.cpus:g} CPU cores; {have}"
         if res.memory > self.cpu.memory_total:
             return f"asked for {format_size(res.memory)} RAM; {have}"
@@ -152,6 +154,31 @@ class DeviceTable:
                 mem = f" with {format_size(res.gpu_memory)} each" if res.gpu_memory else ""
                 return f"asked for {res.gpus:g} GPU(s){mem}; {have}"
         return None
+
+    def why_waiting(self, res: Resources) -> str:
+        """Why ``res`` does not fit now, and who holds what it waits for (for a pending job's reason)."""
+        def holders(dev: Device) -> str:
+            jobs = sorted(dev.holders)
+            if not jobs:
+                return ""
+            return f", held by job{'s' if len(jobs) > 1 else ''} {', '.join(map(str, jobs[:5]))}{' ...' if len(jobs) > 5 else ''}"
+
+        where = f" on node {self.node}" if self.node else ""
+        cpu = self.cpu
+        if res.cpus > cpu.share_free + _EPS:
+            return f"waiting for {res.cpus:g} CPU core{'s' if res.cpus != 1 else ''}{where}: {max(0.0, cpu.share_free):g} free of {cpu.capacity:g}{holders(cpu)}"
+        if res.memory > cpu.memory_free:
+            return f"waiting for {format_size(res.memory)} RAM{where}: {format_size(max(0, cpu.memory_free))} free{holders(cpu)}"
+        if res.gpus > 0:
+            if self.probing:
+                return "waiting for the GPU probe to finish"
+            want = 1 if res.gpus < 1 else int(res.gpus)
+            need = f" with {format_size(res.gpu_memory)} free" if res.gpu_memory else (" to itself" if res.gpus >= 1 else f" with a {res.gpus:g} share free")
+            busy = [g for g in self.gpus if g.holders]
+            held = sorted({j for g in busy for j in g.holders})
+            return (f"waiting for {want} GPU{'s' if want > 1 else ''}{need}{where}: {len(self.gpus) - len(busy)} of {len(self.gpus)} idle"
+                    + (f", the others held by job{'s' if len(held) > 1 else ''} {', '.join(map(str, held[:5]))}" if held else ""))
+        return "waiting for room"
 
     def place(self, res: Resources, ranks: int = 1) -> dict[str, Any] | None:
         """A placement for ``res`` (all ``ranks`` of a gang on this machine) on what is free now, or None: real GPUs before fake ones (fake GPUs
@@ -214,7 +241,7 @@ class DeviceTable:
 
     def check(self, res: Resources, ranks: int = 1) -> None:
         """ResourceError if ``res`` (all its ``ranks``) can never fit on this machine."""
-        why = self.never_fits(res)
+        why = self.never_fits(res, ranks)
         if why:
             raise ResourceError(f"the request can never fit: {why}", requested=res.to_dict(), available=self.to_list())
 

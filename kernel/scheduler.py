@@ -67,6 +67,8 @@ class Plan:
     starts: list[tuple[JobRecord, dict[str, Any]]] = field(default_factory=list)
     preemptions: list[tuple[JobRecord, JobRecord]] = field(default_factory=list)  # (victim, for job)
     waiting_for_worker: int = 0
+    #: Why each job this pass looked at and did not start waits (its pending reason).
+    waiting: dict[int, str] = field(default_factory=dict)
 
 
 def order(pending: Sequence[JobRecord], aging_seconds: float) -> list[JobRecord]:
@@ -95,7 +97,7 @@ def plan(
         return out
     preempting = preempting or {}
     held: list[int] = []  # ids this pass placed: held in the table until it ends
-    unfit: set[tuple[Any, ...]] = set()
+    unfit: dict[tuple[Any, ...], str] = {}  # a shape that did not fit -> why
     chosen: set[int] = set()  # victims picked in this pass
     lowest = min((j.priority for j in running if j.preemptible), default=None) if policy.preemption else None
     ready = ready_workers
@@ -103,8 +105,16 @@ def plan(
         for job in order(pending, policy.aging_seconds):
             n = ranks(job) if ranks is not None else 1
             key = (*job.resources.items(), n)
+            known = unfit.get(key)
+            if known is not None and lowest is None:
+                # A shape that did not fit in this pass still does not (reservations only grow).
+                out.waiting[job.id] = known
+                if now - job.queued_at >= policy.starvation_seconds:
+                    _behind(job, pending, out)
+                    break
+                continue
             res = Resources(**job.resources)
-            placement = None if key in unfit else (devices.place(res, ranks=n) if n > 1 else devices.place(res))
+            placement = None if known is not None else (devices.place(res, ranks=n) if n > 1 else devices.place(res))
             if placement is not None and ready > 0:
                 devices.reserve(job.id, placement)
                 held.append(job.id)
@@ -113,20 +123,34 @@ def plan(
                 continue
             if placement is not None:
                 out.waiting_for_worker += 1
+                out.waiting[job.id] = "waiting for a worker to start"
                 if ready == 0 and out.waiting_for_worker >= policy.enough_waiting:
                     break  # the rest waits for workers too; the next pass sees them
             else:
-                unfit.add(key)
+                if key not in unfit:
+                    why = devices.why_waiting(res) if hasattr(devices, "why_waiting") else "waiting for room"
+                    unfit[key] = f"its {n} ranks: {why}" if n > 1 else why
+                out.waiting[job.id] = unfit[key]
                 if lowest is not None and job.priority > lowest and job.id not in preempting.values():
                     for victim in choose_victims(job, res, [j for j in running if j.id not in chosen], devices, policy, now):
                         chosen.add(victim.id)
                         out.preemptions.append((victim, job))
             if now - job.queued_at >= policy.starvation_seconds:
+                _behind(job, pending, out)
                 break  # the head has waited too long: nothing behind it may jump ahead
     finally:
         for job_id in held:
             devices.release(job_id)
     return out
+
+
+def _behind(head: JobRecord, pending: Sequence[JobRecord], out: Plan) -> None:
+    """The jobs a starving head holds back say so."""
+    started = {j.id for j, _ in out.starts}
+    behind = f"waiting behind job {head.id}, which has waited longest"
+    for later in pending:
+        if later.id != head.id and later.id not in out.waiting and later.id not in started:
+            out.waiting[later.id] = behind
 
 
 def choose_victims(job: JobRecord, res: Resources, running: Sequence[JobRecord], devices: DeviceTable, policy: Policy, now: float) -> list[JobRecord]:

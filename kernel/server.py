@@ -154,6 +154,7 @@ class Kernel:
         #: GPU submits that only the probe can answer (fit or never fit), answered when it ends.
         self._held_submits: list[Request] = []
         self._no_restart: set[int] = set()  # service jobs that must not be started again when they fail
+        self._requeued: dict[int, str] = {}  # pending job -> why it went back to the queue (a retry, a preemption)
         self._probe: GpuProbe | None = None
 
     # ------------------------------------------------------------------ boot
@@ -717,7 +718,8 @@ class Kernel:
             self.pool.keep()
             return
         ready = self.pool.idle()
-        plan = scheduler.plan(pending, self.jobs.of_state("running"), self.devices, len(ready), self.policy, time.time(), self._preempting)
+        plan = scheduler.plan(pending, self.jobs.of_state("running"), self.devices, len(ready), self.policy, time.time(), self._preempting, ranks=self._ranks_of)
+        self._note_waiting(plan.waiting)
         for job, placement in plan.starts:
             self._start(job, placement, ready.pop(0))
         for victim, job in plan.preemptions:
@@ -734,12 +736,26 @@ class Kernel:
             return
         slots = max(0, int(self.settings["workers"]["max_starting"]) - self.cluster.starting())
         plan = scheduler.plan(pending, self.jobs.of_state("running"), self.devices, slots, self.policy, time.time(), self._preempting, ranks=self._ranks_of)
+        self._note_waiting(plan.waiting)
         for job, placement in plan.starts:
             cpu = (placement["ranks"][0] if placement.get("ranks") else placement).get("cpu", {})
             self._start(job, placement, self.cluster.launch(placement, float(cpu.get("cores", 0)), int(cpu.get("memory", 0))))
         for victim, job in plan.preemptions:
             self._preempting[victim.id] = job.id
             self._stop_job(victim, f"preempted by job {job.id} (priority {job.priority})", "preempted")
+
+    def _note_waiting(self, waiting: dict[int, str]) -> None:
+        """A pending job says why it waits (``llmos jobs``, ``llmos job``, ``top``, the SDK's
+        ``JobInfo.reason``); a change of reason is journaled as a ``job.<id>.state`` event."""
+        for job_id, why in waiting.items():
+            job = self.jobs.get(job_id)
+            if job is None or job.state != "pending":
+                continue
+            back = self._requeued.get(job_id)  # why it came back to the queue stays in front
+            reason = f"{back}; {why}" if back else why
+            if job.reason != reason:
+                job.reason = reason
+                self.jobs.emit_state(job)
 
     def _ranks_of(self, job: JobRecord) -> int:
         entry = self.registry.kinds.get(job.kind)
@@ -748,6 +764,7 @@ class Kernel:
     def _start(self, job: JobRecord, placement: dict[str, Any], worker: WorkerProc) -> None:
         """Reserve devices and bind a worker: the try begins (the job is running from here)."""
         self.devices.reserve(job.id, placement)
+        self._requeued.pop(job.id, None)
         ranks = self._ranks_of(job)
         if ranks > 1:
             placement = {**placement, "distributed": self._rank_plan(placement, ranks)}
@@ -859,8 +876,10 @@ class Kernel:
         self._preempting.pop(job.id, None)
         self._schedule_needed = True
         if not self.jobs.settle(job, state, reason, exit_code, retry=retry):
+            self._requeued[job.id] = job.reason or reason
             log.info("job_requeued", job_id=job.id, attempts=job.attempts, preemptions=job.preemptions, reason=job.reason)
             return
+        self._requeued.pop(job.id, None)
         if job.started_at and job.ended_at:
             self.exporter.durations.labels(job.kind, state).observe(max(0.0, job.ended_at - job.started_at))
         if state == "failed":

@@ -43,7 +43,9 @@ def follow(job: llmos.Job, as_json: bool) -> llmos.JobInfo:
         if as_json:
             continue
         b = event.body
-        if event.type == "job.progress":
+        if event.type == "job.state" and b.get("state") == "pending" and b.get("reason"):
+            printer.line(f"pending: {b['reason']}")  # why it does not start yet
+        elif event.type == "job.progress":
             printer.progress(b)
         elif event.type == "job.log" and b.get("event") in ("evaluated", "corpus_ready", "runner_failed", "distributed"):
             fields = " ".join(f"{k}={v}" for k, v in b.get("fields", {}).items() if k != "traceback")

@@ -256,3 +256,35 @@ def test_top_json_and_status_show_what_the_readme_says(kernel) -> None:
     status = kernel.cli("status").stdout
     url = kernel.cli_json("status")["metrics_url"]
     assert url and f"metrics    {url}" in status
+
+
+def test_pending_jobs_say_why_they_wait(fresh_kernel) -> None:
+    import psutil
+
+    cores = psutil.cpu_count() or 1
+    with fresh_kernel.client() as c:
+        holder = c.submit("diag.sleep", {"seconds": 60}, resources={"cpus": cores})
+        deadline = time.monotonic() + 30
+        while holder.info().state != "running":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        waiting = c.submit("diag.echo", resources={"cpus": 1})
+        gang = c.submit("diag.devices", {"world_size": 2}, resources={"cpus": 2}) if cores >= 2 else None
+        deadline = time.monotonic() + 10
+        while not (waiting.info().reason or "").startswith("waiting"):
+            assert time.monotonic() < deadline, waiting.info().reason
+            time.sleep(0.05)
+        assert waiting.info().reason == f"waiting for 1 CPU core: 0 free of {cores:g}, held by job {holder.id}"
+        if gang is not None:
+            assert gang.info().reason == f"its 2 ranks: waiting for 2 CPU cores: 0 free of {cores:g}, held by job {holder.id}"
+        shown = fresh_kernel.cli("job", str(waiting.id)).stdout
+        assert f"held by job {holder.id}" in shown
+        listed = fresh_kernel.cli_json("jobs", "--state", "pending")
+        assert any(j["id"] == waiting.id and j["reason"].startswith("waiting for 1 CPU core") for j in listed)
+        states = [e.body for e in waiting.events(follow=False) if e.type == "job.state"]
+        assert states[-1]["state"] == "pending" and states[-1]["reason"].startswith("waiting for 1 CPU core")
+        # Ranks that can never fit say it is the ranks.
+        with pytest.raises(ResourceError, match=f"its {cores * 2} ranks ask for {cores * 2} CPU cores together"):
+            c.submit("diag.devices", {"world_size": cores * 2}, resources={"cpus": cores * 2})
+        holder.cancel()
+        assert waiting.wait(timeout=30).state == "succeeded"
