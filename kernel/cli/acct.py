@@ -27,9 +27,14 @@ def _since(value: str | None) -> float | None:
     if match:
         return time.time() - float(match.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
     try:
-        return float(value)
+        epoch = float(value)
     except ValueError:
         pass
+    else:
+        if epoch < 1e9:  # 2001: a small bare number is surely meant as a duration
+            raise click.BadParameter(f"a bare number is epoch seconds, and {value} is in 1970; for a duration add its unit: {value}m, {value}h or {value}d",
+                                     param_hint="--since")
+        return epoch
     try:
         return _dt.datetime.fromisoformat(value).timestamp()
     except ValueError:

@@ -94,6 +94,10 @@ def save_checkpoint(directory: Path, model: Llama, tokenizer_json: str | None, m
         **manifest,
     }
     (tmp / "llmos.json").write_text(json.dumps(full, indent=2, default=str))
+    # safetensors writes its files 0600; give them the mode the other files got (the umask's).
+    mode = (tmp / "config.json").stat().st_mode & 0o777
+    for weights in tmp.glob("*.safetensors"):
+        os.chmod(weights, mode)
     if directory.exists():
         old = directory.with_name(directory.name + f".old{os.getpid()}")
         directory.rename(old)

@@ -37,7 +37,17 @@ def model_path(model: str, state_dir: Path | None) -> str:
 
 
 def follow(job: llmos.Job, as_json: bool) -> llmos.JobInfo:
-    """Print the job's progress: one updating line on a terminal, plain lines when piped."""
+    """Print the job's progress: one updating line on a terminal, plain lines when piped. Ctrl-C
+    stops following, not the job, and says so (and how to follow or cancel it)."""
+    try:
+        return _follow(job, as_json)
+    except KeyboardInterrupt:
+        click.echo(f"\nllmos: stopped following job {job.id}, which keeps running; follow it again with `llmos logs {job.id} -f`, "
+                   f"stop it with `llmos cancel {job.id}`", err=True)
+        sys.exit(130)
+
+
+def _follow(job: llmos.Job, as_json: bool) -> llmos.JobInfo:
     printer = ProgressPrinter()
     for event in job.events(follow=True):
         if as_json:

@@ -37,3 +37,9 @@ def test_acct_rows_for_finished_jobs(kernel: KernelHandle) -> None:
     assert {r["id"] for r in as_json} >= {sleep.id, crash.id, retried.id}
     proc = kernel.cli("acct", "--since", "yesterday-ish", check=False)
     assert proc.returncode == 2 and "expected a duration" in proc.stderr
+
+
+def test_since_a_small_bare_number_is_refused_not_read_as_1970(kernel: KernelHandle) -> None:
+    out = kernel.cli("acct", "--since", "5", check=False)
+    assert out.returncode == 2 and "is in 1970" in out.stderr and "5h" in out.stderr
+    assert kernel.cli("acct", "--since", "5m").returncode == 0

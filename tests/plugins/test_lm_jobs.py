@@ -50,6 +50,7 @@ def test_training_lowers_validation_loss_and_eval_agrees(client: llmos.Client, c
     assert artifacts[-1]["path"] == result["checkpoint"] and artifacts[-1]["kind"] == "checkpoint"
     ck = Path(result["checkpoint"])
     assert {"config.json", "model.safetensors", "tokenizer.json", "llmos.json"} <= {p.name for p in ck.iterdir()}
+    assert (ck / "model.safetensors").stat().st_mode & 0o777 == (ck / "config.json").stat().st_mode & 0o777  # not 0600 beside 0644
     manifest = json.loads((ck / "llmos.json").read_text())
     assert manifest["produced_by"]["job_id"] == job.id and manifest["metrics"]["val_loss"] == pytest.approx(result["val_loss"])
     ev = client.submit("eval", params={"model": str(ck), "seq_len": 32, "batches": 4, "prompts": ["alpha"], "max_new_tokens": 8}).result(timeout=120)
@@ -267,3 +268,30 @@ def test_relative_paths_mean_the_submitters_directory(client: llmos.Client, corp
     assert tuned.result(timeout=120)["checkpoint"] == str(tmp_path / "tuned")
     with pytest.raises(llmos.JobRejected, match=f"init_from {tmp_path / 'here' / 'nope'} is not a checkpoint directory"):
         client.submit("train", params={**SMALL, "data": "corpus", "init_from": "nope"})
+
+
+def test_ctrl_c_on_a_foreground_train_says_the_job_runs_on(kernel: KernelHandle, corpus: Path) -> None:
+    import subprocess
+    import sys
+
+    argv = [sys.executable, "-m", "llmos.kernel.cli", "train", "--state-dir", str(kernel.state_dir), "--data", str(corpus), "--steps", "100000",
+            "--seq-len", "32", "-p", "tokenizer=bytes", "-p", "log_every=1"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=kernel.env)
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if "step" in line:
+                break
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130
+    job_id = int(err.split("stopped following job ")[1].split(",")[0])
+    assert f"llmos logs {job_id} -f" in err and f"llmos cancel {job_id}" in err
+    with kernel.client() as c:
+        job = c.job(job_id)
+        assert job.info().state == "running"  # it runs on, as it said
+        job.cancel()
+        assert job.wait(timeout=60).state == "cancelled"
