@@ -116,6 +116,22 @@ def jobs(client: Client, state: str | None, limit: int, show_all: bool, as_json:
     _table(rows, ["ID", "KIND", "STATE", "TRIES", "TIME", "REASON"])
 
 
+def format_duration(seconds: float) -> str:
+    """``850 ms``, ``42.5s``, ``54m 12s``, ``3h 05m``, ``2d 4h``."""
+    if seconds < 1:
+        return f"{seconds * 1000:.0f} ms"
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(int(seconds), 60)
+    if minutes < 60:
+        return f"{minutes}m {secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 24:
+        return f"{hours}h {minutes:02d}m"
+    days, hours = divmod(hours, 24)
+    return f"{days}d {hours}h"
+
+
 @click.command()
 @click.argument("job_id", type=int)
 @with_client
@@ -126,9 +142,20 @@ def job(client: Client, job_id: int, as_json: bool) -> None:
     if as_json:
         echo_json(info.to_dict())
         return
-    for key, value in info.to_dict().items():
+    record = info.to_dict()
+    for key, value in record.items():
+        if value is None or value == {} or value == []:
+            continue  # what a job does not have is not shown (--json has every field)
         if key.endswith("_at"):
-            value = _dt.datetime.fromtimestamp(value).isoformat(sep=" ", timespec="milliseconds") if value else "-"
+            value = _dt.datetime.fromtimestamp(value).isoformat(sep=" ", timespec="milliseconds")
+            if key == "ended_at" and record.get("started_at"):
+                value += f"  (ran {format_duration(record['ended_at'] - record['started_at'])})"
+        elif key in ("params", "result", "resources") and isinstance(value, dict):
+            click.echo(f"{key:<13}")
+            for name, item in value.items():
+                text = json.dumps(item, default=str) if isinstance(item, dict | list) else str(item)
+                click.echo(f"  {name:<20} {text if len(text) <= 200 else text[:197] + '...'}")
+            continue
         elif isinstance(value, dict | list):
             value = json.dumps(value, default=str)
         click.echo(f"{key:<13} {value}")

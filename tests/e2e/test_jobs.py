@@ -288,3 +288,9 @@ def test_pending_jobs_say_why_they_wait(fresh_kernel) -> None:
             c.submit("diag.devices", {"world_size": cores * 2}, resources={"cpus": cores * 2})
         holder.cancel()
         assert waiting.wait(timeout=30).state == "succeeded"
+
+
+def test_job_shows_what_a_job_has_a_field_a_line(kernel) -> None:
+    out = kernel.cli_json("submit", "diag.echo", "-p", "message=shown", "--wait", "--json")
+    text = kernel.cli("job", str(out["id"])).stdout
+    assert "None" not in text and "\n  message              shown\n" in text and "(ran " in text
