@@ -153,7 +153,7 @@ def job(client: Client, job_id: int, as_json: bool) -> None:
         elif key in ("params", "result", "resources") and isinstance(value, dict):
             click.echo(f"{key:<13}")
             for name, item in value.items():
-                text = json.dumps(item, default=str) if isinstance(item, dict | list) else str(item)
+                text = item if isinstance(item, str) else json.dumps(item, default=str)
                 click.echo(f"  {name:<20} {text if len(text) <= 200 else text[:197] + '...'}")
             continue
         elif isinstance(value, dict | list):
