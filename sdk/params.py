@@ -93,14 +93,45 @@ class ParamField:
         return os.path.normpath(os.path.join(cwd, os.path.expanduser(value)))
 
     def expected(self) -> str:
-        """What a valid value looks like, in words."""
-        parts = [self.type_name]
-        for key, sign in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
-            if getattr(self, key) is not None:
-                parts.append(f"{sign} {getattr(self, key)}")
+        """What a valid value looks like, in words: ``a whole number from 1 to 1000``, ``one of
+        'fast', 'slow'``, ``a number above 0 (or none)``."""
         if self.choices is not None:
-            parts.append("one of " + ", ".join(map(repr, self.choices)))
-        return " ".join(parts)
+            text = "one of " + ", ".join(map(repr, self.choices))
+        else:
+            text = _words(self.type)
+        lo = ("at least", self.ge) if self.ge is not None else ("above", self.gt) if self.gt is not None else None
+        hi = ("at most", self.le) if self.le is not None else ("below", self.lt) if self.lt is not None else None
+        if lo and hi and lo[0] == "at least" and hi[0] == "at most":
+            return f"{text} from {_num(lo[1])} to {_num(hi[1])}"
+        bounds = [f"{word} {_num(v)}" for word, v in (b for b in (lo, hi) if b is not None)]
+        return f"{text} {' and '.join(bounds)}" if bounds else text
+
+
+def _num(value: Any) -> str:
+    return f"{value:,}" if isinstance(value, int) and abs(value) >= 10_000 else f"{value:g}" if isinstance(value, float) else str(value)
+
+
+_WORDS = {int: "a whole number", float: "a number", str: "text", bool: "true or false", list: "a list", dict: "a map", type(None): "none"}
+
+
+def _words(tp: Any) -> str:
+    """A parameter type in words (what a user can type), not in Python's notation."""
+    if tp is Any:
+        return "any value"
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        rest = [a for a in args if a is not type(None)]
+        text = " or ".join(_words(a) for a in rest)
+        return f"{text} (or none)" if len(rest) < len(args) else text
+    if origin is Literal:
+        return "one of " + ", ".join(map(repr, get_args(tp)))
+    if origin is list:
+        args = get_args(tp)
+        return f"a list of {_words(args[0]).removeprefix('a ')}s" if args and args[0] in _WORDS and args[0] is not str else ("a list of text" if args and args[0] is str else "a list")
+    if origin is dict:
+        return "a map"
+    return _WORDS.get(tp, _type_name(tp))
 
 
 def _type_name(tp: Any) -> str:
@@ -325,10 +356,7 @@ def validate_params(cls: type, values: dict[str, Any] | None, *, kind: str = "",
                 if cwd is not None and f.path is not None:
                     out[f.name] = f.resolve(out[f.name], cwd)
             except (ValueError, TypeError, OverflowError):
-                raise ValidationError(
-                    f"{where}parameter {f.name!r} expected {f.expected()}, got {type(raw).__name__} {raw!r}"[:400],
-                    field=f.name,
-                ) from None
+                raise ValidationError(f"{where}parameter {f.name!r} must be {f.expected()}; got {raw!r}"[:400], field=f.name) from None
         elif f.required:
             raise ValidationError(f"{where}missing required parameter {f.name!r} ({f.expected()})", field=f.name)
         else:

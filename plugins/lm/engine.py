@@ -55,17 +55,17 @@ class Sampling:
     def validate(self) -> Sampling:
         """Self, if every field has the right type and range; ValueError naming the first that does not."""
         if not _is_int(self.max_new_tokens) or self.max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be an integer >= 0, got {self.max_new_tokens!r}")
+            raise ValueError(f"max_new_tokens must be a whole number at least 0; got {self.max_new_tokens!r}")
         if not _is_number(self.temperature) or not 0 <= self.temperature <= 100:
-            raise ValueError(f"temperature must be a number between 0 and 100, got {self.temperature!r}")
+            raise ValueError(f"temperature must be a number from 0 to 100; got {self.temperature!r}")
         if not _is_int(self.top_k) or self.top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0, got {self.top_k!r}")
+            raise ValueError(f"top_k must be a whole number at least 0; got {self.top_k!r}")
         if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
+            raise ValueError(f"top_p must be a number above 0 and at most 1; got {self.top_p!r}")
         if not _is_number(self.repetition_penalty) or not 0 < self.repetition_penalty <= 100:
-            raise ValueError(f"repetition_penalty must be a number in (0, 100], got {self.repetition_penalty!r}")
+            raise ValueError(f"repetition_penalty must be a number above 0 and at most 100; got {self.repetition_penalty!r}")
         if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**64):
-            raise ValueError(f"seed must be an integer in [0, 2**64) or None, got {self.seed!r}")
+            raise ValueError(f"seed must be a whole number from 0 to 2**64 - 1 (or none); got {self.seed!r}")
         if not isinstance(self.stop, tuple) or not all(isinstance(s, str) for s in self.stop):
             raise ValueError(f"stop must be a string or a list of strings, got {self.stop!r}")
         if "" in self.stop:
@@ -75,7 +75,7 @@ class Sampling:
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             if not _is_number(value) or not -2 <= value <= 2:
-                raise ValueError(f"{name} must be a number between -2 and 2, got {value!r}")
+                raise ValueError(f"{name} must be a number from -2 to 2; got {value!r}")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             if value is not None and (not _is_int(value) or not 0 <= value <= MAX_LOGPROBS):

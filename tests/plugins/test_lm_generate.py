@@ -184,8 +184,8 @@ def test_generate_job_sdk_and_cli(kernel: KernelHandle, checkpoint: Path, engine
         lines = [json.loads(line) for line in Path(result["output"]).read_text().splitlines()]
         assert [r["prompt"] for r in lines] == PROMPTS and [r["tokens"] for r in lines] == [e.tokens for e in expected]
         assert [e.body["kind"] for e in job.events(follow=False) if e.type == "job.artifact"] == ["completions"]
-        # A directory no plugin's llmos_load_model reads (this one has no config.json): the job says so.
-        with pytest.raises(llmos.JobFailed, match="no plugin can load a model from"):
+        # A directory that is not a checkpoint (this one has no config.json): refused at submit, saying what it lacks.
+        with pytest.raises(llmos.JobRejected, match="is not a checkpoint: it has no config.json and no model.safetensors"):
             c.generate(tmp_path, "x")
         with pytest.raises(llmos.JobRejected, match="does not exist"):
             c.generate(tmp_path / "no-such-model", "x")

@@ -30,13 +30,13 @@ def test_defaults_fill_in() -> None:
 
 
 def test_types_and_bounds() -> None:
-    with pytest.raises(ValidationError, match="'steps' expected int >= 1 <= 1000, got int 0"):
+    with pytest.raises(ValidationError, match="'steps' must be a whole number from 1 to 1000; got 0"):
         validate_params(P, {"steps": 0}, kind="k")
     with pytest.raises(ValidationError, match="'mode'"):
         validate_params(P, {"mode": "medium"})
     with pytest.raises(ValidationError, match="unknown parameter 'stepz'; known parameters: flag, lr, mode, name, seed, steps, tags"):
         validate_params(P, {"stepz": 1})
-    with pytest.raises(ValidationError, match="'name' expected str"):
+    with pytest.raises(ValidationError, match="'name' must be text; got 3"):
         validate_params(P, {"name": 3})
     assert validate_params(P, {"lr": 1})["lr"] == 1.0
 
