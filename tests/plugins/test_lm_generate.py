@@ -185,7 +185,7 @@ def test_generate_job_sdk_and_cli(kernel: KernelHandle, checkpoint: Path, engine
         assert [r["prompt"] for r in lines] == PROMPTS and [r["tokens"] for r in lines] == [e.tokens for e in expected]
         assert [e.body["kind"] for e in job.events(follow=False) if e.type == "job.artifact"] == ["completions"]
         # A directory that is not a checkpoint (this one has no config.json): refused at submit, saying what it lacks.
-        with pytest.raises(llmos.JobRejected, match="is not a checkpoint: it has no config.json and no model.safetensors"):
+        with pytest.raises(llmos.JobRejected, match=r"is not a checkpoint: it has no config\.json and no model\.safetensors"):
             c.generate(tmp_path, "x")
         with pytest.raises(llmos.JobRejected, match="does not exist"):
             c.generate(tmp_path / "no-such-model", "x")
