@@ -529,8 +529,9 @@ class Cluster:
 
     # -- commands --
 
-    def launch(self, placement: dict[str, Any], cpus: float, memory: int) -> WorkerProc:
-        """A worker for a job placed on ``placement["node"]`` (started there by Ray)."""
+    def launch(self, placement: dict[str, Any], cpus: float, memory: int, ranks: int = 1) -> WorkerProc:
+        """A worker for a job placed on ``placement["node"]`` (started there by Ray), in the
+        job's placement group: a bundle per rank on the rank's node (the worker is rank 0)."""
         self._counter += 1
         node = placement["node"]
         proc = WorkerProc(
@@ -544,12 +545,22 @@ class Cluster:
         cmd = {
             "op": "launch", "worker": proc.id, "node": node, "ray_id": info.get("ray_id", ""), "log": str(proc.log_path),
             "argv": ["-m", "llmos.kernel.worker", "--worker-id", proc.id, *self.args], "env": self.env,
-            "bundle": {"CPU": float(cpus), "memory": float(memory)},
+            "bundles": self._bundles(placement, cpus, memory, ranks),
         }
         if not self._send(cmd):
             self._exited(proc, None, f"node {node} lost (the Ray agent is not running)")
         log.info("worker_launching", worker=proc.id, node=node, cpus=cpus, memory=format_size(memory))
         return proc
+
+    def _bundles(self, placement: dict[str, Any], cpus: float, memory: int, ranks: int) -> list[dict[str, Any]]:
+        def ray_id(node: str) -> str:
+            return str(self.table.info.get(node, {}).get("ray_id", ""))
+
+        if placement.get("ranks"):  # spread over nodes: each rank's share where it was placed
+            return [{"resources": {"CPU": float(r["cpu"]["cores"]), "memory": float(r["cpu"]["memory"])}, "ray_id": ray_id(r["node"])}
+                    for r in placement["ranks"]]
+        n = max(1, ranks)
+        return [{"resources": {"CPU": float(cpus) / n, "memory": float(memory // n)}, "ray_id": ray_id(placement["node"])} for _ in range(n)]
 
     def launch_rank(self, worker: WorkerProc, job_id: int, rank: int, plan: dict[str, Any], argv: list[str], env: dict[str, str], log_path: str) -> None:
         """Start rank ``rank`` of a gang on the node its rank plan gave it (for its worker, who
@@ -564,7 +575,7 @@ class Cluster:
             full_env["OMP_NUM_THREADS"] = str(int(entry["cpus"]))
         cmd = {
             "op": "launch", "worker": host.id, "node": node, "ray_id": self.table.info.get(node, {}).get("ray_id", ""), "log": log_path, "argv": argv,
-            "env": full_env, "rank": True, "bundle": {"CPU": float(entry.get("cpus", 0))},
+            "env": full_env, "rank": True, "group": worker.id, "bundle_index": rank,  # its bundle in the job's placement group
         }
         log.info("rank_launching", job_id=job_id, rank=rank, node=node)
         if not self._send(cmd):

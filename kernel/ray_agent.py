@@ -17,8 +17,10 @@ Reports:
   still lists as alive is held (``--hold`` s) until Ray declares the node dead; meanwhile
   ``{"ev": "suspect", "node"}`` (and ``{"ev": "trusted", "node"}`` if it was not).
 
-Commands: ``{"op": "launch", "worker", "node", "argv", "env", "log", "bundle", "rank"}`` (a placement
-group with ``bundle`` on ``node`` when ``bundle`` asks for something, an actor pinned there that
+Commands: ``{"op": "launch", "worker", "node", "argv", "env", "log", "bundles", "group",
+"bundle_index", "rank"}`` (for a job's worker: a placement group of ``bundles``, a bundle per rank
+on its rank's node, and an actor in bundle 0; for a rank started later: an actor in bundle
+``bundle_index`` of the worker's ``group``; without bundles, an actor pinned to ``node``; the actor
 runs ``python argv...``; an llmos worker also gets ``--kernel-pid`` of its actor, a job's own rank
 process, ``"rank": true``, does not), ``{"op": "signal", "worker", "sig"}``, ``{"op": "quit"}``.
 
@@ -202,11 +204,18 @@ def main(argv: list[str] | None = None) -> int:
             if op == "launch":
                 worker, node = cmd["worker"], cmd["node"]
                 try:
-                    bundle = {k: v for k, v in (cmd.get("bundle") or {}).items() if v > 0}
-                    if bundle:
-                        group = placement_group([bundle], bundle_label_selector=[{"ray.io/node-id": cmd["ray_id"]}], name=f"llmos-{worker}")
+                    # A job's placement group: a bundle per rank, each on its rank's node. Its
+                    # worker runs in bundle 0; a rank started later for it, in its own bundle.
+                    bundles = [({k: float(v) for k, v in b["resources"].items() if v > 0}, b["ray_id"]) for b in cmd.get("bundles") or []]
+                    shared = groups.get(cmd.get("group") or "")
+                    strategy: Any
+                    if bundles and all(res for res, _ in bundles):
+                        group = placement_group([res for res, _ in bundles], bundle_label_selector=[{"ray.io/node-id": rid} for _, rid in bundles],
+                                                name=f"llmos-{worker}")
                         groups[worker] = group
-                        strategy: Any = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=0)
+                        strategy = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=0)
+                    elif shared is not None and cmd.get("bundle_index") is not None:
+                        strategy = PlacementGroupSchedulingStrategy(shared, placement_group_bundle_index=int(cmd["bundle_index"]))
                     else:
                         strategy = NodeAffinitySchedulingStrategy(cmd["ray_id"], soft=False)
                     host = WorkerHost.options(scheduling_strategy=strategy, name=f"llmos-{worker}").remote()

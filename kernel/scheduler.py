@@ -34,7 +34,9 @@ from llmos.kernel.devices import DeviceTable
 from llmos.kernel.store import JobRecord
 from llmos.plugin import Resources
 
-__all__ = ["Plan", "Policy", "choose_victims", "order", "plan", "rank_plan"]
+__all__ = ["WAITING_FOR_WORKER", "Plan", "Policy", "choose_victims", "order", "plan", "rank_plan"]
+
+WAITING_FOR_WORKER = "waiting for a worker to start"
 
 
 @dataclass(frozen=True)
@@ -123,7 +125,7 @@ def plan(
                 continue
             if placement is not None:
                 out.waiting_for_worker += 1
-                out.waiting[job.id] = "waiting for a worker to start"
+                out.waiting[job.id] = WAITING_FOR_WORKER
                 if ready == 0 and out.waiting_for_worker >= policy.enough_waiting:
                     break  # the rest waits for workers too; the next pass sees them
             else:

@@ -738,8 +738,8 @@ class Kernel:
         plan = scheduler.plan(pending, self.jobs.of_state("running"), self.devices, slots, self.policy, time.time(), self._preempting, ranks=self._ranks_of)
         self._note_waiting(plan.waiting)
         for job, placement in plan.starts:
-            cpu = (placement["ranks"][0] if placement.get("ranks") else placement).get("cpu", {})
-            self._start(job, placement, self.cluster.launch(placement, float(cpu.get("cores", 0)), int(cpu.get("memory", 0))))
+            whole = placement.get("cpu", {})
+            self._start(job, placement, self.cluster.launch(placement, float(whole.get("cores", 0)), int(whole.get("memory", 0)), self._ranks_of(job)))
         for victim, job in plan.preemptions:
             self._preempting[victim.id] = job.id
             self._stop_job(victim, f"preempted by job {job.id} (priority {job.priority})", "preempted")
@@ -755,7 +755,8 @@ class Kernel:
             reason = f"{back}; {why}" if back else why
             if job.reason != reason:
                 job.reason = reason
-                self.jobs.emit_state(job)
+                if why != scheduler.WAITING_FOR_WORKER:  # a wait of milliseconds: no event for it
+                    self.jobs.emit_state(job)
 
     def _ranks_of(self, job: JobRecord) -> int:
         entry = self.registry.kinds.get(job.kind)

@@ -260,6 +260,11 @@ def test_a_gang_loses_all_its_ranks_together_when_one_node_dies(cluster: RayClus
         plan = job.info().placement["distributed"]
         assert {r["node"] for r in plan["ranks"]} == set(ids)
         rank1 = plan["ranks"][1]["node"]
+        # Ray holds the gang as one placement group, a bundle per rank on each rank's node.
+        groups = [g for g in cluster.cluster.global_state.placement_group_table().values()
+                  if g["name"].startswith("llmos-") and g["state"] == "CREATED" and len(g["bundles"]) == 2]
+        assert len(groups) == 1, groups
+        assert {short(n) for n in groups[0]["bundles_to_node_id"].values()} == set(ids)
         cluster.cluster.remove_node(ids[rank1], allow_graceful=False)
         requeued = _wait("the gang to be requeued", lambda: (lambda i: i if i.state == "pending" else None)(job.info()), 90)
         assert requeued.reason.startswith(f"retrying after: node {rank1} lost"), requeued.reason

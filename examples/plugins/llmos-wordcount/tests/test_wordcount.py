@@ -88,7 +88,7 @@ def test_a_missing_path_fails_the_job_with_the_path(
 def test_bad_parameters_are_rejected_at_submit(llmos_client: llmos.Client) -> None:
     for params, match in [
         ({}, "missing required parameter 'path'"),
-        ({"path": 3}, "parameter 'path' expected str"),
+        ({"path": 3}, "parameter 'path' must be text; got 3"),
         ({"path": "/tmp", "glb": "*.txt"}, "unknown parameter 'glb'"),
     ]:
         with pytest.raises(llmos.JobRejected, match=match):
