@@ -80,6 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     global _REPORTS
     _REPORTS = os.dup(1)  # reports only on this fd; whatever Ray prints goes to the agent's log
     os.dup2(2, 1)
+    if _loopback(args.address):
+        # A cluster on this machine's loopback: Ray would otherwise turn 127.0.0.1 into the
+        # interface's address (and find no raylet there). Read by Ray at import.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     try:
         import ray
         from ray.util.placement_group import placement_group, remove_placement_group
@@ -292,6 +296,18 @@ def main(argv: list[str] | None = None) -> int:
                 suspects.discard(node)
                 if node in alive:
                     say(ev="trusted", node=node)
+
+
+def _loopback(address: str) -> bool:
+    """Whether the cluster at ``address`` ("auto": the one `ray start` made here) is on loopback."""
+    if address == "auto":
+        try:
+            with open("/tmp/ray/ray_current_cluster") as f:
+                address = f.read().strip()
+        except OSError:
+            return False
+    host = address.removeprefix("ray://").rpartition(":")[0]
+    return host == "localhost" or host.startswith("127.") or host == "::1"
 
 
 def _unreachable(address: str) -> str | None:
