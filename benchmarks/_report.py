@@ -62,3 +62,15 @@ def write_doc(title: str, section: str) -> None:
     else:
         text = text.rstrip("\n") + "\n\n" + section
     DOC.write_text(text.rstrip("\n") + "\n")
+
+
+def write_table(title: str, intro: str, header: tuple[str, ...], rows: list[tuple[str, ...]], *, write: bool = True) -> str:
+    """A section of ``title``, an ``intro`` line and a table of ``rows`` under ``header``: printed,
+    and put in docs/benchmarks.md unless ``write`` is false. Returns the section."""
+    lines = [title, "", intro, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    section = "\n".join(lines) + "\n"
+    print(section)
+    if write:
+        write_doc(title, section)
+    return section

@@ -25,7 +25,7 @@ os.environ.setdefault("RAY_NODE_IP_ADDRESS", "127.0.0.1")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # else Ray turns 127.0.0.1 into the interface address
 
 from _benchkernel import Kernel
-from _report import cpu_model, pct, say, write_doc
+from _report import cpu_model, pct, say, write_table
 
 import llmos
 
@@ -99,14 +99,9 @@ def main(argv: list[str] | None = None) -> int:
                          f"{statistics.median(lrate):,.0f} (ipc)", f"{statistics.median(rrate) / statistics.median(lrate):.2f}x"))
     finally:
         cluster.shutdown()
-    lines = [TITLE, "", f"`python benchmarks/cluster.py` on {cpu_model()}, {time.strftime('%Y-%m-%d')}: a loopback Ray cluster (a head and two "
-             "one-CPU nodes) and two kernels side by side, `--ray` and the local backend.", "",
-             "| what | Ray backend | local backend | note |", "|---|---|---|---|"]
-    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
-    section = "\n".join(lines) + "\n"
-    print(section)
-    if not args.no_write:
-        write_doc(TITLE, section)
+    write_table(TITLE, f"`python benchmarks/cluster.py` on {cpu_model()}, {time.strftime('%Y-%m-%d')}: a loopback Ray cluster (a head and two "
+                "one-CPU nodes) and two kernels side by side, `--ray` and the local backend.",
+                ("what", "Ray backend", "local backend", "note"), rows, write=not args.no_write)
     return 0
 
 

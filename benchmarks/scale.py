@@ -26,7 +26,7 @@ import time
 import tracemalloc
 from pathlib import Path
 
-from _report import cpu_model, say, verdict, write_doc
+from _report import cpu_model, say, verdict, write_table
 
 from llmos.kernel import scheduler
 from llmos.kernel.cluster import ClusterTable
@@ -165,14 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     rows.append(("head memory per node of 8 GPUs (its device table and index)", f"{per_node / 1024:.2f} KiB",
                  f"1,000 nodes: {per_node * 1000 / (1 << 20):.1f} MiB", ""))
 
-    lines = [TITLE, "", f"`python benchmarks/scale.py` on {cpu_model()}, {time.strftime('%Y-%m-%d')}. Simulated: the kernel's scheduler, "
-             "cluster device table and journal, no cluster. docs/scale.md explains what the figures mean for 1,000 nodes.", "",
-             "| what | measured | detail | against |", "|---|---|---|---|"]
-    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
-    section = "\n".join(lines) + "\n"
-    print(section)
-    if not args.no_write:
-        write_doc(TITLE, section)
+    write_table(TITLE, f"`python benchmarks/scale.py` on {cpu_model()}, {time.strftime('%Y-%m-%d')}. Simulated: the kernel's scheduler, "
+                "cluster device table and journal, no cluster. docs/scale.md explains what the figures mean for 1,000 nodes.",
+                ("what", "measured", "detail", "against"), rows, write=not args.no_write)
     return 0
 
 

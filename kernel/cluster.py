@@ -238,18 +238,8 @@ class ClusterTable:
                 "ranks": ranks, "parts": parts}
 
     def _place_cpu(self, res: Resources) -> dict[str, Any] | None:
-        """The tightest nodes first (fewest whole free cores that still hold the request), the
-        best fit by bytes among a few of them."""
-        for free in range(math.floor(res.cpus + 1e-9), len(self._cpu_buckets)):
-            bucket = self._cpu_buckets[free]
-            if not bucket:
-                continue
-            found = self._best_of(itertools.islice(bucket, 8), res)
-            if found is None and len(bucket) > 8:
-                found = self._best_of(itertools.islice(bucket, 8, None), res)
-            if found is not None:
-                return found
-        return None
+        """The tightest nodes first (fewest whole free cores that still hold the request)."""
+        return self._scan(self._cpu_buckets, math.floor(res.cpus + 1e-9), res)
 
     def _best_of(self, nodes: Any, res: Resources) -> dict[str, Any] | None:
         best: tuple[tuple[Any, ...], str, dict[str, Any]] | None = None
@@ -274,10 +264,12 @@ class ClusterTable:
         return None if best is None else {**best[2], "node": best[1]}
 
     def _place_in_buckets(self, res: Resources, want: int) -> dict[str, Any] | None:
-        """The best fit among the first few nodes of the tightest bucket that has one that fits
-        (all of the bucket when those few do not)."""
-        for free in range(want, len(self._buckets)):
-            bucket = self._buckets[free]
+        return self._scan(self._buckets, want, res)
+
+    def _scan(self, buckets: list[dict[str, None]], start: int, res: Resources) -> dict[str, Any] | None:
+        """The best fit by bytes among the first few nodes of the tightest bucket from ``start``
+        up that has one that fits (all of that bucket when those few do not)."""
+        for bucket in buckets[start:]:
             if not bucket:
                 continue
             found = self._best_of(itertools.islice(bucket, 8), res)
@@ -289,29 +281,13 @@ class ClusterTable:
 
     def _index(self, nid: str) -> None:
         """Re-file a node under its whole free cores, its wholly free GPUs, and as shared or not."""
-        old = self._free_whole.pop(nid, None)
-        if old is not None:
-            self._buckets[old].pop(nid, None)
-        self._partial.pop(nid, None)
-        old = self._cpu_free.pop(nid, None)
-        if old is not None:
-            self._cpu_buckets[old].pop(nid, None)
         table = self.nodes.get(nid)
-        if table is None:
-            return
-        cores = max(0, int(table.cpu.share_free + 1e-9))
-        while len(self._cpu_buckets) <= cores:
-            self._cpu_buckets.append({})
-        self._cpu_buckets[cores][nid] = None
-        self._cpu_free[nid] = cores
-        if not table.gpus:
-            return
-        free = sum(1 for g in table.gpus if g.share_reserved <= 1e-9)
-        while len(self._buckets) <= free:
-            self._buckets.append({})
-        self._buckets[free][nid] = None
-        self._free_whole[nid] = free
-        if any(1e-9 < g.share_reserved < 1 - 1e-9 for g in table.gpus):
+        cores = max(0, int(table.cpu.share_free + 1e-9)) if table is not None else None
+        whole = sum(1 for g in table.gpus if g.share_reserved <= 1e-9) if table is not None and table.gpus else None
+        _refile(self._cpu_buckets, self._cpu_free, nid, cores)
+        _refile(self._buckets, self._free_whole, nid, whole)
+        self._partial.pop(nid, None)
+        if table is not None and any(1e-9 < g.share_reserved < 1 - 1e-9 for g in table.gpus):
             self._partial[nid] = None
 
     def reserve(self, job_id: int, placement: dict[str, Any]) -> None:
@@ -329,6 +305,19 @@ class ClusterTable:
             if table is not None:
                 table.release(job_id)
                 self._index(nid)
+
+
+def _refile(buckets: list[dict[str, None]], filed: dict[str, int], nid: str, count: int | None) -> None:
+    """Move ``nid`` to bucket ``count`` (out of the index when None)."""
+    old = filed.pop(nid, None)
+    if old is not None:
+        buckets[old].pop(nid, None)
+    if count is None:
+        return
+    while len(buckets) <= count:
+        buckets.append({})
+    buckets[count][nid] = None
+    filed[nid] = count
 
 
 @dataclass(slots=True)

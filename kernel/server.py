@@ -708,41 +708,34 @@ class Kernel:
         enough workers coming.
 
         A job is only ever given to a worker that is ready, so a slow worker start never holds a
-        job hostage while another worker sits idle.
+        job hostage while another worker sits idle. On a Ray cluster a job's worker is started
+        for it, on its node, once it is placed (at most ``max_starting`` starting at once).
         """
         pending = self.jobs.of_state("pending")
-        if self.cluster is not None:
-            self._schedule_cluster(pending)
-            return
         if not pending:
-            self.pool.keep()
+            if self.cluster is None:
+                self.pool.keep()
             return
-        ready = self.pool.idle()
-        plan = scheduler.plan(pending, self.jobs.of_state("running"), self.devices, len(ready), self.policy, time.time(), self._preempting, ranks=self._ranks_of)
+        if self.cluster is None:
+            ready = self.pool.idle()
+            slots = len(ready)
+        else:
+            slots = max(0, int(self.settings["workers"]["max_starting"]) - self.cluster.starting())
+        plan = scheduler.plan(pending, self.jobs.of_state("running"), self.devices, slots, self.policy, time.time(), self._preempting, ranks=self._ranks_of)
         self._note_waiting(plan.waiting)
         for job, placement in plan.starts:
-            self._start(job, placement, ready.pop(0))
+            if self.cluster is None:
+                worker = ready.pop(0)
+            else:
+                whole = placement.get("cpu", {})
+                worker = self.cluster.launch(placement, float(whole.get("cores", 0)), int(whole.get("memory", 0)), self._ranks_of(job))
+            self._start(job, placement, worker)
         for victim, job in plan.preemptions:
             self._preempting[victim.id] = job.id
             log.info("job_preempting", job_id=victim.id, for_job=job.id, priority=victim.priority, for_priority=job.priority)
             self._stop_job(victim, f"preempted by job {job.id} (priority {job.priority})", "preempted")
-        self.pool.keep(extra=plan.waiting_for_worker)
-
-    def _schedule_cluster(self, pending: list[JobRecord]) -> None:
-        """On a Ray cluster, a job's worker is started for it, on its node, once it is placed
-        (at most ``max_starting`` starting at once)."""
-        assert self.cluster is not None
-        if not pending:
-            return
-        slots = max(0, int(self.settings["workers"]["max_starting"]) - self.cluster.starting())
-        plan = scheduler.plan(pending, self.jobs.of_state("running"), self.devices, slots, self.policy, time.time(), self._preempting, ranks=self._ranks_of)
-        self._note_waiting(plan.waiting)
-        for job, placement in plan.starts:
-            whole = placement.get("cpu", {})
-            self._start(job, placement, self.cluster.launch(placement, float(whole.get("cores", 0)), int(whole.get("memory", 0)), self._ranks_of(job)))
-        for victim, job in plan.preemptions:
-            self._preempting[victim.id] = job.id
-            self._stop_job(victim, f"preempted by job {job.id} (priority {job.priority})", "preempted")
+        if self.cluster is None:
+            self.pool.keep(extra=plan.waiting_for_worker)
 
     def _note_waiting(self, waiting: dict[int, str]) -> None:
         """A pending job says why it waits (``llmos jobs``, ``llmos job``, ``top``, the SDK's
