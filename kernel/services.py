@@ -24,6 +24,7 @@ from llmos.protocol import (
     ServiceRegister,
     ServiceRequest,
     ServiceResponse,
+    ServiceResponses,
     ServicesReply,
     ServicesRequest,
 )
@@ -58,6 +59,7 @@ class ServiceRouter:
             ServiceRegister: self.register,
             ServiceRequest: self.request,
             ServiceResponse: self.response,
+            ServiceResponses: self.responses,
             ServiceCancel: self.cancel,
             ServicesRequest: self.list,
         }
@@ -117,6 +119,30 @@ class ServiceRouter:
             del self.calls[msg.request_id]
         self.bus.send(call.caller, msg, msg.request_id)
 
+    def responses(self, req: Request) -> None:
+        """A replica's step for its whole batch: each caller gets its own items in one message
+        (a single item as a plain service.response)."""
+        msg: ServiceResponses = req.msg
+        by_caller: dict[bytes, list[dict[str, Any]]] = {}
+        calls = self.calls
+        if not all(_response_item(item) for item in msg.responses):  # checked whole first: nothing half-routed
+            raise ProtocolError("each item of service.responses is a map of request_id (str), body (map), done (bool), error (str or nil), code (int or nil)")
+        for item in msg.responses:
+            call = calls.get(item["request_id"])
+            if call is None or call.worker.encode() != req.identity:
+                continue  # the caller cancelled or is gone
+            if item.get("done") or item.get("error"):
+                del calls[item["request_id"]]
+            by_caller.setdefault(call.caller, []).append(item)
+        for caller, items in by_caller.items():
+            if len(items) == 1:
+                item = items[0]
+                one = ServiceResponse(request_id=item["request_id"], body=item.get("body") or {}, done=bool(item.get("done")), error=item.get("error"),
+                                      code=item.get("code"))
+                self.bus.send(caller, one, one.request_id)
+            else:
+                self.bus.send(caller, ServiceResponses(responses=items))
+
     def cancel(self, req: Request) -> None:
         msg: ServiceCancel = req.msg
         call = self.calls.get(msg.request_id)
@@ -160,6 +186,16 @@ class ServiceRouter:
                 del self.calls[request_id]
                 error = f"service {call.service!r} is stopping" if stopping else f"service {call.service!r}: its replica stopped ({why})"
                 self.bus.send(call.caller, ServiceResponse(request_id=request_id, done=True, error=error, code=ServiceError.code), request_id)
+
+
+_ITEM_KEYS = frozenset({"request_id", "body", "done", "error", "code"})
+
+
+def _response_item(item: Any) -> bool:
+    """Whether one item of a service.responses batch has the fields of a service.response."""
+    return (type(item) is dict and type(item.get("request_id")) is str and item.keys() <= _ITEM_KEYS
+            and type(item.get("body", {})) is dict and type(item.get("done", False)) is bool
+            and type(item.get("error")) in (str, type(None)) and type(item.get("code")) in (int, type(None)))
 
 
 @dataclass(slots=True)

@@ -47,7 +47,14 @@ from llmos.errors import (
 )
 from llmos.keys import apply_client_key
 from llmos.paths import pid_alive
-from llmos.protocol import MAX_FRAME_BYTES, decode_control, encode_control, unpackb
+from llmos.protocol import (
+    MAX_FRAME_BYTES,
+    ServiceResponse,
+    ServiceResponses,
+    decode_control,
+    encode_control,
+    unpackb,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -70,6 +77,12 @@ class Mailbox:
     def __init__(self, notify: Callable[[], None] | None = None) -> None:
         self.replies: collections.deque[Any] = collections.deque()
         self.notify = notify
+
+
+def _response(item: dict[str, Any]) -> ServiceResponse:
+    """One item of a service.responses batch as the service.response it stands for."""
+    return ServiceResponse(request_id=item.get("request_id", ""), body=item.get("body") or {}, done=bool(item.get("done")),
+                           error=item.get("error"), code=item.get("code"))
 
 
 class _Timeout(Exception):
@@ -277,15 +290,22 @@ class Connection:
                 except ProtocolError as exc:  # belongs to nobody we can name: its request times out
                     log.warning("client_undecodable_reply", error=str(exc), frames=len(frames))
                     continue
-                box = self._mail.get(header.get("parent_id"))
-                if box is None:
-                    continue  # a reply to a request that timed out or was given up
-                box.replies.append(reply)
-                if box.notify is not None:
-                    notify.append(box.notify)
+                if isinstance(reply, ServiceResponses):  # pieces of several calls at once: each to its own request
+                    for item in reply.responses:
+                        self._file_one(item.get("request_id"), _response(item), notify)
+                    continue
+                self._file_one(header.get("parent_id"), reply, notify)
             self._cond.notify_all()
         for fn in notify:
             fn()
+
+    def _file_one(self, request_id: Any, reply: Any, notify: list[Callable[[], None]]) -> None:
+        box = self._mail.get(request_id)
+        if box is None:
+            return  # a reply to a request that timed out or was given up
+        box.replies.append(reply)
+        if box.notify is not None and box.notify not in notify:
+            notify.append(box.notify)
 
     def _flush(self) -> None:
         while self._outbox:

@@ -7,10 +7,11 @@ Everything a runner says goes onto the bus through it, as events on the job's st
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +123,7 @@ class JobContext:
         self.log = make_bus_logger(emit, name=kind)
         self._model_loader: Callable[[str, Any, Any], Any] | None = None
         self._services: Any = None
+        self._held: list[dict[str, Any]] | None = None  # responses held by responding_together()
 
     # -- the other ranks of a gang --
 
@@ -201,7 +203,31 @@ class JobContext:
         """Send (a piece of) the answer to a request; ``done`` ends it, ``error`` fails it."""
         from llmos.protocol import ServiceResponse
 
+        if self._held is not None:
+            self._held.append({"request_id": request_id, "body": body or {}, "done": done, "error": error, "code": code})
+            return
         self._bus().send_control(ServiceResponse(request_id=request_id, body=body or {}, done=done, error=error, code=code))
+
+    @contextlib.contextmanager
+    def responding_together(self) -> Iterator[None]:
+        """Hold what :meth:`respond` sends inside the block and send it as one message when the
+        block ends (the kernel hands each caller its part in one message): a batching service's
+        step answers all its sequences with one wake-up of the kernel and of each caller, not one
+        per sequence. Nested blocks join the outer one."""
+        from llmos.protocol import ServiceResponses
+
+        if self._held is not None:
+            yield
+            return
+        self._held = held = []
+        try:
+            yield
+        finally:
+            self._held = None
+            if len(held) == 1:
+                self.respond(**held[0])
+            elif held:
+                self._bus().send_control(ServiceResponses(responses=held))
 
     def request_cancelled(self, request_id: str) -> bool:
         """True once the caller of ``request_id`` went away (stop working on it)."""

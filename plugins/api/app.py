@@ -279,20 +279,8 @@ class Gateway:
         asked, an error chunk if a replica fails mid-stream, and always ``data: [DONE]``."""
         context = int(info["context"])
         calls = [(j, p) for p in prompts for j in range(plan.n)]
-        queue: asyncio.Queue[tuple[int, Any, BaseException | None]] = asyncio.Queue()
-
-        async def pump(index: int, prompt: Any, choice: int) -> None:
-            try:
-                async for reply in self.client.call(plan.model, plan.replica_body(prompt, choice, context)):
-                    await queue.put((index, reply, None))
-                await queue.put((index, None, None))
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                await queue.put((index, None, exc))
-
-        tasks = [asyncio.create_task(pump(index, p, j)) for index, (j, p) in enumerate(calls)]
-        open_, sent_text = len(tasks), [0] * len(tasks)
+        arrivals = self._arrivals(plan, [plan.replica_body(p, j, context) for j, p in calls])
+        open_, sent_text = len(calls), [0] * len(calls)
         prompt_tokens = completion_tokens = 0
         first_token_at: float | None = None
         failed: ApiError | None = None
@@ -300,9 +288,7 @@ class Gateway:
         pieces = oa.Pieces(plan)
         try:
             while open_ and failed is None:
-                ready = [await queue.get()]
-                while not queue.empty():  # what arrived meanwhile goes out in one write
-                    ready.append(queue.get_nowait())
+                ready = await anext(arrivals)
                 out: list[bytes] = []
                 for index, reply, exc in ready:
                     if exc is not None:
@@ -349,7 +335,41 @@ class Gateway:
                     yield _sse(oa.chunk(plan, [], oa.usage(prompt_tokens, completion_tokens)))
             yield b"data: [DONE]\n\n"
         finally:
-            for task in tasks:  # a client gone mid-stream: leaving each call cancels it at the replica
+            await arrivals.aclose()  # a client gone mid-stream: leaving each call cancels it at the replica
+
+    async def _arrivals(self, plan: Plan, bodies: list[dict[str, Any]]) -> AsyncIterator[list[tuple[int, Any, BaseException | None]]]:
+        """The replies of the calls for ``bodies`` as they arrive, in lists of what is ready at
+        once: ``(index, reply, None)``, ``(index, None, None)`` at a call's end, ``(index, None,
+        error)`` when it fails. One call is read directly; several through a task each."""
+        if len(bodies) == 1:
+            try:
+                async for reply in self.client.call(plan.model, bodies[0]):
+                    yield [(0, reply, None)]
+                yield [(0, None, None)]
+            except Exception as exc:
+                yield [(0, None, exc)]
+            return
+        queue: asyncio.Queue[tuple[int, Any, BaseException | None]] = asyncio.Queue()
+
+        async def pump(index: int, body: dict[str, Any]) -> None:
+            try:
+                async for reply in self.client.call(plan.model, body):
+                    await queue.put((index, reply, None))
+                await queue.put((index, None, None))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                await queue.put((index, None, exc))
+
+        tasks = [asyncio.create_task(pump(index, body)) for index, body in enumerate(bodies)]
+        try:
+            while True:
+                ready = [await queue.get()]
+                while not queue.empty():  # what arrived meanwhile goes out in one write
+                    ready.append(queue.get_nowait())
+                yield ready
+        finally:
+            for task in tasks:
                 task.cancel()
             for task in tasks:
                 with contextlib.suppress(BaseException):

@@ -276,7 +276,8 @@ class ServeRunner(llmos.Runner):
             batch.admit()
             batch.drop_cancelled()
             batch.join()
-            batch.step()
+            with ctx.responding_together():  # one message for the whole step's pieces
+                batch.step()
         batch.stop()
         return {"served": batch.served}
 

@@ -89,6 +89,7 @@ from llmos.protocol.services import (
     ServiceRegister,
     ServiceRequest,
     ServiceResponse,
+    ServiceResponses,
     ServicesReply,
     ServicesRequest,
 )
@@ -194,6 +195,7 @@ __all__ = [
     "ServiceRegister",
     "ServiceRequest",
     "ServiceResponse",
+    "ServiceResponses",
     "ServicesReply",
     "ServicesRequest",
     "ShutdownRequest",

@@ -50,6 +50,17 @@ class ServiceResponse:
     code: int | None = None
 
 
+@message("service.responses")
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServiceResponses:
+    """Several answers or pieces in one message: what a replica's step produced for its whole
+    batch (replica to kernel), and the part of it for one caller (kernel to that caller). Each
+    item is a service.response's fields as a map (``request_id``, ``body``, ``done``, ``error``,
+    ``code``); items are read in order."""
+
+    responses: list[dict[str, Any]]
+
+
 @message("service.cancel")
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ServiceCancel:

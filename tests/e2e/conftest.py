@@ -22,6 +22,19 @@ ECHO = textwrap.dedent(
                 call = ctx.next_request(timeout=0.1)
                 if call is None:
                     continue
+                if call.body.get("together"):  # wait for that many calls, then answer them all in one message
+                    calls = [call]
+                    while len(calls) < call.body["together"] and not ctx.cancelled:
+                        more = ctx.next_request(timeout=0.1)
+                        if more is not None:
+                            calls.append(more)
+                    with ctx.responding_together():
+                        for i in range(3):
+                            for c in calls:
+                                ctx.respond(c.request_id, {"i": i, "text": c.body.get("text", "")}, done=False)
+                        for c in calls:
+                            ctx.respond(c.request_id, {"end": True})
+                    continue
                 if call.body.get("die"):
                     import os, signal
                     os.kill(os.getpid(), signal.SIGKILL)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from llmos.errors import ServiceError, ServiceUnavailable
+from llmos.errors import ProtocolError, ServiceError, ServiceUnavailable
+from llmos.protocol import ServiceResponses
 from tests.conftest import KernelHandle
 from tests.e2e.conftest import wait_service as _wait_service
 
@@ -62,3 +64,21 @@ def test_a_clean_shutdown_cancels_services_and_jobs_lists_them_only_with_all(ech
         info = c.job(service.id).info()
         assert (info.state, info.reason) == ("cancelled", "kernel shut down")
         assert [j.state for j in c.jobs() if j.state == "failed"] == []
+
+
+def test_a_step_answered_together_reaches_each_caller_in_order(echo_kernel: KernelHandle) -> None:
+    """One service.responses message from the replica carries three calls' pieces, from two
+    clients (one of them shared by two threads): each call gets its own pieces, in order."""
+    with echo_kernel.client() as a, echo_kernel.client() as b:
+        a.submit("echo.service")
+        _wait_service(a, "echo")
+        with ThreadPoolExecutor(3) as pool:
+            futures = [pool.submit(lambda c, t: list(c.call("echo", {"together": 3, "text": t}, timeout=30)), c, t)
+                       for c, t in ((a, "a1"), (a, "a2"), (b, "b"))]
+            results = {t: f.result() for f, t in zip(futures, ("a1", "a2", "b"))}
+        for text, replies in results.items():
+            assert replies == [{"i": i, "text": text} for i in range(3)] + [{"end": True}]
+        assert a.services()[0]["in_flight"] == 0
+        # A malformed batch is refused whole, with what each item must be.
+        with pytest.raises(ProtocolError, match=r"each item of service\.responses"):
+            a.request(ServiceResponses(responses=[{"request_id": 5}]))
