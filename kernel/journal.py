@@ -35,6 +35,11 @@ class Journal:
         self._stream_seq: dict[str, int] = {}  # stream -> its last stream_seq (streams touched since boot)
         self._turn: dict[str, list[bytes]] = {}  # stream -> this turn's stamped items, in order
         self._written: dict[str, int] = {}  # stream -> items of this turn already written
+        self._own: list[tuple[str, bytes]] = []  # this turn's kernel events, unstamped (kept again when a commit is refused)
+        self.refusing = False  # the disk is full: workers' events are not journaled (their streams are noted in refused)
+        self.refused: set[str] = set()
+        self.refused_events = 0
+        self.barred: set[str] = set()  # streams of jobs stopped for lack of space: refused until they end
 
     def _last(self, stream: str) -> int:
         last = self._stream_seq.get(stream)
@@ -42,7 +47,9 @@ class Journal:
 
     def emit(self, topic: str, msg: Any, sender: str = "kernel") -> None:
         """Journal an event the kernel makes (published after the turn's commit)."""
-        self.append(topic, pack_item(topic, make_header(type_name_of(msg), sender), encode_body(msg)))
+        item = pack_item(topic, make_header(type_name_of(msg), sender), encode_body(msg))
+        self._own.append((topic, item))
+        self.append(topic, item)
 
     def append(self, topic: str, item: bytes) -> None:
         """Number a packed [topic, header, body] and queue it for the store and the bus."""
@@ -57,6 +64,10 @@ class Journal:
         """Number a run of workers' packed items, all on ``stream`` (ingest's hot path)."""
         if not raws:
             return
+        if self.refusing or stream in self.barred:
+            self.refused.add(stream)
+            self.refused_events += len(raws)
+            return
         seq, last, tail, head = self.seq, self._last(stream), stamp_tail, STAMPED_HEAD
         self._turn.setdefault(stream, []).extend([head + raw[1:] + tail(seq + i, last + i) for i, raw in enumerate(raws, 1)])
         n = len(raws)
@@ -66,6 +77,7 @@ class Journal:
     def forget(self, stream: str) -> None:
         """A finished stream: drop its counter (a later event looks it up in the store again)."""
         self._stream_seq.pop(stream, None)
+        self.barred.discard(stream)
 
     @property
     def has_pending(self) -> bool:
@@ -83,12 +95,39 @@ class Journal:
                 done[stream] = len(items)
 
     def end_turn(self) -> dict[str, list[bytes]]:
-        """Write what is left and hand over the turn's events (to publish after the commit)."""
-        streams = self._turn
-        if streams:
+        """Write what is left and hand over the turn's events (to publish once :meth:`committed`)."""
+        if self._turn:
             self.write()
+        return self._turn
+
+    def committed(self) -> None:
+        """The turn's commit went through: its events are the journal's."""
+        if self._turn:
             self._turn, self._written = {}, {}
-        return streams
+        self._own = []
+
+    def rewrite(self) -> None:
+        """The store rolled back what was written of this turn: write all of it again."""
+        self._written = {}
+
+    def rollback(self) -> set[str]:
+        """The turn's commit was refused (the disk is full): forget its events, number the
+        journal from what is stored again, and journal the kernel's own events of the turn anew
+        (small: job states, the storage event). Returns the streams whose workers' events were
+        dropped."""
+        own: dict[str, int] = {}
+        for topic, _item in self._own:
+            own[stream_of(topic)] = own.get(stream_of(topic), 0) + 1
+        dropped = {stream for stream, items in self._turn.items() if len(items) > own.get(stream, 0)}
+        kept = self._own
+        self.journaled -= sum(len(items) for items in self._turn.values())
+        self._turn, self._written, self._own = {}, {}, []
+        self._stream_seq.clear()
+        self.seq = self.store.last_seq()
+        for topic, item in kept:
+            self._own.append((topic, item))
+            self.append(topic, item)
+        return dropped
 
     def replay(self, prefix: str, since: int, until: int | None, limit: int) -> tuple[list[bytes], bool]:
         """Stored events after ``since`` on streams starting with ``prefix``; ``more`` when the

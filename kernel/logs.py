@@ -28,4 +28,35 @@ def configure_logging(*, json_lines: bool, level: str = "info", stream: TextIO |
     )
 
 
-__all__ = ["configure_logging"]
+class QuietStream:
+    """A log stream whose writes never raise: on a full disk (or a closed file) a line is
+    dropped and counted, the process goes on. The kernel's log goes through one."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.dropped = 0
+
+    def write(self, text: str) -> int:
+        try:
+            return self.stream.write(text)
+        except (OSError, ValueError):
+            self.dropped += 1
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except (OSError, ValueError):
+            pass
+
+    def close(self) -> None:
+        try:
+            self.stream.close()
+        except (OSError, ValueError):
+            pass
+
+    def fileno(self) -> int:
+        return self.stream.fileno()
+
+
+__all__ = ["QuietStream", "configure_logging"]

@@ -70,6 +70,7 @@ from llmos.kernel.statedir import (
     make_private_dir,
     runtime_dir_for,
 )
+from llmos.kernel.storage import Storage, is_storage_error
 from llmos.kernel.store import JobRecord, Store
 from llmos.kernel.supervisor import (
     STAGE_SIGNAL,
@@ -165,7 +166,12 @@ class Kernel:
         self.statedir.take()
         method = self._endpoints()
         self.store = Store(self.state_dir / "llmos.db")
+        self.store.keep_writes()  # before anything holds its connection: a refused commit can be written again
         self.journal = Journal(self.store)
+        self.storage = Storage(self.state_dir, self.settings["storage"], self.emit)
+        self.store.fit_wal(self.storage.total)
+        self._unsaved: list[Any] | None = None  # writes the disk refused, waiting for room (with the journal's kernel events)
+        self._next_save = 0.0
         self.jobs = JobTable(self.store, self.emit)
         self.artifacts = Artifacts(self.store, self.state_dir)
         self.registry: Registry = self._load_registry()
@@ -185,6 +191,7 @@ class Kernel:
         if not self.devices.probing:
             self._fail_never_fitting()
         self._autostart_services()
+        self.storage.boot()
         self.emit("kernel.started", KernelStarted(version=__version__, pid=os.getpid()))
         self._flush_out()
         self.statedir.write_kernel_file({"pid": os.getpid(), "version": __version__, "state_dir": str(self.state_dir), "started_at": self.started_at, **self.endpoints})
@@ -285,7 +292,7 @@ class Kernel:
             PluginsReloadRequest: lambda req: self.reload_plugins(),
             ShutdownRequest: self._on_shutdown,
             ArtifactsRequest: self._on_artifacts,
-            PipelineSubmit: lambda req: PipelineReply(pipeline=self.pipelines.create(req.msg.spec, req.msg.cwd).to_dict()),
+            PipelineSubmit: self._on_pipeline_submit,
             PipelineRequest: self._on_pipeline,
             PipelinesRequest: lambda req: PipelinesReply(pipelines=self.pipelines.list(max(1, min(req.msg.limit, 10_000)))),
         })
@@ -425,13 +432,77 @@ class Kernel:
 
     def _flush_out(self) -> None:
         """Commit, then publish the turn's events and send its replies."""
-        streams = self.journal.end_turn()
-        self.store.commit()
+        streams = self._commit()
         self.stats["events_journaled"] = self.journal.journaled
         if streams:
             self.bus.publish(streams)
         for identity in self.bus.send_replies():
             self.router.caller_gone(identity)  # its cancels go out next turn
+
+    def _commit(self) -> dict[str, list[bytes]]:
+        """The turn's commit; its events, to publish. A commit the disk refuses costs the turn's
+        workers' events, never the kernel (kernel/storage.py)."""
+        if self._unsaved is not None:  # earlier writes wait for room: this turn's join them, in order
+            self._unsaved += self.store.rollback()
+            return self._save_again(force=False)
+        try:
+            streams = self.journal.end_turn()
+            self.store.commit()
+        except Exception as exc:
+            if not is_storage_error(exc):
+                raise
+            self._refused(exc)
+            return self._save_again(force=True)
+        self.journal.committed()
+        return streams
+
+    def _refused(self, exc: BaseException) -> None:
+        """The disk refused a commit: roll the turn back, become full (the reserve's room is
+        given back), keep its writes and the kernel's own events for the next try, and stop the
+        jobs whose events were dropped."""
+        self._unsaved = self.store.rollback()
+        dropped = self.journal.rollback()
+        self.storage.refused(exc)
+        self.journal.refusing = True
+        wal = self.store.free_wal()
+        log.warning("storage_refused", error=f"{type(exc).__name__}: {exc}", dropped_streams=len(dropped), free=self.storage.free, wal=wal)
+        self._refuse_streams(dropped)
+        self._unsaved += self.store.rollback()  # the stops' writes, after the turn's
+
+    def _save_again(self, *, force: bool) -> dict[str, list[bytes]]:
+        """Write what waits for room (once a second unless ``force``); its events, to publish."""
+        now = time.monotonic()
+        if self._unsaved is None or (not force and now < self._next_save):
+            return {}
+        self._next_save = now + 1.0
+        try:
+            self.store.redo(self._unsaved)
+            self.journal.rewrite()
+            streams = self.journal.end_turn()
+            self.store.commit()
+        except Exception as exc:
+            if not is_storage_error(exc):
+                raise
+            self.store.rollback()
+            self.store.free_wal()
+            self._refuse_streams(self.journal.rollback())
+            self._unsaved += self.store.rollback()
+            self.storage.refused(exc)
+            return {}
+        self._unsaved = None
+        self.journal.committed()
+        log.info("storage_saved", events=sum(len(v) for v in streams.values()))
+        return streams
+
+    def _refuse_streams(self, streams: set[str]) -> None:
+        """Jobs whose events could not be stored are stopped as failed, saying why."""
+        for stream in sorted(streams):
+            kind, _, ident = stream.partition(".")
+            job = self.jobs.get(int(ident)) if kind == "job" and ident.isdigit() else None
+            if job is not None and job.state == "running":
+                self.journal.barred.add(stream)  # until the job ends, even once there is room again
+                if not job.stop_stage:
+                    self._stop_job(job, f"its events could not be stored: {self.storage.refusal()}", "failed")
 
     # ------------------------------------------------------------------ the loop
 
@@ -482,6 +553,9 @@ class Kernel:
             self.control.drain()
         if self.bus.ingest in ready or self.ingest.more:
             self.ingest.drain()
+            if self.journal.refused:  # the disk is full: the jobs whose events were refused stop
+                refused, self.journal.refused = self.journal.refused, set()
+                self._refuse_streams(refused)
         if self.cluster is not None and self._cluster_fd is not None and self._cluster_fd in ready:
             self.cluster.read()
             self._watch_cluster()
@@ -531,6 +605,7 @@ class Kernel:
         for it (None is returned; the request is answered later)."""
         if self.stopping:
             raise KernelError("the kernel is shutting down")
+        self.storage.refuse_submit()
         params, inputs = self.artifacts.resolve_inputs(kind, params)
         entry, params, res = self.registry.validate(kind, params, resources, coerce=coerce, cwd=cwd)
         priority, max_retries, timeout = int(options.get("priority") or 0), int(options.get("max_retries") or 0), options.get("timeout")
@@ -616,7 +691,12 @@ class Kernel:
             metrics_url=self.exporter.url,
             stats=dict(self.stats, events_journaled=self.journal.journaled, gpus_probing=int(self.devices.probing), zygote=int(self.launcher.zygote is not None)),
             cluster=self.cluster.to_dict() if self.cluster is not None else None,
+            storage={**self.storage.to_dict(), "refused_events": self.journal.refused_events},
         )
+
+    def _on_pipeline_submit(self, req: Request) -> PipelineReply:
+        self.storage.refuse_submit()
+        return PipelineReply(pipeline=self.pipelines.create(req.msg.spec, req.msg.cwd).to_dict())
 
     def _on_replay(self, req: Request) -> None:
         msg: ReplayRequest = req.msg
@@ -912,6 +992,9 @@ class Kernel:
             self.usage.account(worker)
 
     def _timers(self, now: float) -> None:
+        self.storage.tick(now)
+        if self.journal.refusing and not self.storage.full and self._unsaved is None:
+            self.journal.refusing = False
         if self.cluster is not None:
             self.cluster.timers(now)
             self._watch_cluster()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import json
 import sqlite3
@@ -151,8 +152,16 @@ class Store:
         self._add_missing_columns()
 
     def close(self) -> None:
-        self.commit()
+        with contextlib.suppress(sqlite3.Error):  # a commit the disk refuses was already reported
+            self.commit()
         self.db.close()
+
+    def keep_writes(self) -> None:
+        """From now on, keep each transaction's writes until it commits (see :meth:`rollback`);
+        and write nothing to the database file before a commit (no cache spill), so that a full
+        disk fails the commit rather than a statement in the middle of the kernel's work."""
+        self.db.execute("PRAGMA cache_spill=OFF")
+        self.db = _Recorded(self.db)  # type: ignore[assignment]
 
     # -- transactions: one per kernel loop turn --
 
@@ -160,11 +169,52 @@ class Store:
         if not self._in_tx:
             self.db.execute("BEGIN")
             self._in_tx = True
+            if isinstance(self.db, _Recorded):
+                self.db.writes = []
 
     def commit(self) -> None:
         if self._in_tx:
             self.db.execute("COMMIT")
             self._in_tx = False
+            if isinstance(self.db, _Recorded):
+                self.db.writes = None
+
+    def rollback(self) -> list[tuple[str, Any, bool]]:
+        """Give up the transaction (after a commit the disk refused); returns its writes other
+        than the journal's rows, to be written again by :meth:`redo`."""
+        db = self.db
+        writes = db.writes or [] if isinstance(db, _Recorded) else []
+        if db.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+        self._in_tx = False
+        if isinstance(db, _Recorded):
+            db.writes = None
+        return writes
+
+    def redo(self, writes: list[tuple[str, Any, bool]]) -> None:
+        """Write again, in a new transaction, what :meth:`rollback` gave up."""
+        self.begin()
+        for sql, params, many in writes:
+            (self.db.executemany if many else self.db.execute)(sql, params)
+
+    def fit_wal(self, disk_bytes: int) -> None:
+        """Keep the write-ahead log small beside a small disk: checkpoint after at most a
+        twentieth of the disk (SQLite's default is 1,000 pages, 4 MiB) and truncate the file back
+        after a checkpoint, so that the committed pages a checkpoint must copy always fit in the
+        room the storage reserve gives back."""
+        pages = max(16, min(1000, disk_bytes // 4096 // 20))
+        self.db.execute(f"PRAGMA wal_autocheckpoint={pages}")
+        self.db.execute(f"PRAGMA journal_size_limit={pages * 4096 * 2}")
+
+    def free_wal(self) -> str:
+        """Checkpoint and truncate the write-ahead log: what a refused commit left in it is free
+        space again (best effort). Says how it went."""
+        try:
+            busy, frames, done = self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        except sqlite3.Error as exc:
+            return f"{type(exc).__name__}: {exc}"
+        return "truncated" if not busy else f"busy ({done} of {frames} frames checkpointed)"
 
     # -- jobs --
 
@@ -270,13 +320,14 @@ class Store:
         if sys.byteorder != "little":
             ends.byteswap()
         self.begin()
-        self.db.execute(
+        db = self.db.raw if isinstance(self.db, _Recorded) else self.db  # the journal's rows are not kept for redo: the journal has them
+        db.execute(
             "INSERT INTO journal (first_seq, last_seq, stream, last_stream_seq, n, items, ends) VALUES (?, ?, ?, ?, ?, ?, ?)",
             (first, last, stream, stream_seq_of(items[-1]), len(items), b"".join(items), ends.tobytes()),
         )
         if last - first > self.max_span:
             self.max_span = last - first
-            self.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('journal_max_span', ?)", (str(self.max_span),))
+            db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('journal_max_span', ?)", (str(self.max_span),))
 
     def replay(self, prefix: str, since: int, until: int | None, limit: int) -> list[tuple[int, bytes]]:
         """(seq, packed item) of events with seq in (since, until] whose topic starts with prefix,
@@ -342,6 +393,35 @@ class Store:
                 self.append_batch(stream, [item])
         self.db.execute("DROP TABLE events")
         self.commit()
+
+
+_WRITES = ("INSERT", "UPDATE", "DELETE", "REPLACE")
+
+
+class _Recorded:
+    """The store's connection as the kernel's components use it: inside a transaction, each
+    write is also kept (its SQL and parameters) until the commit, so a turn whose commit the disk
+    refuses can be rolled back and written again without its workers' events."""
+
+    __slots__ = ("raw", "writes")
+
+    def __init__(self, raw: sqlite3.Connection) -> None:
+        self.raw = raw
+        self.writes: list[tuple[str, Any, bool]] | None = None
+
+    def execute(self, sql: str, params: Any = ()) -> sqlite3.Cursor:
+        if self.writes is not None and sql.lstrip().upper().startswith(_WRITES):
+            self.writes.append((sql, params, False))
+        return self.raw.execute(sql, params)
+
+    def executemany(self, sql: str, seq: Any) -> sqlite3.Cursor:
+        rows = list(seq)
+        if self.writes is not None:
+            self.writes.append((sql, rows, True))
+        return self.raw.executemany(sql, rows)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.raw, name)
 
 
 def seq_of(item: bytes) -> int:

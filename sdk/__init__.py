@@ -27,6 +27,7 @@ from llmos.errors import (
     ServiceBusy,
     ServiceError,
     ServiceUnavailable,
+    StorageFull,
     ValidationError,
 )
 from llmos.params import param
@@ -64,6 +65,7 @@ __all__ = [
     "ServiceError",
     "ServiceKind",
     "ServiceUnavailable",
+    "StorageFull",
     "ValidationError",
     "__version__",
     "connect",

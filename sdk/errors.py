@@ -9,6 +9,7 @@
         MessageTooLarge
       KernelUnavailable    no kernel at the endpoint (with the endpoint and what to run)
       KernelError          the kernel answered a request with an error it could not classify
+        StorageFull        the state dir's disk is full: submits are refused until there is room
       PluginError          import/registration failures, keeps .plugin
       ResourceError        cannot fit now / can never fit, with what was asked and what exists
       ServiceError         a service request failed
@@ -81,6 +82,13 @@ class KernelError(LlmosError):
     """The kernel answered with an error that has no more specific class."""
 
     code = 201
+
+
+class StorageFull(KernelError):
+    """The state dir's disk is full: the kernel refuses submits and workers' events until there
+    is room again (keeps .state_dir and .free, in bytes)."""
+
+    code = 202
 
 
 class ConfigError(LlmosError):
@@ -188,6 +196,7 @@ __all__ = [
     "ServiceBusy",
     "ServiceError",
     "ServiceUnavailable",
+    "StorageFull",
     "UnknownMessageType",
     "ValidationError",
     "error_from_reply",

@@ -9,6 +9,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -55,11 +56,14 @@ def boot(state_dir: Path | None, config_file: Path | None, fake_gpus: str | None
     if detach:
         _boot_detached(state, config_file, fake_gpus, log_level, as_json, listen=listen, ray_address=ray_address)
         return
-    from llmos.kernel.logs import configure_logging
+    from llmos.kernel.logs import QuietStream, configure_logging
     from llmos.kernel.server import Kernel
 
     _make_state_dir(state)
-    log_file = open(state / "kernel.log", "a", buffering=1)  # noqa: SIM115 - open for the kernel's lifetime
+    # Writes to the log never raise: a full disk costs log lines, not the kernel (nor does stderr,
+    # which is kernel.out on the same disk when detached).
+    log_file = QuietStream(open(state / "kernel.log", "a", buffering=1))  # noqa: SIM115 - open for the kernel's lifetime
+    sys.stderr = QuietStream(sys.stderr)  # type: ignore[assignment]
     configure_logging(json_lines=True, level=settings["kernel"]["log_level"], stream=log_file)
     kernel = Kernel(settings, state)
 
@@ -172,10 +176,26 @@ def status(client: Client, as_json: bool) -> None:
     click.echo(f"journal    {info['last_seq']} events")
     if info.get("metrics_url"):
         click.echo(f"metrics    {info['metrics_url']}")
+    storage = info.get("storage")
+    if storage:
+        click.echo(f"storage    {describe_storage(storage)}")
     cluster = info.get("cluster")
     if cluster:
         state = cluster["state"] + (f" ({cluster['error']})" if cluster.get("error") else "")
         click.echo(f"cluster    ray {cluster['address']}: {state}, {len(cluster['nodes'])} node(s) {' '.join(cluster['nodes'])}")
+
+
+def describe_storage(storage: dict[str, Any]) -> str:
+    """The state dir's disk in one line: how much is free, and what the kernel does about it."""
+    free, total = int(storage.get("free") or 0), int(storage.get("total") or 0)
+    line = f"{format_size(free)} free of {format_size(total)}"
+    if storage.get("state") == "full":
+        line += f"; FULL: submits and workers' events refused ({storage.get('reason')}); llmos goes on by itself once space is freed"
+        if storage.get("refused_events"):
+            line += f"; {storage['refused_events']:,} events refused"
+    elif storage.get("state") == "low":
+        line += f"; low: below {format_size(int(storage.get('low_space') or 0))} ([storage] low_space)"
+    return line
 
 
 @click.command()

@@ -25,6 +25,7 @@ from llmos.protocol.events import (
     NodeChanged,
     PluginsChanged,
     ServiceQuarantined,
+    StorageChanged,
 )
 from llmos.protocol.jobs import (
     END_STATES,
@@ -201,6 +202,7 @@ __all__ = [
     "ShutdownRequest",
     "StatusReply",
     "StatusRequest",
+    "StorageChanged",
     "StreamHeadsReply",
     "StreamHeadsRequest",
     "SubmitRequest",

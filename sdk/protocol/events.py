@@ -145,6 +145,20 @@ class ClusterChanged:
     nodes: list[str] = field(default_factory=list)
 
 
+@message("kernel.storage")
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StorageChanged:
+    """The state dir's disk changed state: ``ok``, ``low`` (free space below the warning
+    threshold) or ``full`` (a write was refused, ``reason`` says how; submits and workers' events
+    are refused until there is room again). ``free`` and ``total`` in bytes."""
+
+    state: str
+    path: str
+    free: int
+    total: int
+    reason: str | None = None
+
+
 @message("kernel.node")
 @dataclass(frozen=True, slots=True, kw_only=True)
 class NodeChanged:

@@ -75,6 +75,8 @@ class StatusReply:
     stats: dict[str, int] = field(default_factory=dict)
     #: With the Ray backend: its address, state (connected / unavailable), error and node ids.
     cluster: dict[str, Any] | None = None
+    #: The state dir's disk: state (ok / low / full), path, free and total bytes, low_space, reason.
+    storage: dict[str, Any] | None = None
 
 
 @message("kernel.replay_request")
