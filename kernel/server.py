@@ -59,6 +59,7 @@ from llmos.kernel.ingest import Ingest
 from llmos.kernel.jobs import JobTable
 from llmos.kernel.journal import Journal
 from llmos.kernel.keys import KeyGuard, KeyStore
+from llmos.kernel.limits import Limits
 from llmos.kernel.metrics import DeviceView, Exporter, Snapshot
 from llmos.kernel.pipelines import Pipelines
 from llmos.kernel.plugins import Registry, load_plugins, ranks_of
@@ -269,9 +270,10 @@ class Kernel:
         self.router = ServiceRouter(self.bus, self.pool.workers, on_register=lambda worker, name: self.pipelines.job_serving(worker.job_id),
                                     on_refused=self._replica_refused)
         self.restarts = RestartPolicy(self.settings["services"], self.emit)
+        self.limits = Limits(self.settings["limits"], self.jobs, self.pool.workers, self.emit, self._kill_job)
         self.usage = Usage(
             self.store, self.devices, self.jobs, self.pool.workers, lambda: self.registry, self.emit, self._stop_job,
-            float(self.settings["monitor"]["gpu_overuse_stop"]),
+            float(self.settings["monitor"]["gpu_overuse_stop"]), on_usage=self.limits.measured,
         )
         self.ingest = Ingest(self.bus, self.journal, self.pool.workers, self.jobs, self._on_job_done, self.stats, on_artifact=self._on_artifact)
         self.pipelines = Pipelines(
@@ -886,6 +888,7 @@ class Kernel:
             job.worker_create_time = None
         worker.assigned = True
         self.store.update_job(job)
+        self.limits.job_started(job, worker)  # its memory group, before the job's code runs
         self.bus.send(worker.id.encode(), assignment(job, self.state_dir, self.artifacts.inputs_of(job.id)))
         log.info("job_started", job_id=job.id, worker=worker.id, pid=worker.pid, attempt=job.attempts, node=worker.node)
 
@@ -910,6 +913,20 @@ class Kernel:
         job.stop_at = time.monotonic() + float(self.settings["workers"]["cancel_grace"])
         self.bus.send(worker.id.encode(), WorkerCancel(job_id=job.id, reason=reason))
         log.info("job_stopping", job_id=job.id, reason=reason)
+
+    def _kill_job(self, job: JobRecord, reason: str) -> None:
+        """End a running job at once, failed with ``reason``: SIGKILL to its process group, no grace
+        (for memory: a job over its share would only take more while it winds down)."""
+        worker = self.pool.workers.get(job.worker_id) if job.worker_id else None
+        if job.state != "running" or worker is None or not worker.assigned:
+            self._stop_job(job, reason, "failed")
+            return
+        if job.stop_stage >= StopStage.KILLED:
+            return
+        worker.end_reason = reason  # the reap ends the job with it (its exit status says only SIGKILL)
+        job.stop_stage, job.stop_at = StopStage.KILLED, None
+        worker.signal_group(signal.SIGKILL)
+        log.info("job_killed", job_id=job.id, reason=reason)
 
     def _on_job_done(self, worker: WorkerProc, job: JobRecord, done: JobDone) -> None:
         worker.done_at = time.monotonic()
@@ -978,6 +995,7 @@ class Kernel:
             if worker is None:
                 continue  # an adopted grandchild of some worker
             worker.rusage = usage
+            self.limits.worker_exited(worker)
             self._schedule_needed = True
             if worker.services:
                 job = self.jobs.get(worker.job_id) if worker.job_id is not None else None
@@ -1003,6 +1021,7 @@ class Kernel:
                 self._create_job(restart.kind, restart.params, Resources(**restart.resources), priority=1000)
         for worker in self.pool.check(now, lambda: self.ingest.backlog):
             self._worker_died(worker)
+        self.limits.tick(now)
         ws = self.settings["workers"]
         for job in self.jobs.of_state("running"):
             if job.deadline is not None and now >= job.deadline and not job.stop_stage:
@@ -1018,11 +1037,14 @@ class Kernel:
     def _worker_died(self, worker: WorkerProc) -> None:
         job = self.jobs.get(worker.job_id) if worker.job_id is not None else None
         worker.job_id = None
+        exceeded = self.limits.verdict(worker)  # its memory group's OOM killer acted
         if job is None:
             return
         status = worker.exited if worker.exited is not None and worker.exited >= 0 else 9
         reason, code = describe_status(status)
-        if worker.end_reason:
+        if exceeded:
+            reason = exceeded
+        elif worker.end_reason:
             reason = worker.end_reason  # "node <id> lost": the exit status says nothing
         elif worker.lost and worker.node is not None and worker.node in getattr(self.devices, "suspect", ()):
             reason = f"node {worker.node} lost (its worker stopped answering; Ray had not declared the node dead yet)"
@@ -1058,10 +1080,15 @@ class Kernel:
         self._end_services("kernel shut down")
         try:
             self.emit("kernel.stopping", KernelStopping(reason=reason))
+            self._next_save = 0.0  # writes waiting for room get a last try
             self._flush_out()
         except Exception:
             log.exception("shutdown_flush_failed")
+        if self._unsaved:
+            log.warning("storage_unsaved_at_shutdown", writes=len(self._unsaved), storage=self.storage.refusal())
         self.pool.stop_all()
+        if getattr(self, "limits", None) is not None:
+            self.limits.close()
         if getattr(self, "cluster", None) is not None:
             self.cluster.close()
         if self._probe is not None:

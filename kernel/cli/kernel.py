@@ -164,6 +164,7 @@ def shutdown(client: Client, as_json: bool) -> None:
 def status(client: Client, as_json: bool) -> None:
     """Show the kernel's version, endpoints, job counts and workers."""
     info = client.status()
+    info["dashboard_url"] = _dashboard_url(client)
     if as_json:
         echo_json(info)
         return
@@ -176,6 +177,8 @@ def status(client: Client, as_json: bool) -> None:
     click.echo(f"journal    {info['last_seq']} events")
     if info.get("metrics_url"):
         click.echo(f"metrics    {info['metrics_url']}")
+    if info.get("dashboard_url"):
+        click.echo(f"dashboard  {info['dashboard_url']}")
     storage = info.get("storage")
     if storage:
         click.echo(f"storage    {describe_storage(storage)}")
@@ -183,6 +186,18 @@ def status(client: Client, as_json: bool) -> None:
     if cluster:
         state = cluster["state"] + (f" ({cluster['error']})" if cluster.get("error") else "")
         click.echo(f"cluster    ray {cluster['address']}: {state}, {len(cluster['nodes'])} node(s) {' '.join(cluster['nodes'])}")
+
+
+def _dashboard_url(client: Client) -> str | None:
+    """The web dashboard's page, when the ``dashboard`` service runs (``llmos dashboard``)."""
+    if not any(s["name"] == "dashboard" and s["replicas"] for s in client.services()):
+        return None
+    try:
+        for reply in client.call("dashboard", {}, timeout=5):
+            return str(reply.get("page") or reply.get("url"))
+    except llmos.LlmosError:
+        return None
+    return None
 
 
 def describe_storage(storage: dict[str, Any]) -> str:

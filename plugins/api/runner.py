@@ -31,7 +31,7 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _loop_factory() -> Any:
+def loop_factory() -> Any:
     """uvloop's event loop where it is installed (the ``api`` extra installs it, with httptools,
     which uvicorn then parses HTTP with): less of the gateway's time per streamed piece; else asyncio's."""
     try:
@@ -41,7 +41,14 @@ def _loop_factory() -> Any:
     return uvloop.new_event_loop
 
 
-class ApiRunner(llmos.Runner):
+class HttpServiceRunner(llmos.Runner):
+    """A service that is an ASGI app: binds ``host:port`` at setup, serves :meth:`app` with
+    uvicorn on an event loop in a thread of its own (with an :class:`llmos.AsyncClient` made in
+    that loop), registers the service ``params.name`` once it listens, and answers every call
+    with where it listens (:meth:`where`). The api gateway and the dashboard are two."""
+
+    what = "HTTP server"
+
     def setup(self, ctx: llmos.JobContext) -> None:
         p = ctx.params
         self.sock = bind(p.host, p.port)
@@ -50,10 +57,14 @@ class ApiRunner(llmos.Runner):
         self.url = f"http://{host}:{port}"
         self.port = port
 
+    def app(self, client: llmos.AsyncClient, params: Any) -> Any:
+        raise NotImplementedError
+
+    def where(self, params: Any) -> dict[str, Any]:
+        return {"url": self.url, "host": params.host, "port": self.port}
+
     def run(self, ctx: llmos.JobContext) -> dict[str, Any]:
         import uvicorn
-
-        from llmos.plugins.api.app import Gateway
 
         p = ctx.params
         state: dict[str, Any] = {}
@@ -61,8 +72,7 @@ class ApiRunner(llmos.Runner):
         async def main() -> None:
             client = llmos.AsyncClient()
             try:
-                gateway = Gateway(client, key_sha256=p.api_key_sha256, max_body=p.max_body, name=p.name)
-                config = uvicorn.Config(gateway.app(), log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=3,
+                config = uvicorn.Config(self.app(client, p), log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=3,
                                         timeout_keep_alive=30)
                 server = state["server"] = uvicorn.Server(config)
                 await server.serve(sockets=[self.sock])
@@ -71,20 +81,20 @@ class ApiRunner(llmos.Runner):
 
         def serve() -> None:
             try:
-                with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+                with asyncio.Runner(loop_factory=loop_factory()) as runner:
                     runner.run(main())
             except BaseException as exc:
                 state["failed"] = exc
 
-        thread = threading.Thread(target=serve, name="llmos-api", daemon=True)
+        thread = threading.Thread(target=serve, name=f"llmos-{p.name}", daemon=True)
         thread.start()
         while not (state.get("server") is not None and state["server"].started) and thread.is_alive() and not ctx.cancelled:
             time.sleep(0.01)
         if "failed" in state:
-            raise RuntimeError(f"the HTTP server did not start: {state['failed']}")
+            raise RuntimeError(f"the {self.what} did not start: {state['failed']}")
         ctx.register_service(p.name)
-        ctx.log.info("api_listening", url=self.url, service=p.name, api_key=p.api_key_sha256 is not None)
-        where = {"url": self.url, "host": p.host, "port": self.port, "api_key": p.api_key_sha256 is not None}
+        where = self.where(p)
+        ctx.log.info("listening", service=p.name, **where)
         while not ctx.cancelled and thread.is_alive():
             call = ctx.next_request(timeout=0.2)
             if call is not None:
@@ -94,5 +104,17 @@ class ApiRunner(llmos.Runner):
             server.should_exit = True
         thread.join(timeout=10)
         if "failed" in state and not ctx.cancelled:
-            raise RuntimeError(f"the HTTP server stopped: {state['failed']}")
+            raise RuntimeError(f"the {self.what} stopped: {state['failed']}")
         return where
+
+
+class ApiRunner(HttpServiceRunner):
+    what = "HTTP server"
+
+    def app(self, client: llmos.AsyncClient, params: Any) -> Any:
+        from llmos.plugins.api.app import Gateway
+
+        return Gateway(client, key_sha256=params.api_key_sha256, max_body=params.max_body, name=params.name).app()
+
+    def where(self, params: Any) -> dict[str, Any]:
+        return {**super().where(params), "api_key": params.api_key_sha256 is not None}
