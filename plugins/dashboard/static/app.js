@@ -190,7 +190,8 @@ async function jobPage(id) {
   const s = { job: d.job, metrics: d.metrics, progress: d.progress, usage: d.usage, logs: d.logs, states: d.states, level: "info", follow: true };
   const LEVELS = ["debug", "info", "warning", "error", "critical"];
   view.innerHTML = `<h1>Job ${id} <span id="job-state"></span></h1>
-    <div class="grid"><div class="card"><div class="kv" id="job-info"></div></div><div class="card"><h2>Parameters</h2><pre id="job-params"></pre></div></div>
+    <div class="grid"><div class="card"><div class="kv" id="job-info"></div></div>
+      <div class="card"><details><summary><b>Parameters</b> <span class="muted" id="job-params-count"></span></summary><pre id="job-params"></pre></details></div></div>
     <h2 style="margin-top:14px">Metrics</h2><div class="charts" id="charts"></div>
     <h2 style="margin-top:14px">Resource use</h2><div class="charts" id="usage-charts"></div>
     <div class="card" style="margin-top:14px"><div class="toolbar"><h2 style="margin:0">Log</h2>
@@ -208,6 +209,7 @@ async function jobPage(id) {
       ["result", j.result ? `<pre>${esc(JSON.stringify(j.result, null, 1)).slice(0, 2000)}</pre>` : "–"]];
     document.getElementById("job-info").innerHTML = rows.map(([k, v]) => `<div>${k}</div><div>${v}</div>`).join("");
     document.getElementById("job-params").textContent = JSON.stringify(j.params, null, 2);
+    document.getElementById("job-params-count").textContent = `(${Object.keys(j.params || {}).length})`;
   };
 
   const charts = () => {
@@ -442,4 +444,5 @@ async function route() {
 }
 
 window.addEventListener("hashchange", route);
+kernelLine();
 route();
