@@ -18,6 +18,7 @@ Who owns what (docs/architecture.md draws it):
 ``services``    the service router and the restart/quarantine policy
 ``supervisor``  workers: the launcher, the pool, reaping, heartbeats, stop stages
 ``usage``       accounting and the live measurements a monitor reports
+``limits``      memory: a cgroup per job's worker, the monitor's RSS check, the node guard
 ``metrics``     the Prometheus exporter, fed a snapshot by the loop
 =============== ==========================================================================
 

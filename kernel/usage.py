@@ -1,5 +1,6 @@
 """Usage: what each try of a job used (accounted when both its end and its worker's exit are
-known), and the live measurements a ``reports_usage`` service (the monitor) sends each interval.
+known), and the live measurements a ``reports_usage`` service (the monitor) sends each interval
+(its RSS is handed on to the memory limits, kernel/limits.py).
 """
 
 from __future__ import annotations
@@ -35,10 +36,12 @@ class Usage:
     def __init__(
         self, store: Store, devices: DeviceTable, jobs: Mapping[int, JobRecord], workers: Mapping[str, WorkerProc],
         registry: Callable[[], Registry], emit: Callable[[str, Any], None], stop_job: Callable[[JobRecord, str, str], None], gpu_overuse_stop: float,
+        on_usage: Callable[[JobRecord, JobUsage], None] | None = None,
     ) -> None:
         self.store, self.devices, self.jobs, self.workers = store, devices, jobs, workers
         self.registry, self.emit, self.stop_job = registry, emit, stop_job
         self.gpu_overuse_stop = gpu_overuse_stop
+        self.on_usage = on_usage  # the memory limits' check of what a job was measured using
 
     def handlers(self) -> dict[type, Any]:
         return {AcctRequest: self._on_acct, UsageReport: self._on_report}
@@ -100,6 +103,8 @@ class Usage:
                 running.peak_gpu_memory = max(running.peak_gpu_memory or 0, int(body.gpu_memory))
             self.emit(f"job.{running.id}.usage", body)
             self._check_gpu_overuse(running, body)
+            if self.on_usage is not None:
+                self.on_usage(running, body)
 
     def _check_gpu_overuse(self, job: JobRecord, usage: JobUsage) -> None:
         reserved = sum(g["memory"] for g in (job.placement or {}).get("gpus", []))

@@ -4,7 +4,8 @@
 ``diag.crash`` kills its own worker with SIGKILL, ``diag.emit`` sends progress events and log
 records in order, ``diag.devices`` reports the devices the job was given, ``diag.artifact``
 writes a small "model" directory from its inputs and announces it as a checkpoint (for pipeline
-and artifact tests without torch).
+and artifact tests without torch), ``diag.alloc`` allocates and touches memory and holds it (for
+memory-limit tests).
 """
 
 from __future__ import annotations
@@ -52,6 +53,13 @@ class EmitParams:
     count: int = param(10, ge=0, le=10_000_000, help="How many progress events and log records to send.")
     payload: int = param(0, ge=0, le=1_000_000, help="Extra bytes of text in each log record.")
     only: str = param("both", choices=("both", "progress", "log"), help="Send both kinds, or only one.")
+
+
+@dataclass(frozen=True)
+class AllocParams:
+    bytes: int = param(64 << 20, ge=0, le=1 << 40, help="How many bytes to allocate, every page written so that they are resident.")
+    hold: float = param(0.0, ge=0, le=7 * 86400, help="Seconds to hold them before returning; a cancel ends it early.")
+    chunk: int = param(16 << 20, ge=4096, le=1 << 30, help="Bytes per allocation (a cancel is noticed between chunks).")
 
 
 @dataclass(frozen=True)
@@ -135,6 +143,30 @@ class EmitRunner(Runner):
         return {"count": count}
 
 
+class AllocRunner(Runner):
+    """Memory that really is used: each chunk's pages are written (one byte in every 4096), so the
+    process's resident size grows by what it allocates."""
+
+    def run(self, ctx: JobContext) -> dict[str, Any]:
+        total, chunk = ctx.params.bytes, ctx.params.chunk
+        held: list[bytearray] = []
+        done = 0
+        while done < total:
+            if ctx.cancelled:
+                raise llmos.JobCancelled("cancelled")
+            size = min(chunk, total - done)
+            block = bytearray(size)
+            block[::4096] = b"\x01" * len(range(0, size, 4096))
+            held.append(block)
+            done += size
+            ctx.progress(done, total, message="allocating")
+        ctx.log.info("allocated", bytes=done)
+        woke = ctx.sleep(ctx.params.hold) if ctx.params.hold else False
+        if woke:
+            raise llmos.JobCancelled("cancelled")
+        return {"allocated": done, "held": ctx.params.hold}
+
+
 class DevicesRunner(Runner):
     def run(self, ctx: JobContext) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -167,6 +199,8 @@ KINDS = [
     JobKind("diag.devices", runner=DevicesRunner, params=DevicesParams, resources=_LIGHT, ranks="world_size",
             help="Report the devices this job was given (and, with torch=true, what torch sees)."),
     JobKind("diag.artifact", runner=ArtifactRunner, params=ArtifactParams, resources=_LIGHT, help="Write a tiny model directory from its inputs and announce it as a checkpoint."),
+    JobKind("diag.alloc", runner=AllocRunner, params=AllocParams, resources=_LIGHT,
+            help="Allocate `bytes` (every page touched) and hold them `hold` seconds (for memory-limit tests)."),
     JobKind("diag.emit", runner=EmitRunner, params=EmitParams, resources=_LIGHT, help="Send `count` progress events and `count` log records, in order."),
 ]
 
