@@ -111,6 +111,19 @@ def test_monitor_over_reservation_fails_and_within_succeeds(tmp_path: Path) -> N
         handle.shutdown()
 
 
+def test_report_mode_only_warns(tmp_path: Path) -> None:
+    handle = _boot(tmp_path, "[limits]\nmemory = 'report'\nnode_min_free = ''\n[monitor]\ninterval = 0.2\n", monitor=True)
+    try:
+        assert _enforcement(handle)["enforcement"] == "report"
+        with handle.client() as c:
+            over = c.submit("diag.alloc", params={"bytes": 200 * MiB, "hold": 1.5}, resources={"memory": "64MiB"})
+            assert over.result(timeout=60) == {"allocated": 200 * MiB, "held": 1.5}
+            warned = [e.body for e in over.events(follow=False) if e.type == "job.log" and e.body["event"] == "memory_over_reservation"]
+            assert len(warned) == 1 and warned[0]["level"] == "warning" and warned[0]["fields"]["reserved"] == 64 * MiB
+    finally:
+        handle.shutdown()
+
+
 def test_node_guard_stops_lowest_priority_first(tmp_path: Path) -> None:
     # A threshold no machine meets: the guard acts at once, one job at a time.
     handle = _boot(tmp_path, "[limits]\ncgroup = 'off'\nnode_min_free = '100%'\nguard_interval = 0.3\n")
