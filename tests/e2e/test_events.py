@@ -155,3 +155,19 @@ def test_a_lost_last_event_of_a_stream_is_caught_up(client, monkeypatch) -> None
     stream.close()
     assert dropped, "the end state of the victim was never seen on PUB (nothing was dropped)"
     assert sorted(ended) == sorted(want) and len(seqs) == len(set(seqs))
+
+
+def test_logs_fold_progress_by_default_and_every_event_is_still_there(kernel: KernelHandle) -> None:
+    out = kernel.cli_json("submit", "diag.emit", "-p", "count=200", "-p", "only=progress")
+    with kernel.client() as c:
+        c.job(out["id"]).wait(timeout=30)
+    text = kernel.cli("logs", str(out["id"])).stdout.splitlines()
+    progress = [line for line in text if " progress " in line]
+    assert 5 <= len(progress) <= 12 and progress[-1].split()[-1] == "200/200"
+    assert any("state   succeeded" in line for line in text)
+    every = kernel.cli("logs", str(out["id"]), "--all").stdout
+    assert every.count(" progress ") == 200
+    as_json = [json.loads(line) for line in kernel.cli("logs", str(out["id"]), "--json").stdout.splitlines()]
+    assert sum(e["type"] == "job.progress" for e in as_json) == 200
+    # --level warning means it: no progress, no routine states.
+    assert kernel.cli("logs", str(out["id"]), "--level", "warning").stdout == ""
