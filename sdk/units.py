@@ -52,4 +52,20 @@ def format_size(n: int | float | None) -> str:
     return f"{value:.1f}TiB"
 
 
-__all__ = ["format_size", "parse_size"]
+__all__ = ["format_duration", "format_size", "parse_size"]
+
+
+def format_duration(seconds: float) -> str:
+    """``850 ms``, ``42.5s``, ``54m 12s``, ``3h 05m``, ``2d 4h``."""
+    if seconds < 1:
+        return f"{seconds * 1000:.0f} ms"
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(int(seconds), 60)
+    if minutes < 60:
+        return f"{minutes}m {secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 24:
+        return f"{hours}h {minutes:02d}m"
+    days, hours = divmod(hours, 24)
+    return f"{days}d {hours}h"

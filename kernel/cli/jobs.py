@@ -20,7 +20,7 @@ from llmos.kernel.cli.common import (
 )
 from llmos.kernel.cli.events import _show
 from llmos.protocol import END_STATES, JOB_STATES
-from llmos.units import parse_size
+from llmos.units import format_duration, parse_size
 
 
 def _parse_params(pairs: Iterable[str]) -> dict[str, str]:
@@ -112,24 +112,8 @@ def jobs(client: Client, state: str | None, limit: int, show_all: bool, as_json:
     rows = []
     for i in infos:
         took = (i.ended_at or time.time()) - i.started_at if i.started_at else None
-        rows.append([str(i.id), i.kind, i.state, str(i.attempts), f"{took:.1f}s" if took is not None else "-", (i.reason or "")[:60]])
+        rows.append([str(i.id), i.kind, i.state, str(i.attempts), format_duration(took) if took is not None else "-", (i.reason or "")[:60]])
     _table(rows, ["ID", "KIND", "STATE", "TRIES", "TIME", "REASON"])
-
-
-def format_duration(seconds: float) -> str:
-    """``850 ms``, ``42.5s``, ``54m 12s``, ``3h 05m``, ``2d 4h``."""
-    if seconds < 1:
-        return f"{seconds * 1000:.0f} ms"
-    if seconds < 60:
-        return f"{seconds:.1f}s"
-    minutes, secs = divmod(int(seconds), 60)
-    if minutes < 60:
-        return f"{minutes}m {secs:02d}s"
-    hours, minutes = divmod(minutes, 60)
-    if hours < 24:
-        return f"{hours}h {minutes:02d}m"
-    days, hours = divmod(hours, 24)
-    return f"{days}d {hours}h"
 
 
 @click.command()

@@ -23,7 +23,7 @@ from llmos.kernel.cli.common import (
     with_client,
 )
 from llmos.paths import KERNEL_FILE, resolve_state_dir
-from llmos.units import format_size
+from llmos.units import format_duration, format_size
 
 
 @click.command()
@@ -168,7 +168,7 @@ def status(client: Client, as_json: bool) -> None:
     if as_json:
         echo_json(info)
         return
-    click.echo(f"llmos kernel {info['version']}  pid {info['pid']}  up {time.time() - info['started_at']:.0f}s")
+    click.echo(f"llmos kernel {info['version']}  pid {info['pid']}  up {format_duration(time.time() - info['started_at'])}")
     click.echo(f"state dir  {info['state_dir']}")
     for name, url in sorted(info["endpoints"].items()):
         click.echo(f"{name:<10} {url}")

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import re
 import time
 
 import pytest
@@ -294,3 +297,57 @@ def test_job_shows_what_a_job_has_a_field_a_line(kernel) -> None:
     out = kernel.cli_json("submit", "diag.echo", "-p", "message=shown", "--wait", "--json")
     text = kernel.cli("job", str(out["id"])).stdout
     assert "None" not in text and "\n  message              shown\n" in text and "(ran " in text
+
+
+def test_top_on_a_terminal_fits_80x24_and_q_quits(kernel: KernelHandle) -> None:
+    """``llmos top`` in a real pseudo-terminal of 80x24: each frame fits it (the queue is cut,
+    saying how many more), the cores held read as such, and pressing q ends it with exit code 0."""
+    import fcntl
+    import pty
+    import select
+    import struct
+    import subprocess
+    import sys
+    import termios
+
+    with kernel.client() as c:
+        holder = c.submit("diag.sleep", {"seconds": 60}, resources={"cpus": 2})
+        deadline = time.monotonic() + 30
+        while holder.info().state != "running":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        waiting = [c.submit("diag.sleep", {"seconds": 1}, resources={"cpus": 1}) for _ in range(30)]
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+    env = {**kernel.env, "TERM": "xterm", "COLUMNS": "80", "LINES": "24"}
+    proc = subprocess.Popen([sys.executable, "-m", "llmos.kernel.cli", "top", "--state-dir", str(kernel.state_dir), "--interval", "0.2"],
+                            stdin=slave, stdout=slave, stderr=slave, env=env, close_fds=True, start_new_session=True)
+    os.close(slave)
+    out = b""
+    try:
+        deadline = time.monotonic() + 20
+        while b"more: llmos jobs" not in out and time.monotonic() < deadline:
+            if select.select([master], [], [], 0.2)[0]:
+                out += os.read(master, 65536)
+        os.write(master, b"q")
+        code = proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        with contextlib.suppress(OSError):
+            while select.select([master], [], [], 0.2)[0]:
+                out += os.read(master, 65536)
+        os.close(master)
+        with kernel.client() as c:
+            for j in [holder, *waiting]:
+                with contextlib.suppress(llmos.LlmosError):
+                    c.job(j.id).cancel()
+    text = out.decode(errors="replace")
+    assert code == 0, text[-2000:]
+    assert "more: llmos jobs --state pending" in text, text
+    assert "2/2 cores" in text, text
+    assert "(q quits)" in text
+    frames = [f for f in text.split("\x1b[H") if "devices" in f]
+    frame = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", frames[-1])
+    lines = [line for line in frame.replace("\r", "").split("\n") if line.strip()]
+    assert len(lines) <= 24 and max(len(line) for line in lines) <= 80, frame
