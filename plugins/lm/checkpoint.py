@@ -83,6 +83,7 @@ def save_checkpoint(directory: Path, model: Llama, tokenizer_json: str | None, m
     if tokenizer_json is not None:
         (tmp / "tokenizer.json").write_text(tokenizer_json)
         _tokenizer_files(tmp, tokenizer_json, config, Path(tokenizer_from) if tokenizer_from else None)
+    _generation_config(tmp, config, Path(tokenizer_from) if tokenizer_from else None)
     if extra_state:
         save_file({k: v.contiguous().cpu() for k, v in extra_state.items()}, str(tmp / "train_state.safetensors"))
     full = {
@@ -133,6 +134,43 @@ def _tokenizer_files(out: Path, tokenizer_json: str, config: Any, source: Path |
     }
     (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
     (out / "chat_template.jinja").write_text(DEFAULT_CHAT_TEMPLATE)
+
+
+#: How llmos's checkpoints sample by default (their generation_config.json, as transformers reads
+#: it): mild temperature and nucleus sampling. Plain temperature 1.0 over the whole vocabulary
+#: makes a small model's first sample noise.
+GENERATION_DEFAULTS: dict[str, Any] = {"do_sample": True, "temperature": 0.7, "top_p": 0.9, "top_k": 50, "repetition_penalty": 1.0}
+
+
+def _generation_config(out: Path, config: Any, source: Path | None) -> None:
+    """generation_config.json: the source checkpoint's (a derived model samples as its parent
+    did), else llmos's defaults with the model's special tokens."""
+    import shutil
+
+    if source is not None and (source / "generation_config.json").is_file():
+        shutil.copyfile(source / "generation_config.json", out / "generation_config.json")
+        return
+    data = {**GENERATION_DEFAULTS, "bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}
+    (out / "generation_config.json").write_text(json.dumps({k: v for k, v in data.items() if v is not None}, indent=2))
+
+
+def read_generation_config(directory: str | Path) -> dict[str, Any]:
+    """The sampling options a checkpoint's generation_config.json asks for, in llmos's names
+    (``temperature`` 0 where it says ``do_sample: false``); {} if it has none or it cannot be read."""
+    try:
+        data = json.loads((Path(directory) / "generation_config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    out: dict[str, Any] = {}
+    for key, kind in (("temperature", float), ("top_p", float), ("top_k", int), ("repetition_penalty", float), ("max_new_tokens", int)):
+        value = data.get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            out[key] = kind(value)
+    if data.get("do_sample") is False:
+        out["temperature"] = 0.0
+    return out
 
 
 def read_chat_template(directory: str | Path) -> str | None:

@@ -138,7 +138,7 @@ def train_command(data: str, preset: str | None, steps: int | None, batch_size: 
 @click.argument("prompt")
 @click.option("--stream/--no-stream", default=True, show_default=True, help="Print text as it is made.")
 @click.option("--max-new-tokens", type=int, default=None, help="Tokens to generate at most.")
-@click.option("--temperature", type=float, default=None, help="0 is greedy.")
+@click.option("--temperature", type=float, default=None, help="0 is greedy (default: the model's generation_config.json, which llmos writes: 0.7 with top_p 0.9).")
 @click.option("--top-k", type=int, default=None)
 @click.option("--top-p", type=float, default=None)
 @click.option("--repetition-penalty", type=float, default=None)

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import llmos
+from llmos.plugins.lm.checkpoint import read_generation_config
 from llmos.plugins.lm.runtime import load_for_job, pick_device, set_threads, tokenizer_beside
 
 
@@ -39,10 +40,13 @@ class GenerateRunner(llmos.Runner):
                             raise ValueError(f"{p.prompts_file}:{n}: expected a JSON object with a string field {p.prompt_field!r}") from None
         if not prompts:
             raise ValueError("no prompts: give prompts=[...] or prompts_file=PATH")
-        sampling = Sampling(
-            max_new_tokens=p.max_new_tokens, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
-            repetition_penalty=p.repetition_penalty, seed=p.seed, stop=tuple(p.stop), stop_tokens=tuple(p.stop_tokens),
-        ).validate()
+        # What was not asked for comes from the model's generation_config.json, then the engine's defaults.
+        model_says = read_generation_config(p.model)
+        asked = {k: getattr(p, k) for k in ("temperature", "top_k", "top_p", "repetition_penalty") if getattr(p, k) is not None}
+        chosen = {**{k: v for k, v in model_says.items() if k in ("temperature", "top_k", "top_p", "repetition_penalty")}, **asked}
+        sampling = Sampling(max_new_tokens=p.max_new_tokens, seed=p.seed, stop=tuple(p.stop), stop_tokens=tuple(p.stop_tokens), **chosen).validate()
+        ctx.log.info("sampling", temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p, repetition_penalty=sampling.repetition_penalty,
+                     from_model=sorted(set(chosen) - set(asked)))
         for i, prompt in enumerate(prompts):
             engine.encode(prompt)  # every prompt must fit before any work is done
             del i
@@ -67,7 +71,8 @@ class GenerateRunner(llmos.Runner):
                     results.append(record)
                 ctx.progress(min(start + p.batch_size, len(prompts)), len(prompts), message="prompts completed")
         ctx.artifact(out_path, kind="completions", count=len(results))
-        return {"output": str(out_path), "count": len(results), "completions": results[:16]}
+        used = {"temperature": sampling.temperature, "top_k": sampling.top_k, "top_p": sampling.top_p, "repetition_penalty": sampling.repetition_penalty}
+        return {"output": str(out_path), "count": len(results), "sampling": used, "completions": results[:16]}
 
 
 __all__ = ["GenerateRunner"]

@@ -306,3 +306,26 @@ def test_a_caller_that_dies_frees_its_slot(kernel: KernelHandle, checkpoint: Pat
                 time.sleep(0.2)
         job.cancel()
         job.wait(timeout=30)
+
+
+def test_a_checkpoint_carries_its_sampling_defaults_and_generate_uses_them(kernel: KernelHandle, checkpoint: Path, tmp_path: Path) -> None:
+    """save_checkpoint writes generation_config.json (transformers reads it); a generate job that
+    names no sampling options takes the model's, and what it names wins."""
+    import shutil
+
+    from transformers import GenerationConfig
+
+    from llmos.plugins.lm.checkpoint import GENERATION_DEFAULTS, read_generation_config
+
+    hf = GenerationConfig.from_pretrained(checkpoint)
+    assert hf.do_sample is True and hf.temperature == GENERATION_DEFAULTS["temperature"] and hf.top_p == GENERATION_DEFAULTS["top_p"]
+    assert read_generation_config(checkpoint)["temperature"] == 0.7
+    greedy = tmp_path / "greedy"
+    shutil.copytree(checkpoint, greedy)
+    (greedy / "generation_config.json").write_text(json.dumps({"do_sample": False, "top_k": 1}))
+    with kernel.client() as c:
+        used = c.submit("generate", params={"model": str(checkpoint), "prompts": ["ab"], "max_new_tokens": 4}).result(timeout=120)["sampling"]
+        assert used == {"temperature": 0.7, "top_k": 50, "top_p": 0.9, "repetition_penalty": 1.0}
+        asked = c.submit("generate", params={"model": str(checkpoint), "prompts": ["ab"], "max_new_tokens": 4, "temperature": 0.2}).result(timeout=120)
+        assert asked["sampling"]["temperature"] == 0.2 and asked["sampling"]["top_p"] == 0.9
+        assert c.submit("generate", params={"model": str(greedy), "prompts": ["ab"], "max_new_tokens": 4}).result(timeout=120)["sampling"]["temperature"] == 0.0
