@@ -238,6 +238,12 @@ class Artifacts:
         seen.add(root["id"])
         return node(root)
 
+    def holds_live(self, folder: Path) -> bool:
+        """Whether a registered artifact (not removed) lies in ``folder``."""
+        inside = str(folder.resolve()) + "/%"
+        row = self.db.execute("SELECT 1 FROM artifacts WHERE removed_at IS NULL AND (path = ? OR path LIKE ?) LIMIT 1", (str(folder.resolve()), inside)).fetchone()
+        return row is not None
+
     # -- removing --
 
     def referenced(self, active_jobs: set[int]) -> dict[str, str]:

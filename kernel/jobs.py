@@ -16,6 +16,7 @@ journals the ``job.<id>.state`` event, so no path can skip the store or the even
 
 from __future__ import annotations
 
+import collections
 import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -67,6 +68,9 @@ class JobTable(Mapping[int, JobRecord]):
         self.store = store
         self.emit = emit
         self._active: dict[int, JobRecord] = {}
+        # The jobs that ended last, as they ended: what find() answers even while the store's
+        # writes wait for room on a full disk (kernel/storage.py).
+        self._ended: collections.OrderedDict[int, JobRecord] = collections.OrderedDict()
         self.ended_counts = {k: v for k, v in store.count_jobs().items() if k in END_STATES}
 
     def __getitem__(self, job_id: int) -> JobRecord:
@@ -93,7 +97,7 @@ class JobTable(Mapping[int, JobRecord]):
         """An active job from memory, an ended one from the store; JobNotFound otherwise."""
         if not 0 < job_id < 2**63:
             raise JobNotFound(f"no job with id {job_id}", job_id=job_id)
-        job = self._active.get(job_id) or self.store.get_job(job_id)
+        job = self._active.get(job_id) or self._ended.get(job_id) or self.store.get_job(job_id)
         if job is None:
             raise JobNotFound(f"no job with id {job_id}", job_id=job_id)
         return job
@@ -120,6 +124,9 @@ class JobTable(Mapping[int, JobRecord]):
         self.emit_state(job)
         if state in END_STATES:
             self._active.pop(job.id, None)
+            self._ended[job.id] = job
+            while len(self._ended) > 256:
+                self._ended.popitem(last=False)
             self.ended_counts[state] = self.ended_counts.get(state, 0) + 1
 
     def emit_state(self, job: JobRecord) -> None:

@@ -64,7 +64,9 @@ from llmos.kernel.limits import Limits
 from llmos.kernel.metrics import DeviceView, Exporter, Snapshot
 from llmos.kernel.pipelines import Pipelines
 from llmos.kernel.plugins import Registry, load_plugins, ranks_of
+from llmos.kernel.retention import Retention
 from llmos.kernel.services import RestartPolicy, ServiceRouter
+from llmos.kernel.statedb import open_store
 from llmos.kernel.statedir import (
     KernelLocked,
     StateDir,
@@ -73,7 +75,7 @@ from llmos.kernel.statedir import (
     runtime_dir_for,
 )
 from llmos.kernel.storage import Storage, is_storage_error
-from llmos.kernel.store import JobRecord, Store
+from llmos.kernel.store import JobRecord
 from llmos.kernel.supervisor import (
     STAGE_SIGNAL,
     Launcher,
@@ -167,7 +169,7 @@ class Kernel:
         previous kernel left, start the autostart services; then say where the bus is."""
         self.statedir.take()
         method = self._endpoints()
-        self.store = Store(self.state_dir / "llmos.db")
+        self.store = open_store(self.state_dir)  # refuses damaged state in one line: what is wrong, what to do
         self.store.keep_writes()  # before anything holds its connection: a refused commit can be written again
         self.journal = Journal(self.store)
         self.storage = Storage(self.state_dir, self.settings["storage"], self.emit)
@@ -176,6 +178,8 @@ class Kernel:
         self._next_save = 0.0
         self.jobs = JobTable(self.store, self.emit)
         self.artifacts = Artifacts(self.store, self.state_dir)
+        self.retention = Retention(self.store, self.state_dir, self.settings["retention"], self.emit, lambda: self.journal.seq,
+                                   lambda job_id, folder: self.artifacts.holds_live(folder))
         self.registry: Registry = self._load_registry()
         self.devices: DeviceTable | ClusterTable = self._device_table()
         self.keys = KeyStore(self.state_dir)
@@ -1012,8 +1016,12 @@ class Kernel:
 
     def _timers(self, now: float) -> None:
         self.storage.tick(now)
+        if not self.storage.full:
+            self.retention.tick(now)
         if self.journal.refusing and not self.storage.full and self._unsaved is None:
             self.journal.refusing = False
+        elif self.storage.full and not self.journal.refusing:
+            self.journal.refusing = True  # no room seen before any write failed: workers' events are refused too
         if self.cluster is not None:
             self.cluster.timers(now)
             self._watch_cluster()

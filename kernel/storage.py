@@ -148,9 +148,15 @@ class Storage:
         self._next_check = now + CHECK_EVERY
         self.free, self.total = self._measure()
         if self.full:
-            if self.free >= 2 * self.reserve_size + self.low_space and self.make_reserve():
+            if self.free >= 2 * self.reserve_size and self.make_reserve():
                 self.free, self.total = self._measure()
                 self._change("low" if self.free < self.low_space else "ok", None)
+            return
+        if self.free < min(64 << 10, self.reserve_size // 4):
+            # No room left, though no write of the kernel's failed yet (a worker's may have): refuse now.
+            self.reason = f"{self.free:,} bytes left on the disk"
+            self.since = time.time()
+            self._change("full", self.reason)
             return
         state = "low" if self.free < self.low_space else "ok"
         if state != self.state:
@@ -160,6 +166,8 @@ class Storage:
         before, self.state = self.state, state
         if state != "full":
             self.reason, self.since = None, None
+        else:
+            self.reason = reason
         self.free, self.total = self._measure()
         self.emit("kernel.storage", StorageChanged(state=state, path=str(self.path), free=self.free, total=self.total, reason=reason))
         level = log.warning if state != "ok" else log.info

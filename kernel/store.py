@@ -54,6 +54,9 @@ CREATE TABLE IF NOT EXISTS journal (
 );
 CREATE INDEX IF NOT EXISTS journal_stream ON journal(stream, first_seq);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+-- Where the journal stood when: (seq, time) about once a minute, so that retention can say which
+-- rows are older than a duration.
+CREATE TABLE IF NOT EXISTS journal_marks (seq INTEGER PRIMARY KEY, ts REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS attempts (
     job_id INTEGER NOT NULL,
     attempt INTEGER NOT NULL,
@@ -301,7 +304,8 @@ class Store:
         row = self.db.execute(
             "SELECT MAX(last_seq) FROM journal WHERE first_seq >= (SELECT MAX(first_seq) FROM journal) - ?", (self.max_span,)
         ).fetchone()
-        return int(row[0] or 0)
+        mark = self.db.execute("SELECT MAX(seq) FROM journal_marks").fetchone()  # rows past retention are gone, not their numbers
+        return max(int(row[0] or 0), int(mark[0] or 0))
 
     def last_stream_seq(self, stream: str) -> int:
         row = self.db.execute("SELECT last_stream_seq FROM journal WHERE stream=? ORDER BY first_seq DESC LIMIT 1", (stream,)).fetchone()
@@ -371,6 +375,61 @@ class Store:
             for stream, sseq, seq in rows
             if (stream + ".").startswith(prefix) or prefix.startswith(stream + ".")
         }
+
+    # -- retention --
+
+    def mark(self, seq: int, ts: float) -> None:
+        self.begin()
+        self.db.execute("INSERT OR REPLACE INTO journal_marks (seq, ts) VALUES (?, ?)", (seq, ts))
+
+    def seq_at(self, ts: float) -> int:
+        """The last journal seq known to be older than ``ts`` (0: none)."""
+        row = self.db.execute("SELECT MAX(seq) FROM journal_marks WHERE ts <= ?", (ts,)).fetchone()
+        return int(row[0] or 0)
+
+    def drop_sample_rows(self, until_seq: int, sample_topics: tuple[bytes, ...], limit: int = 20_000) -> tuple[int, int]:
+        """Delete journal rows up to ``until_seq`` that hold only samples: the rows of ``device.*``
+        streams, and rows of job streams whose every item's topic ends with one of
+        ``sample_topics`` (``.usage``). Returns (rows, events) deleted."""
+        self.begin()
+        rows = events = 0
+        device = self.db.execute("SELECT COUNT(*), COALESCE(SUM(n), 0) FROM journal WHERE stream LIKE 'device.%' AND last_seq <= ?", (until_seq,)).fetchone()
+        self.db.execute("DELETE FROM journal WHERE stream LIKE 'device.%' AND last_seq <= ?", (until_seq,))
+        rows, events = int(device[0]), int(device[1])
+        doomed = []
+        for first, n, blob, ends in self.db.execute(
+            "SELECT first_seq, n, items, ends FROM journal WHERE stream LIKE 'job.%' AND last_seq <= ? AND n <= 16 LIMIT ?", (until_seq, limit)
+        ):
+            if all(topic_of(item).endswith(sample_topics) for item in _split(blob, ends)):
+                doomed.append((first,))
+                events += n
+        self.db.executemany("DELETE FROM journal WHERE first_seq = ?", doomed)
+        return rows + len(doomed), events
+
+    def drop_streams(self, streams: Sequence[str]) -> int:
+        """Delete every journal row of ``streams`` (ended jobs past retention); events deleted."""
+        if not streams:
+            return 0
+        self.begin()
+        total = 0
+        for stream in streams:
+            row = self.db.execute("SELECT COALESCE(SUM(n), 0) FROM journal WHERE stream = ?", (stream,)).fetchone()
+            total += int(row[0])
+            self.db.execute("DELETE FROM journal WHERE stream = ?", (stream,))
+        return total
+
+    def jobs_ended_before(self, ts: float, limit: int = 1000) -> list[int]:
+        """Ended jobs (ended before ``ts``) retention has not seen yet, oldest first; they are
+        marked seen (``meta.retention_job``: the highest id done)."""
+        row = self.db.execute("SELECT value FROM meta WHERE key='retention_job'").fetchone()
+        done = int(row[0]) if row else 0
+        ids = [int(r[0]) for r in self.db.execute(
+            "SELECT id FROM jobs WHERE id > ? AND ended_at IS NOT NULL AND ended_at < ? AND state IN ('succeeded', 'failed', 'cancelled') ORDER BY id LIMIT ?",
+            (done, ts, limit))]
+        if ids:
+            self.begin()
+            self.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('retention_job', ?)", (str(ids[-1]),))
+        return ids
 
     def count_events(self) -> int:
         row = self.db.execute("SELECT SUM(n) FROM journal").fetchone()

@@ -24,6 +24,7 @@ from llmos.protocol.events import (
     KernelStopping,
     NodeChanged,
     PluginsChanged,
+    RetentionDone,
     ServiceQuarantined,
     StorageChanged,
 )
@@ -190,6 +191,7 @@ __all__ = [
     "RankStop",
     "ReplayReply",
     "ReplayRequest",
+    "RetentionDone",
     "ServiceCall",
     "ServiceCancel",
     "ServiceQuarantined",

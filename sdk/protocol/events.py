@@ -159,6 +159,20 @@ class StorageChanged:
     reason: str | None = None
 
 
+@message("kernel.retention")
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RetentionDone:
+    """What one retention pass removed (``[retention]``): journal rows and events of samples past
+    ``samples``, the streams and folders of jobs ended past ``ended_jobs``."""
+
+    sample_rows: int = 0
+    sample_events: int = 0
+    job_streams: int = 0
+    job_events: int = 0
+    job_folders: int = 0
+    folder_bytes: int = 0
+
+
 @message("kernel.node")
 @dataclass(frozen=True, slots=True, kw_only=True)
 class NodeChanged:
