@@ -1,6 +1,7 @@
 """The ``llmos`` command line, by topic: :mod:`.kernel` (boot, shutdown, status, devices),
-:mod:`.jobs` (submit, jobs, job, cancel), :mod:`.events` (logs, events), :mod:`.acct`, and
-:mod:`.plugins`; plugins add their own commands (``llmos train``, ``llmos prune``...).
+:mod:`.jobs` (submit, jobs, job, cancel), :mod:`.events` (logs, events), :mod:`.acct`,
+:mod:`.plugins` and :mod:`.state` (check, backup, repair); plugins add their own commands
+(``llmos train``, ``llmos prune``...).
 
 Every command takes ``--state-dir`` (default ``$LLMOS_STATE_DIR`` or the XDG state dir) and
 ``--json``. Errors are one line on stderr and a non-zero exit, never a traceback.
@@ -98,8 +99,9 @@ from llmos.kernel.cli.kernel import boot, devices, shutdown, status  # noqa: E40
 from llmos.kernel.cli.keys import keys  # noqa: E402
 from llmos.kernel.cli.lifecycle import artifacts, pipeline  # noqa: E402
 from llmos.kernel.cli.plugins import plugins  # noqa: E402
+from llmos.kernel.cli.state import state  # noqa: E402
 
-for _command in (demo, boot, shutdown, status, devices, submit, jobs, job, cancel, logs, events, acct, artifacts, pipeline, plugins, keys):
+for _command in (demo, boot, shutdown, status, devices, submit, jobs, job, cancel, logs, events, acct, artifacts, pipeline, plugins, keys, state):
     cli.add_command(_command)
 
 

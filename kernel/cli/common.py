@@ -15,7 +15,7 @@ import llmos
 
 #: The built-in commands of ``llmos`` (a plugin command may not take these names).
 BUILTIN_COMMANDS = frozenset({
-    "acct", "artifacts", "boot", "cancel", "demo", "devices", "events", "job", "jobs", "keys", "logs", "pipeline", "plugins", "shutdown", "status", "submit",
+    "acct", "artifacts", "boot", "cancel", "demo", "devices", "events", "job", "jobs", "keys", "logs", "pipeline", "plugins", "shutdown", "state", "status", "submit",
 })
 
 

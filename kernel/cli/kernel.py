@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -91,13 +92,19 @@ def boot(state_dir: Path | None, config_file: Path | None, fake_gpus: str | None
 
 
 def _make_state_dir(state: Path) -> None:
-    """Create the state directory (mode 0700), or say in one line why it cannot be used."""
+    """Create the state directory (mode 0700), or say in one line why it cannot be used: a
+    read-only filesystem and a permission problem each say so, and what to do."""
+    from llmos.kernel.statedb import unwritable, write_problem
+
     try:
         state.mkdir(parents=True, exist_ok=True, mode=0o700)
-        if not os.access(state, os.W_OK | os.X_OK):
-            raise PermissionError(f"[Errno 13] Permission denied: {str(state)!r}")
     except OSError as exc:
+        if exc.errno == errno.EROFS:
+            raise click.ClickException(str(unwritable(state, "read-only", f"{exc.filename or state} would be on a read-only filesystem"))) from None
         raise click.ClickException(f"cannot use state dir {state}: {exc.strerror or exc}; choose another with --state-dir or LLMOS_STATE_DIR") from None
+    problem = write_problem(state)
+    if problem:
+        raise click.ClickException(str(unwritable(state, *problem)))
 
 
 def _boot_detached(state: Path, config_file: Path | None, fake_gpus: str | None, log_level: str | None, as_json: bool, *, quiet: bool = False,
@@ -127,6 +134,8 @@ def _boot_detached(state: Path, config_file: Path | None, fake_gpus: str | None,
     while time.monotonic() < deadline:
         if child.poll() is not None:
             tail = out_path.read_text(errors="replace").strip().splitlines()[-5:]
+            if tail and tail[-1].startswith("Error: "):  # the kernel's own one-line refusal says it all
+                raise click.ClickException(tail[-1].removeprefix("Error: "))
             raise click.ClickException(f"the kernel exited during boot (code {child.returncode}): " + " | ".join(tail))
         try:
             info = json.loads(info_path.read_text())
