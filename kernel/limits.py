@@ -45,7 +45,7 @@ from llmos.errors import ConfigError
 from llmos.kernel.store import JobRecord
 from llmos.kernel.supervisor import WorkerProc
 from llmos.protocol import JobLog, JobUsage
-from llmos.units import format_size, parse_size
+from llmos.units import format_size, parse_share
 
 log = structlog.get_logger("llmos.kernel")
 
@@ -134,15 +134,7 @@ def _group_dir(mount: Mount, path: str) -> Path:
 
 def min_free(text: str, total: int) -> int:
     """``node_min_free`` in bytes: ``"5%"`` of ``total``, a size (``"2GiB"``), or 0 for ``""``."""
-    value = text.strip()
-    if not value:
-        return 0
-    if value.endswith("%"):
-        share = float(value[:-1])
-        if not 0 <= share <= 100:
-            raise ValueError
-        return int(total * share / 100)
-    return parse_size(value)
+    return parse_share(text, total)
 
 
 # ---------------------------------------------------------------------------- the hierarchies

@@ -29,7 +29,7 @@ import structlog
 
 from llmos.errors import ConfigError, StorageFull
 from llmos.protocol import StorageChanged
-from llmos.units import parse_size
+from llmos.units import parse_share
 
 log = structlog.get_logger("llmos.kernel")
 
@@ -55,14 +55,8 @@ def is_storage_error(exc: BaseException) -> bool:
 
 def _threshold(text: str, total: int, name: str) -> int:
     """``"64MiB"`` or ``"5%"`` (of the filesystem) in bytes."""
-    text = str(text).strip()
     try:
-        if text.endswith("%"):
-            share = float(text[:-1])
-            if not 0 <= share <= 100:
-                raise ValueError
-            return int(total * share / 100)
-        return parse_size(text)
+        return parse_share(text, total)
     except (ValueError, TypeError):
         raise ConfigError(f"storage.{name} {text!r}: expected a size (\"64MiB\") or a share of the disk (\"5%\")", value=text) from None
 

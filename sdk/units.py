@@ -40,6 +40,19 @@ def parse_size(value: str | int | float) -> int:
     return int(size)
 
 
+def parse_share(value: str, total: int) -> int:
+    """Bytes from ``"5%"`` (of ``total``) or a size (``"2GiB"``); ``""`` is 0. ValueError otherwise."""
+    text = str(value).strip()
+    if not text:
+        return 0
+    if text.endswith("%"):
+        share = float(text[:-1])
+        if not 0 <= share <= 100:
+            raise ValueError(f"{value!r}: a share is from 0% to 100%")
+        return int(total * share / 100)
+    return parse_size(text)
+
+
 def format_size(n: int | float | None) -> str:
     """``25769803776`` -> ``"24.0GiB"``."""
     if n is None:
@@ -52,7 +65,7 @@ def format_size(n: int | float | None) -> str:
     return f"{value:.1f}TiB"
 
 
-__all__ = ["format_duration", "format_size", "parse_size"]
+__all__ = ["format_duration", "format_size", "parse_share", "parse_size"]
 
 
 def format_duration(seconds: float) -> str:

@@ -41,7 +41,7 @@ def start_gateway(client: llmos.Client, host: str, port: int, api_key: str | Non
         if job.kind == "api" and job.params.get("host") == host and job.params.get("port") == port and port != 0:
             if job.params.get("api_key_sha256") != key:
                 raise click.ClickException(f"a gateway already listens on {host}:{port} (job {job.id}) with a different API key; stop it with llmos cancel {job.id}")
-            return _where(client, job.params.get("name", "api"), job.id)
+            return where_listening(client, job.params.get("name", "api"), job.id)
     taken = {s["name"] for s in client.services()}
     if name is None:
         name = "api" if "api" not in taken else f"api-{port}"
@@ -52,27 +52,35 @@ def start_gateway(client: llmos.Client, host: str, port: int, api_key: str | Non
         params["api_key_sha256"] = key
     if max_body is not None:
         params["max_body"] = max_body
-    job = client.submit("api", params)
+    return start_service(client, "api", params, name, wait_s, "the gateway")
+
+
+def start_service(client: llmos.Client, kind: str, params: dict[str, Any], name: str, wait_s: float, what: str) -> dict[str, Any]:
+    """Submit the HTTP service ``kind``, wait until its replica registers ``name``, and return
+    where it listens (ClickException saying why if it ends first or takes longer than ``wait_s``;
+    then it is cancelled)."""
+    job = client.submit(kind, params)
     deadline = time.monotonic() + wait_s
     try:
         while True:
             entry = next((s for s in client.services() if s["name"] == name), None)
             if entry and any(r["job_id"] == job.id for r in entry["replicas"]):
-                return _where(client, name, job.id)
+                return where_listening(client, name, job.id)
             info = job.info()
             if info.ended:
-                raise click.ClickException(f"the gateway did not start: job {info.id} {info.state}: {info.reason}")
+                raise click.ClickException(f"{what} did not start: job {info.id} {info.state}: {info.reason}")
             if time.monotonic() > deadline:
-                raise click.ClickException(f"the gateway did not start within {wait_s:g}s (job {job.id}: llmos logs {job.id})")
+                raise click.ClickException(f"{what} did not start within {wait_s:g}s (job {job.id}: llmos logs {job.id})")
             time.sleep(0.05)
     except BaseException:
         with contextlib.suppress(llmos.LlmosError):
             if not job.info().ended:
-                job.cancel("llmos api: the gateway did not come up")
+                job.cancel(f"llmos {kind}: {what} did not come up")
         raise
 
 
-def _where(client: llmos.Client, name: str, job_id: int) -> dict[str, Any]:
+def where_listening(client: llmos.Client, name: str, job_id: int) -> dict[str, Any]:
+    """Where the HTTP service ``name`` listens (every call to one answers with it)."""
     for reply in client.call(name, {"op": "info"}, timeout=10):
         return {**reply, "service": name, "job_id": job_id}
     raise click.ClickException(f"service {name!r} did not say where it listens")

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import secrets
-import time
 from pathlib import Path
 from typing import Any
 
 import click
 
 import llmos
+from llmos.plugins.api.cli import start_service, where_listening
 
 
 def start_dashboard(client: llmos.Client, host: str, port: int, token: str, wait_s: float = 60) -> dict[str, Any]:
@@ -23,31 +22,8 @@ def start_dashboard(client: llmos.Client, host: str, port: int, token: str, wait
             if (job.params.get("host"), job.params.get("port")) != (host, port) and port != 0:
                 raise click.ClickException(f"a dashboard already runs (job {job.id}) on {job.params.get('host')}:{job.params.get('port')}; "
                                            f"stop it first with: llmos cancel {job.id}")
-            return _where(client, job.id)
-    job = client.submit("dashboard", {"host": host, "port": port, "token": token})
-    deadline = time.monotonic() + wait_s
-    try:
-        while True:
-            entry = next((s for s in client.services() if s["name"] == "dashboard"), None)
-            if entry and any(r["job_id"] == job.id for r in entry["replicas"]):
-                return _where(client, job.id)
-            info = job.info()
-            if info.ended:
-                raise click.ClickException(f"the dashboard did not start: job {info.id} {info.state}: {info.reason}")
-            if time.monotonic() > deadline:
-                raise click.ClickException(f"the dashboard did not start within {wait_s:g}s (job {job.id}: llmos logs {job.id})")
-            time.sleep(0.05)
-    except BaseException:
-        with contextlib.suppress(llmos.LlmosError):
-            if not job.info().ended:
-                job.cancel("llmos dashboard: it did not come up")
-        raise
-
-
-def _where(client: llmos.Client, job_id: int) -> dict[str, Any]:
-    for reply in client.call("dashboard", {}, timeout=10):
-        return {**reply, "job_id": job_id}
-    raise click.ClickException("the dashboard did not say where it listens")
+            return where_listening(client, "dashboard", job.id)
+    return start_service(client, "dashboard", {"host": host, "port": port, "token": token}, "dashboard", wait_s, "the dashboard")
 
 
 @click.command("dashboard")
