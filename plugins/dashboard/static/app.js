@@ -140,7 +140,7 @@ function lineChart(key, title, series, xlabel, opts = {}) {
     body = `<text x="${W / 2}" y="${H / 2}" text-anchor="middle">no points yet</text>`;
   }
   body += `<line class="axis" x1="${L}" x2="${L}" y1="${T}" y2="${H - B}"/><line class="axis" x1="${L}" x2="${W - R}" y1="${H - B}" y2="${H - B}"/>`;
-  return `<div class="card chart" data-chart="${esc(key)}" data-points="${count}"><h2>${esc(title)}</h2><svg viewBox="0 0 ${W} ${H}" preserveAspectRatio="none">${body}</svg></div>`;
+  return `<div class="card chart" data-chart="${esc(key)}" data-points="${count}"><h2>${esc(title)}</h2><svg viewBox="0 0 ${W} ${H}">${body}</svg></div>`;
 }
 
 // ---------------------------------------------------------------- overview
@@ -378,7 +378,7 @@ function scatter(key, title, points) {
     }
   } else body = `<text x="${W / 2}" y="${H / 2}" text-anchor="middle">no compression figures yet</text>`;
   body += `<line class="axis" x1="${L}" x2="${L}" y1="${T}" y2="${H - B}"/><line class="axis" x1="${L}" x2="${W - R}" y1="${H - B}" y2="${H - B}"/>`;
-  return `<div class="card chart" data-chart="${esc(key)}" data-points="${ok.length}"><h2>${esc(title)}</h2><svg viewBox="0 0 ${W} ${H}" preserveAspectRatio="none">${body}</svg></div>`;
+  return `<div class="card chart" data-chart="${esc(key)}" data-points="${ok.length}"><h2>${esc(title)}</h2><svg viewBox="0 0 ${W} ${H}">${body}</svg></div>`;
 }
 
 async function modelsPage() {
@@ -405,7 +405,7 @@ async function modelsPage() {
         <td class="wrap muted">${esc(m.path)}</td></tr>`;
     }).join("");
     view.innerHTML = `<h1>Models</h1><div class="charts">${charts || '<p class="muted">no compression figures yet: prune or quantize a model (llmos demo does)</p>'}</div>
-      <div class="card" style="margin-top:14px"><table id="models"><tr><th>artifact</th><th>made by</th><th>job</th><th>size</th><th>perplexity</th><th>tokens/s</th><th>verdict</th><th>from</th><th>path</th></tr>
+      <div class="card" style="margin-top:14px"><table id="models"><tr><th>artifact</th><th>made by</th><th>job</th><th>on disk</th><th>perplexity</th><th>tokens/s</th><th>verdict</th><th>from</th><th>path</th></tr>
       ${rows || '<tr><td colspan="9" class="muted">no artifacts yet</td></tr>'}</table></div>`;
   };
   await load();
