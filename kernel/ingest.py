@@ -47,6 +47,9 @@ class Ingest:
         self.on_artifact = on_artifact  # a job announced an artifact (the registry records checkpoints)
         self.stats = stats
         self.more = False  # the last drain stopped at its budget: come back at once
+        # The most frame bytes one turn takes in: one turn is one commit, and on a small disk a
+        # commit must fit in the room the storage reserve gives back (kernel/storage.py).
+        self.max_bytes = 8 << 20
         self._fast_checks: dict[str, Callable[[Any], bool]] = {}
 
     @property
@@ -55,13 +58,16 @@ class Ingest:
         return self.more or self.bus.readable(self.bus.ingest)
 
     def drain(self, budget: int = 4096) -> None:
-        """Read frames up to ``budget`` items, so replies and publication never wait behind a flood."""
+        """Read frames up to ``budget`` items (and ``max_bytes``), so replies and publication
+        never wait behind a flood."""
         self.more = False
         sock, readable = self.bus.ingest, self.bus.readable
-        while budget > 0:
+        room = self.max_bytes
+        while budget > 0 and room > 0:
             if not readable(sock):
                 return
             frame = sock.recv(NOBLOCK)
+            room -= len(frame)
             try:
                 items = unpackb(frame)
                 if type(items) is not list:

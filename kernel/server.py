@@ -281,6 +281,7 @@ class Kernel:
             float(self.settings["monitor"]["gpu_overuse_stop"]), on_usage=self.limits.measured,
         )
         self.ingest = Ingest(self.bus, self.journal, self.pool.workers, self.jobs, self._on_job_done, self.stats, on_artifact=self._on_artifact)
+        self.ingest.max_bytes = self.storage.turn_bytes
         self.pipelines = Pipelines(
             self.store, self.artifacts, self.emit, self._submit_stage, lambda job_id, why: self._stop_job(self.jobs.find(job_id), why, "cancelled"),
             self.jobs.find, lambda: self.registry,

@@ -75,6 +75,9 @@ class Storage:
         # The reserve gives back room for the writes that record the refusal; on a small disk it
         # is a tenth of it at most.
         self.reserve_size = min(_threshold(settings.get("reserve", "4MiB"), self.total, "reserve"), self.total // 10)
+        # One turn's events (one commit) are at most a quarter of the reserve: what a refused
+        # commit leaves to checkpoint, and the write that records the refusal, fit in its room.
+        self.turn_bytes = max(16 << 10, min(8 << 20, self.reserve_size // 4))
         self._next_check = 0.0
         self._reserve = state_dir / RESERVE_FILE
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -197,6 +198,22 @@ def test_generate_job_sdk_and_cli(kernel: KernelHandle, checkpoint: Path, engine
     assert out.rstrip("\n") == expected[3].text.rstrip("\n") or out.startswith(expected[3].text[:5])
 
 
+@pytest.fixture(autouse=True)
+def _services_stopped(request: pytest.FixtureRequest) -> Iterator[None]:
+    """The kernel is shared by this module's tests: a test's services (and the cores they hold)
+    end with it, whether it passed or not."""
+    yield
+    if "kernel" not in request.fixturenames:
+        return
+    kernel: KernelHandle = request.getfixturevalue("kernel")
+    with kernel.client() as c:
+        serving = [c.job(job.id) for job in c.jobs(state="running") if job.kind == "serve"]
+        for job in serving:
+            job.cancel()
+        for job in serving:
+            job.wait(timeout=30)
+
+
 def _wait_replicas(c: llmos.Client, name: str, n: int = 1, timeout: float = 60) -> None:
     import time
 
@@ -211,6 +228,7 @@ def test_serve_continuous_batching_streams_and_recovers(kernel: KernelHandle, ch
     import os
     import signal
     import threading
+    import time
 
     out = kernel.cli("serve", str(checkpoint), "--name", "tiny", "--max-seqs", "3", timeout=120).stdout
     assert "serving" in out and "'tiny'" in out
@@ -238,19 +256,31 @@ def test_serve_continuous_batching_streams_and_recovers(kernel: KernelHandle, ch
             c.generate("tiny", "x", top_p=5)
         with pytest.raises(llmos.ServiceUnavailable, match="no service named 'nope'"):
             c.generate("nope", "x")
-        # Kill the replica mid-stream: the caller gets an error, not a hang; the service comes back.
-        stream = c.generate("tiny", "long one: ", stream=True, max_new_tokens=400, temperature=0)
-        next(stream)
+        # Kill the replica with a stream in flight: the caller gets an error, not a hang; the
+        # service comes back. The replica is stopped first, so the stream cannot end before the kill.
         pid = c.services()[0]["replicas"][0]["pid"]
+        os.kill(pid, signal.SIGSTOP)
+        failure: list[BaseException] = []
+
+        def follow() -> None:
+            try:
+                for _ in c.generate("tiny", "long one: ", stream=True, max_new_tokens=400, temperature=0):
+                    pass
+            except BaseException as exc:  # what the caller was told, checked below
+                failure.append(exc)
+
+        follower = threading.Thread(target=follow)
+        follower.start()
+        deadline = time.monotonic() + 30
+        while c.services()[0]["in_flight"] < 1:
+            assert time.monotonic() < deadline, c.services()
+            time.sleep(0.02)
         os.kill(pid, signal.SIGKILL)
-        with pytest.raises(llmos.ServiceError, match="replica stopped"):
-            for _ in stream:
-                pass
+        follower.join(60)
+        assert not follower.is_alive(), "the stream hung after its replica died"
+        assert failure and isinstance(failure[0], llmos.ServiceError) and "replica stopped" in str(failure[0]), failure
         _wait_replicas(c, "tiny")
         assert c.generate("tiny", prompts[1], max_new_tokens=20, temperature=0).tokens == expected[prompts[1]].tokens
-        for job in c.jobs(state="running"):
-            if job.kind == "serve":
-                c.job(job.id).cancel()
 
 
 @pytest.mark.slow
