@@ -90,6 +90,11 @@ class JobTable(Mapping[int, JobRecord]):
             counts[job.state] += 1
         return counts
 
+    def latest(self, stored: JobRecord) -> JobRecord:
+        """The record as the kernel holds it now, for a row read from the store: an active
+        job's carries its last progress and usage, an ended one's may not be written yet."""
+        return self._active.get(stored.id) or self._ended.get(stored.id) or stored
+
     def of_state(self, state: str) -> list[JobRecord]:
         return [j for j in self._active.values() if j.state == state]
 

@@ -675,9 +675,15 @@ class Kernel:
         msg: JobsRequest = req.msg
         if msg.state is not None and msg.state not in JOB_STATES:
             raise ValidationError(f"unknown job state {msg.state!r}; expected one of {', '.join(JOB_STATES)}", field="state")
+        if msg.before is not None and msg.before < 1:
+            raise ValidationError(f"before {msg.before}: expected a job id (1 or more)", field="before")
         limit = max(1, min(msg.limit, 100_000))
-        # Running jobs come from memory: their records carry the last progress and measured usage.
-        return JobsReply(jobs=[self.jobs.get(j.id, j).to_dict() for j in self.store.list_jobs(msg.state, limit)])
+        without = () if msg.services else tuple(sorted(name for name, entry in self.registry.kinds.items() if entry.service))
+        rows = self.store.list_jobs(msg.state, limit, before=msg.before, without=without)
+        total = self.store.count_matching(msg.state, without=without)
+        older = self.store.count_matching(msg.state, before=rows[0].id, without=without) if rows else 0
+        latest = self.jobs.latest
+        return JobsReply(jobs=[latest(j).to_dict() for j in rows], total=total, older=older)
 
     def _on_cancel(self, req: Request) -> JobReply:
         msg: CancelRequest = req.msg

@@ -39,7 +39,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     preemptible INTEGER NOT NULL DEFAULT 0,
     preemptions INTEGER NOT NULL DEFAULT 0
 );
-CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
+DROP INDEX IF EXISTS jobs_state;
+CREATE INDEX IF NOT EXISTS jobs_state_id ON jobs(state, id);
 -- The event journal: one row per stream and kernel turn (what one PUB message carries), holding
 -- the stamped msgpack items back to back and their end offsets (uint32, little-endian). Batches of
 -- different streams interleave in seq; ``meta.journal_max_span`` bounds last_seq - first_seq.
@@ -128,6 +129,22 @@ _ROW_FIELDS = (
     "attempts", "result", "placement", "submitted_at", "queued_at", "started_at", "ended_at", "worker_pid",
     "worker_create_time", "preemptible", "preemptions",
 )
+
+
+def _job_filter(state: str | None, without: Sequence[str], before: int | None) -> tuple[str, tuple[Any, ...]]:
+    """A WHERE clause (and its arguments) for a job listing; the (state, id) index serves it."""
+    terms: list[str] = []
+    args: list[Any] = []
+    if state:
+        terms.append("state=?")
+        args.append(state)
+    if before is not None:
+        terms.append("id<?")
+        args.append(before)
+    if without:
+        terms.append(f"kind NOT IN ({', '.join('?' * len(without))})")
+        args.extend(without)
+    return (" WHERE " + " AND ".join(terms) if terms else ""), tuple(args)
 
 
 def _from_row(row: sqlite3.Row) -> JobRecord:
@@ -247,12 +264,17 @@ class Store:
         row = self.db.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
         return _from_row(row) if row else None
 
-    def list_jobs(self, state: str | None = None, limit: int = 1000) -> list[JobRecord]:
-        if state:
-            rows = self.db.execute("SELECT * FROM (SELECT * FROM jobs WHERE state=? ORDER BY id DESC LIMIT ?) ORDER BY id", (state, limit))
-        else:
-            rows = self.db.execute("SELECT * FROM (SELECT * FROM jobs ORDER BY id DESC LIMIT ?) ORDER BY id", (limit,))
+    def list_jobs(self, state: str | None = None, limit: int = 1000, *, before: int | None = None, without: Sequence[str] = ()) -> list[JobRecord]:
+        """The newest ``limit`` jobs with an id below ``before`` (in ``state``, of no kind in
+        ``without``), oldest first."""
+        where, args = _job_filter(state, without, before)
+        rows = self.db.execute(f"SELECT * FROM (SELECT * FROM jobs{where} ORDER BY id DESC LIMIT ?) ORDER BY id", (*args, limit))
         return [_from_row(r) for r in rows]
+
+    def count_matching(self, state: str | None = None, *, before: int | None = None, without: Sequence[str] = ()) -> int:
+        """How many jobs :meth:`list_jobs` could list with these filters, on every page."""
+        where, args = _job_filter(state, without, before)
+        return int(self.db.execute(f"SELECT COUNT(*) FROM jobs{where}", args).fetchone()[0])
 
     def unfinished_jobs(self) -> list[JobRecord]:
         rows = self.db.execute("SELECT * FROM jobs WHERE state IN ('pending', 'running') ORDER BY id")

@@ -30,6 +30,7 @@ from llmos.errors import (
     StorageFull,
     ValidationError,
 )
+from llmos.job import JobList
 from llmos.params import param
 from llmos.pipeline import Pipeline
 from llmos.plugin import JobKind, Resources, Runner, ServiceKind, hookimpl
@@ -50,6 +51,7 @@ __all__ = [
     "JobFailed",
     "JobInfo",
     "JobKind",
+    "JobList",
     "JobNotFound",
     "JobRejected",
     "KernelError",

@@ -38,7 +38,7 @@ from typing import Any, TypeVar
 from llmos.client import Client, service_body, submit_request
 from llmos.connection import ALIVE_CHECK, Mailbox
 from llmos.errors import KernelError, error_from_reply
-from llmos.job import JobInfo, result_of
+from llmos.job import JobInfo, JobList, result_of
 from llmos.protocol import (
     AcctRequest,
     CancelRequest,
@@ -221,9 +221,9 @@ class AsyncClient:
         info = JobInfo.from_dict((await self.request(JobRequest(id=int(job_id)))).job)
         return AsyncJob(self, info.id, info)
 
-    async def jobs(self, state: str | None = None, limit: int = 1000) -> list[JobInfo]:
-        """Job records, oldest first, optionally only those in ``state``."""
-        return [JobInfo.from_dict(j) for j in (await self.request(JobsRequest(state=state, limit=limit))).jobs]
+    async def jobs(self, state: str | None = None, limit: int = 1000, *, before: int | None = None, services: bool = True) -> JobList:
+        """A page of job records, as :meth:`Client.jobs <llmos.client.Client.jobs>` gives."""
+        return JobList.from_reply(await self.request(JobsRequest(state=state, limit=limit, before=before, services=services)))
 
     # -- services --
 

@@ -40,7 +40,7 @@ from llmos.errors import (
     error_from_reply,
 )
 from llmos.events import EventStream, whole_stream
-from llmos.job import Job, JobInfo, result_of
+from llmos.job import Job, JobInfo, JobList, result_of
 from llmos.paths import pid_alive, read_kernel_info, resolve_state_dir
 from llmos.pipeline import Pipeline
 from llmos.protocol import (
@@ -191,10 +191,12 @@ class Client:
     def _job_info(self, job_id: int) -> JobInfo:
         return JobInfo.from_dict(self.request(JobRequest(id=int(job_id))).job)
 
-    def jobs(self, state: str | None = None, limit: int = 1000) -> list[JobInfo]:
-        """Job records, oldest first, optionally only those in ``state``."""
-        reply = self.request(JobsRequest(state=state, limit=limit))
-        return [JobInfo.from_dict(j) for j in reply.jobs]
+    def jobs(self, state: str | None = None, limit: int = 1000, *, before: int | None = None, services: bool = True) -> JobList:
+        """The newest ``limit`` job records (below id ``before``: the page before it), oldest
+        first, optionally only those in ``state``; without services' jobs if ``services`` is
+        false. The list also says how many match in all (``.total``) and where the next page
+        back starts (``.before``)."""
+        return JobList.from_reply(self.request(JobsRequest(state=state, limit=limit, before=before, services=services)))
 
     # -- text generation --
 

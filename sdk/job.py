@@ -58,6 +58,26 @@ class JobInfo:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
+class JobList(list[JobInfo]):
+    """A page of job records, oldest first: a list, which also says how many jobs match in all
+    (``total``) and how many of them are older than its first (``older``). The next page back is
+    ``client.jobs(..., before=page.before)``."""
+
+    def __init__(self, infos: list[JobInfo], total: int | None = None, older: int | None = None) -> None:
+        super().__init__(infos)
+        self.total = len(infos) if total is None else total
+        self.older = 0 if older is None else older
+
+    @property
+    def before(self) -> int | None:
+        """The id to page back from (the first one listed), or None when nothing is older."""
+        return self[0].id if self and self.older else None
+
+    @classmethod
+    def from_reply(cls, reply: Any) -> JobList:
+        return cls([JobInfo.from_dict(j) for j in reply.jobs], reply.total, reply.older)
+
+
 class Job:
     """A handle on one job of a kernel."""
 

@@ -12,6 +12,7 @@ import click
 
 from llmos.client import Client, JobInfo
 from llmos.console import ProgressPrinter
+from llmos.job import JobList
 from llmos.kernel.cli.common import (
     _table,
     echo_json,
@@ -96,24 +97,34 @@ def _print_end(info: JobInfo) -> None:
 
 @click.command()
 @click.option("--state", type=click.Choice(JOB_STATES), default=None, help="Only jobs in this state.")
-@click.option("--limit", type=int, default=1000, show_default=True, help="At most this many, newest.")
+@click.option("--limit", type=click.IntRange(1, 100_000), default=100, show_default=True, help="At most this many: the newest (of those below --before).")
+@click.option("--before", type=click.IntRange(min=1), default=None, metavar="ID", help="Only jobs older than job ID: the page before it.")
 @click.option("--all", "show_all", is_flag=True, help="Services' jobs too (llmos services lists the running ones).")
 @with_client
 @json_option
-def jobs(client: Client, state: str | None, limit: int, show_all: bool, as_json: bool) -> None:
-    """List jobs, oldest first; services (serve, monitor...) only with --all."""
-    infos = client.jobs(state=state, limit=limit)
-    if not show_all:
-        services = {k["name"] for k in client.kinds() if k.get("service")}
-        infos = [i for i in infos if i.kind not in services]
+def jobs(client: Client, state: str | None, limit: int, before: int | None, show_all: bool, as_json: bool) -> None:
+    """List jobs, oldest first: the newest --limit of them; older pages with --before. Services'
+    jobs (serve, monitor...) only with --all."""
+    page = client.jobs(state=state, limit=limit, before=before, services=show_all)
     if as_json:
-        echo_json([i.to_dict() for i in infos])
+        echo_json([i.to_dict() for i in page])
+        _say_older(page, state, limit, show_all)
         return
+    now = time.time()
     rows = []
-    for i in infos:
-        took = (i.ended_at or time.time()) - i.started_at if i.started_at else None
+    for i in page:
+        took = (i.ended_at or now) - i.started_at if i.started_at else None
         rows.append([str(i.id), i.kind, i.state, str(i.attempts), format_duration(took) if took is not None else "-", (i.reason or "")[:60]])
     _table(rows, ["ID", "KIND", "STATE", "TRIES", "TIME", "REASON"])
+    _say_older(page, state, limit, show_all)
+
+
+def _say_older(page: JobList, state: str | None, limit: int, show_all: bool) -> None:
+    """Where the next page back is, on stderr (stdout stays whole for a pipe)."""
+    if page.before is None:
+        return
+    args = (f" --state {state}" if state else "") + (" --all" if show_all else "") + (f" --limit {limit}" if limit != 100 else "")
+    click.echo(f"showing {len(page):,} of {page.total:,} jobs (ids {page[0].id}-{page[-1].id}); {page.older:,} older: llmos jobs --before {page.before}{args}", err=True)
 
 
 @click.command()

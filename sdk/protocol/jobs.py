@@ -47,19 +47,26 @@ class JobRequest:
 @message("kernel.jobs_request")
 @dataclass(frozen=True, slots=True, kw_only=True)
 class JobsRequest:
-    """List jobs, newest last, optionally only those in ``state``."""
+    """List jobs, oldest first: the newest ``limit`` of those with an id below ``before`` (None:
+    the newest page), optionally only those in ``state``; services' jobs (serve, monitor...)
+    unless ``services`` is false."""
 
     state: str | None = None
     limit: int = 1000
+    before: int | None = None
+    services: bool = True
 
 
 @message("kernel.jobs_reply")
 @dataclass(frozen=True, slots=True, kw_only=True)
 class JobsReply:
-    """Job records."""
+    """Job records, with how many match in all (``total``) and how many of those are older
+    than the first one listed (``older``: the next page is ``before`` its id)."""
 
     status: str = "ok"
     jobs: list[dict[str, Any]]
+    total: int | None = None
+    older: int | None = None
 
 
 @message("kernel.cancel_request")

@@ -351,3 +351,30 @@ def test_top_on_a_terminal_fits_80x24_and_q_quits(kernel: KernelHandle) -> None:
     frame = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", frames[-1])
     lines = [line for line in frame.replace("\r", "").split("\n") if line.strip()]
     assert len(lines) <= 24 and max(len(line) for line in lines) <= 80, frame
+
+
+def test_jobs_are_listed_a_page_at_a_time(fresh_kernel) -> None:
+    """The newest page first; --before pages back; the hint says where the next page is; the
+    SDK's list carries the same total and cursor; services' jobs are left out unless asked."""
+    with fresh_kernel.client() as c:
+        ids = [c.submit("diag.echo", {"message": str(i)}).id for i in range(12)]
+        for job_id in ids:
+            c.job(job_id).wait(timeout=60)
+        page = c.jobs(limit=5)
+        assert [j.id for j in page] == ids[-5:] and page.total == 12 and page.older == 7 and page.before == ids[-5]
+        back = c.jobs(limit=5, before=page.before)
+        assert [j.id for j in back] == ids[2:7] and back.total == 12 and back.older == 2
+        last = c.jobs(limit=5, before=back.before)
+        assert [j.id for j in last] == ids[:2] and last.older == 0 and last.before is None
+        assert [j.id for j in c.jobs(state="succeeded", before=ids[3])] == ids[:3]
+        with pytest.raises(llmos.ValidationError, match="before 0: expected a job id"):
+            c.jobs(before=0)
+    proc = fresh_kernel.cli("jobs", "--limit", "5")
+    assert [line.split()[0] for line in proc.stdout.splitlines()[1:]] == [str(i) for i in ids[-5:]]
+    assert proc.stderr.strip() == f"showing 5 of 12 jobs (ids {ids[-5]}-{ids[-1]}); 7 older: llmos jobs --before {ids[-5]} --limit 5"
+    older = fresh_kernel.cli_json("jobs", "--limit", "5", "--before", str(ids[-5]))
+    assert [j["id"] for j in older] == ids[2:7]
+    everything = fresh_kernel.cli("jobs")
+    assert everything.stderr == "" and len(everything.stdout.splitlines()) == 13
+    bad = fresh_kernel.cli("jobs", "--before", "0", check=False)
+    assert bad.returncode == 2 and "--before" in bad.stderr
