@@ -23,7 +23,10 @@ from llmos.protocol import ShutdownRequest
 
 
 def llmos_cmd() -> list[str]:
-    exe = shutil.which("llmos")
+    """The ``llmos`` script beside this interpreter (not a version manager's shim, which costs a
+    shell and ~100 ms a command), else the one on PATH, else ``python -m``."""
+    beside = Path(sys.executable).parent / "llmos"
+    exe = str(beside) if beside.is_file() else shutil.which("llmos")
     return [exe] if exe else [sys.executable, "-m", "llmos.kernel.cli"]
 
 

@@ -150,7 +150,7 @@ class Kernel:
         self.statedir = StateDir(state_dir)
         self.started_at = time.time()
         self.stopping: str | None = None
-        self.stats = {"events_journaled": 0, "bad_frames": 0, "requests": 0, "bad_requests": 0, "jobs_started": 0, "turn_errors": 0}
+        self.stats = {"events_journaled": 0, "bad_frames": 0, "requests": 0, "bad_requests": 0, "jobs_started": 0, "turn_errors": 0, "schedule_passes": 0}
         self._schedule_needed = True
         self._preempting: dict[int, int] = {}  # job being preempted -> the job it makes room for
         self._signals: list[int] = []
@@ -806,6 +806,7 @@ class Kernel:
         for it, on its node, once it is placed (at most ``max_starting`` starting at once).
         """
         pending = self.jobs.of_state("pending")
+        self.stats["schedule_passes"] += 1
         if not pending:
             if self.cluster is None:
                 self.pool.keep()

@@ -6,8 +6,9 @@ bus; and the plugin-author API: :data:`hookimpl`, :class:`JobKind`, :class:`Runn
 kernel.
 """
 
+from typing import TYPE_CHECKING, Any
+
 from llmos._version import PLUGIN_API, __version__
-from llmos.aio import AsyncClient, AsyncJob
 from llmos.client import Client, Job, JobInfo, connect
 from llmos.completion import Completion
 from llmos.context import JobContext
@@ -35,6 +36,9 @@ from llmos.params import param
 from llmos.pipeline import Pipeline
 from llmos.plugin import JobKind, Resources, Runner, ServiceKind, hookimpl
 from llmos.protocol import Event, message, topic
+
+if TYPE_CHECKING:
+    from llmos.aio import AsyncClient, AsyncJob
 
 __all__ = [
     "PLUGIN_API",
@@ -76,3 +80,12 @@ __all__ = [
     "param",
     "topic",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # The asyncio client loads on first use: a command line or a sync client starts without asyncio.
+    if name in ("AsyncClient", "AsyncJob"):
+        from llmos import aio
+
+        return getattr(aio, name)
+    raise AttributeError(f"module 'llmos' has no attribute {name!r}")

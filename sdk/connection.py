@@ -34,7 +34,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import structlog
 import zmq
 
 from llmos.errors import (
@@ -55,8 +54,6 @@ from llmos.protocol import (
     encode_control,
     unpackb,
 )
-
-log = structlog.get_logger(__name__)
 
 #: Seconds between checks that the kernel's process still exists, for every waiting thread.
 ALIVE_CHECK = 0.5
@@ -288,7 +285,9 @@ class Connection:
                 try:
                     header, reply = decode_control(frames)
                 except ProtocolError as exc:  # belongs to nobody we can name: its request times out
-                    log.warning("client_undecodable_reply", error=str(exc), frames=len(frames))
+                    import structlog  # here, not at import: a command line starts faster without it
+
+                    structlog.get_logger(__name__).warning("client_undecodable_reply", error=str(exc), frames=len(frames))
                     continue
                 if isinstance(reply, ServiceResponses):  # pieces of several calls at once: each to its own request
                     for item in reply.responses:

@@ -15,8 +15,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import structlog
-
 from llmos.errors import LlmosError
 from llmos.protocol import JobArtifact, JobMetric, encode_body, type_name_of, validate_body
 
@@ -52,6 +50,8 @@ class _BusSink:
 
 def _to_record(logger: Any, method: str, event_dict: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
     if "exc_info" in event_dict:
+        import structlog.processors
+
         event_dict = structlog.processors.format_exc_info(logger, method, event_dict)
     event_dict.setdefault("level", "error" if method == "exception" else method)
     return (event_dict,), {}
@@ -76,6 +76,8 @@ def _plain(value: Any) -> Any:
 
 def make_bus_logger(emit: Emit, name: str | None = None, level: str = "debug") -> Any:
     """A structlog logger whose records travel as ``job.log`` events (about 3 us a record)."""
+    import structlog  # here, not at import: clients and the command line never log to the bus
+
     bound_class = structlog.make_filtering_bound_logger(_LEVELS.get(level, 10))
     return bound_class(_BusSink(emit, name), [_to_record], {})
 
