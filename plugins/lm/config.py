@@ -110,11 +110,13 @@ def _positive_int(value: Any) -> bool:
 
 #: Named shapes. Small ones for tests and this machine; the big ones are the shapes of common models.
 #: Parameter counts depend on the vocabulary: nano is under 1M with vocabularies up to 6k; micro
-#: is about 10M with a 10k vocabulary (5.4M with the default 2,048-token BPE); small is about 125M
+#: is about 10M with a 10k vocabulary (5.8M with the default 2,048-token BPE); small is about 125M
 #: with a 32k vocabulary, as GPT-2 small and Llama tokenizers have (79M with 2,048 tokens).
+#: micro's and small's widths are multiples of 128, so int4 in groups of 32, 64 or 128 fits every
+#: layer (nano's MLP width, 176, takes none of them).
 PRESETS: dict[str, dict[str, Any]] = {
     "nano": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512),
-    "micro": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024),
+    "micro": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024),
     "small": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4, max_position_embeddings=2048),
     "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072, rope_theta=500000.0, tie_word_embeddings=True),
     "llama-3.2-3b": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24, num_key_value_heads=8, max_position_embeddings=131072, rope_theta=500000.0, tie_word_embeddings=True),
