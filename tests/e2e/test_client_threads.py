@@ -51,7 +51,7 @@ def _work(c: llmos.Client, me: int, until: float) -> dict[str, int]:
 
 
 def test_threads_share_one_client(echo_kernel: KernelHandle) -> None:
-    seconds = float(os.environ.get("LLMOS_TEST_THREADS_SECONDS", "20"))
+    seconds = float(os.environ.get("LLMOS_TEST_THREADS_SECONDS", "8"))
     with echo_kernel.client() as c:
         c.submit("echo.service")
         c.submit("echo.service")
