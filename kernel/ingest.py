@@ -40,7 +40,7 @@ OnJobDone = Callable[[WorkerProc, JobRecord, JobDone], None]
 class Ingest:
     def __init__(
         self, bus: Bus, journal: Journal, workers: Mapping[str, WorkerProc], jobs: Mapping[int, JobRecord], on_job_done: OnJobDone, stats: dict[str, int],
-        *, on_artifact: Callable[[int, Any], None] | None = None,
+        *, on_artifact: Callable[[int, Any], None] | None = None, max_bytes: int = 8 << 20,
     ) -> None:
         self.bus, self.journal, self.workers, self.jobs = bus, journal, workers, jobs
         self.on_job_done = on_job_done
@@ -48,8 +48,8 @@ class Ingest:
         self.stats = stats
         self.more = False  # the last drain stopped at its budget: come back at once
         # The most frame bytes one turn takes in: one turn is one commit, and on a small disk a
-        # commit must fit in the room the storage reserve gives back (kernel/storage.py).
-        self.max_bytes = 8 << 20
+        # commit must fit in the room the storage reserve gives back (Storage.turn_bytes).
+        self.max_bytes = max_bytes
         self._fast_checks: dict[str, Callable[[Any], bool]] = {}
 
     @property

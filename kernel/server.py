@@ -280,8 +280,8 @@ class Kernel:
             self.store, self.devices, self.jobs, self.pool.workers, lambda: self.registry, self.emit, self._stop_job,
             float(self.settings["monitor"]["gpu_overuse_stop"]), on_usage=self.limits.measured,
         )
-        self.ingest = Ingest(self.bus, self.journal, self.pool.workers, self.jobs, self._on_job_done, self.stats, on_artifact=self._on_artifact)
-        self.ingest.max_bytes = self.storage.turn_bytes
+        self.ingest = Ingest(self.bus, self.journal, self.pool.workers, self.jobs, self._on_job_done, self.stats,
+                             on_artifact=self._on_artifact, max_bytes=self.storage.turn_bytes)
         self.pipelines = Pipelines(
             self.store, self.artifacts, self.emit, self._submit_stage, lambda job_id, why: self._stop_job(self.jobs.find(job_id), why, "cancelled"),
             self.jobs.find, lambda: self.registry,
@@ -681,7 +681,12 @@ class Kernel:
         without = () if msg.services else tuple(sorted(name for name, entry in self.registry.kinds.items() if entry.service))
         rows = self.store.list_jobs(msg.state, limit, before=msg.before, without=without)
         total = self.store.count_matching(msg.state, without=without)
-        older = self.store.count_matching(msg.state, before=rows[0].id, without=without) if rows else 0
+        if not rows:
+            older = 0
+        elif msg.before is None:  # the newest page: everything else is older
+            older = total - len(rows)
+        else:
+            older = self.store.count_matching(msg.state, before=rows[0].id, without=without)
         latest = self.jobs.latest
         return JobsReply(jobs=[latest(j).to_dict() for j in rows], total=total, older=older)
 

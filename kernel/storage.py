@@ -77,7 +77,8 @@ class Storage:
         self.reserve_size = min(_threshold(settings.get("reserve", "4MiB"), self.total, "reserve"), self.total // 10)
         # One turn's events (one commit) are at most a quarter of the reserve: what a refused
         # commit leaves to checkpoint, and the write that records the refusal, fit in its room.
-        self.turn_bytes = max(16 << 10, min(8 << 20, self.reserve_size // 4))
+        # With no reserve (reserve = 0) nothing bounds it but the flood limit.
+        self.turn_bytes = max(16 << 10, min(8 << 20, self.reserve_size // 4)) if self.reserve_size > 0 else 8 << 20
         self._next_check = 0.0
         self._reserve = state_dir / RESERVE_FILE
 

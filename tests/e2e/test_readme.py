@@ -69,7 +69,7 @@ def _command_lines() -> list[str]:
             elif "&& llmos " in line:  # the Quickstart's install-and-run line
                 lines.append("llmos " + line.split("&& llmos ", 1)[1])
     prose = re.sub(r"^```.*?^```$", "", README, flags=re.M | re.S)
-    lines += [span for span in re.findall(r"`(llmos [^`]+)`", prose.replace("\n", " "))]
+    lines += re.findall(r"`(llmos [^`]+)`", prose.replace("\n", " "))
     return lines
 
 
