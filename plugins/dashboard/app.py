@@ -210,6 +210,7 @@ class Dashboard:
         for art in arts:
             job = by_job.get(art.get("job_id") or -1) or {}
             art["job_state"] = job.get("state")
+            art["variant"] = _variant(job.get("kind"), job.get("params") or {})
             report = (job.get("result") or {}).get("report") if isinstance(job.get("result"), dict) else None
             if not isinstance(report, dict):
                 continue
@@ -258,6 +259,15 @@ class Dashboard:
 def _figures(f: dict[str, Any]) -> dict[str, Any]:
     tps = f.get("tokens_per_s") or {}
     return {"bytes": f.get("bytes"), "ppl": f.get("ppl"), "tokens_per_s": tps.get("batch_1") if isinstance(tps, dict) else None}
+
+
+def _variant(kind: str | None, params: dict[str, Any]) -> str:
+    """What a compression job made, in a few words: ``int4 gptq``, ``30% structured``."""
+    if kind == "quantize" and params.get("scheme"):
+        return " ".join(str(v) for v in (params["scheme"], params.get("method")) if v and v != "rtn")
+    if kind == "prune" and isinstance(params.get("sparsity"), int | float):
+        return f"{params['sparsity']:.0%} {params.get('method') or ''}".strip()
+    return ""
 
 
 def _int(text: str | None, default: int, low: int, high: int) -> int:

@@ -592,6 +592,9 @@ class TrainRunner(llmos.Runner):
             return {"steps": step}
         if val_loss is None or not p.eval_every:
             val_loss = evaluate(model, self.val_tokens, p.seq_len, p.eval_batches, p.batch_size, self.device, self.amp)
+            if leader:  # the final evaluation is a point on the validation curve too
+                ctx.metric("val_loss", val_loss, step=step)
+                ctx.metric("val_perplexity", math.exp(min(val_loss, 50)), step=step)
         elapsed = time.perf_counter() - t0
         trained = (step - self.start_step) * tokens_per_step
         metrics = {"train_loss": last_loss, "val_loss": val_loss, "val_perplexity": math.exp(min(val_loss, 50)), "tokens": trained, "tokens_per_s": trained / max(elapsed, 1e-9)}

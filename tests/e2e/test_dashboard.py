@@ -54,6 +54,16 @@ def kernel(short_tmp: Path) -> Iterator[KernelHandle]:
         handle.shutdown()
 
 
+@pytest.fixture
+def monitored(short_tmp: Path) -> Iterator[KernelHandle]:
+    """A kernel with the monitor on (as a user's is), sampling quickly: measured use appears."""
+    handle = KernelHandle(short_tmp / "state", env={"LLMOS_MONITOR_AUTOSTART": "1", "LLMOS_MONITOR_INTERVAL": "0.25"}).boot()
+    try:
+        yield handle
+    finally:
+        handle.shutdown()
+
+
 # ---------------------------------------------------------------- the API, no browser
 
 
@@ -146,7 +156,8 @@ def _points(driver: Any, chart: str) -> int:
     return int(_js(driver, f"const c = document.querySelector('[data-chart=\"{chart}\"]'); return c ? Number(c.dataset.points) : -1;"))
 
 
-def test_the_overview_lists_a_running_job_and_a_jobs_page_follows_its_loss_and_log(kernel: KernelHandle, browser: Any, tmp_path: Path) -> None:
+def test_the_overview_lists_a_running_job_and_a_jobs_page_follows_its_loss_and_log(monitored: KernelHandle, browser: Any, tmp_path: Path) -> None:
+    kernel = monitored
     where = _dashboard(kernel)
     (tmp_path / "corpus").mkdir()
     corpus = write_word_corpus(tmp_path / "corpus", 20)
@@ -156,6 +167,10 @@ def test_the_overview_lists_a_running_job_and_a_jobs_page_follows_its_loss_and_l
         browser.get(where["page"])
         _wait(lambda: _js(browser, f"const r = document.querySelector('[data-job=\"{sleeper.id}\"]'); return r && r.textContent.includes('running');"),
               "the overview to list the running job")
+        # The CPU's row: its capacity, what is reserved and by which jobs, and what the monitor measured.
+        cpu_row = "const r = document.querySelector('[data-device=\"cpu\"]'); return r ? [...r.cells].map(c => c.textContent) : [];"
+        row = _wait(lambda: (cells := _js(browser, cpu_row)) and "% CPU" in cells[5] and cells, "the monitor's measured use on the overview")
+        assert row[2].startswith("2 cores") and row[3].startswith("2 cores") and str(sleeper.id) in row[4].split(", ")
         # A job submitted while the page is open appears without a reload (from the journal's events).
         emit = c.submit("diag.emit", {"count": 40}, resources={"cpus": 1})  # waits: the sleeper holds both cores
         _wait(lambda: _js(browser, f"const r = document.querySelector('[data-job=\"{emit.id}\"]'); return r && r.textContent.includes('pending');"),
@@ -166,7 +181,9 @@ def test_the_overview_lists_a_running_job_and_a_jobs_page_follows_its_loss_and_l
         _wait(lambda: _js(browser, "return document.getElementById('logs') !== null;"), "the job page")
         assert _js(browser, "return document.querySelectorAll('#logs > div').length;") == 0
         sleeper.cancel()
-        _wait(lambda: _js(browser, "return document.querySelectorAll('#logs > div').length;") == 40, "the log tail to follow the 40 lines")
+        lines = "return document.querySelectorAll('#logs > div').length;"
+        _wait(lambda: _js(browser, lines) >= 40, "the log tail to follow the 40 lines")
+        assert _js(browser, lines) == 40, "a line shown twice"
         _wait(lambda: "succeeded" in _js(browser, "return document.getElementById('job-state').textContent;"), "the job's state to change live")
         # A train job's loss chart gains points as its steps arrive.
         train = c.submit("train", {"data": str(corpus), "preset": "nano", "tokenizer": "bytes", "seq_len": 32, "batch_size": 4, "steps": 150,
@@ -176,6 +193,8 @@ def test_the_overview_lists_a_running_job_and_a_jobs_page_follows_its_loss_and_l
         later = _wait(lambda: (n := _points(browser, "loss")) > first and n, "more loss points", timeout=120)
         assert later > first
         _wait(lambda: _points(browser, "lr") > 0 and _points(browser, "tokens_per_s") > 0, "the learning-rate and tokens/s charts")
+        # Its resource use over time, from the monitor's samples.
+        _wait(lambda: _points(browser, "cpu") > 1 and _points(browser, "rss") > 1, "the CPU and memory charts")
         _shot(browser, tmp_path, "job")
         train.wait(timeout=240)
         _wait(lambda: _points(browser, "loss") >= 150 // 5 - 1, "every logged step on the chart")
@@ -211,7 +230,7 @@ def test_a_pipelines_stages_change_state_on_the_page(kernel: KernelHandle, brows
               "the pipeline list")
         browser.get(where["page"] + "#/models")
         _wait(lambda: _js(browser, "return document.querySelectorAll('[data-model]').length;") == 2, "both artifacts on the models page")
-        _shot(browser, tmp_path, "models")
+        _shot(browser, tmp_path, "artifacts")  # docs/dashboard/models.png is from a real `llmos demo` run instead
 
 
 def test_the_page_recovers_after_the_kernel_restarts(short_tmp: Path, browser: Any, tmp_path: Path) -> None:

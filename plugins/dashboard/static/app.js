@@ -15,6 +15,10 @@ async function api(path) {
 
 // ---------------------------------------------------------------- formatting
 
+function cores(n) {
+  return `${num(n)} ${n === 1 ? "core" : "cores"}`;
+}
+
 function size(bytes) {
   if (bytes === null || bytes === undefined) return "–";
   const units = ["B", "KiB", "MiB", "GiB", "TiB"];
@@ -58,7 +62,17 @@ function setConn(state, text) {
   el.textContent = text || state;
 }
 
-function follow(prefix, since, handler, onReconnect) {
+// Each route() starts a new generation; what a page began before (a fetch, a debounced reload)
+// finds it is no longer current and leaves the view and the event stream alone.
+let generation = 0;
+const current = (me) => me === generation;
+function paint(me, html) {
+  if (current(me)) view.innerHTML = html;
+  return current(me);
+}
+
+function follow(me, prefix, since, handler, onReconnect) {
+  if (!current(me)) return;
   stopFollowing();
   Object.assign(live, { prefix, last: since, handler, onReconnect: onReconnect || null, down: false });
   connect();
@@ -107,6 +121,16 @@ async function kernelLine() {
   } catch (err) { /* shown by the connection badge */ }
 }
 
+// {"cpus":1,"memory":0,"gpus":0} as "cpus 1": what is set, nested objects the same way, memory in bytes as sizes.
+function terse(o) {
+  if (o === null || o === undefined) return "–";
+  if (Array.isArray(o)) return o.length ? o.map(terse).join(", ") : "none";
+  if (typeof o !== "object") return String(o);
+  const parts = Object.entries(o).filter(([, v]) => v !== 0 && v !== null && v !== "" && !(Array.isArray(v) && !v.length))
+    .map(([k, v]) => `${k} ${typeof v === "number" && /memory|bytes/.test(k) ? size(v) : typeof v === "object" ? `(${terse(v)})` : v}`);
+  return parts.join(" · ") || "–";
+}
+
 // ---------------------------------------------------------------- charts (SVG, no library)
 
 function lineChart(key, title, series, xlabel, opts = {}) {
@@ -145,10 +169,11 @@ function lineChart(key, title, series, xlabel, opts = {}) {
 
 // ---------------------------------------------------------------- overview
 
-async function overview() {
+async function overview(me) {
   let data = null;
   const load = async () => { data = await api("api/overview"); render(); };
   const render = () => {
+    if (!current(me)) return;
     const k = data.kernel;
     document.getElementById("kernel").textContent = `kernel ${k.version} · pid ${k.pid}`;
     const st = k.storage;
@@ -156,8 +181,8 @@ async function overview() {
     const nodes = {};
     for (const d of data.devices) (nodes[d.node || "this machine"] ||= []).push(d);
     const devRows = Object.entries(nodes).flatMap(([node, devs]) => devs.map((d) => {
-      const cap = d.kind === "cpu" ? `${num(d.capacity)} cores · ${size(d.memory_total)}` : `${size(d.memory_total)}`;
-      const res = d.kind === "cpu" ? `${num(d.share_reserved)} cores · ${size(d.memory_reserved)}` : `${num(d.share_reserved)} share · ${size(d.memory_reserved)}`;
+      const cap = d.kind === "cpu" ? `${cores(d.capacity)} · ${size(d.memory_total)}` : `${size(d.memory_total)}`;
+      const res = d.kind === "cpu" ? `${cores(d.share_reserved)} · ${size(d.memory_reserved)}` : `${num(d.share_reserved)} share · ${size(d.memory_reserved)}`;
       const u = d.used || {};
       const used = d.kind === "cpu" ? `${u.cpu_percent !== undefined ? num(u.cpu_percent) + "% CPU" : "–"} · ${size(u.memory_used)}`
         : `${u.utilization !== undefined ? num(u.utilization) + "% · " : ""}${size(u.memory_used)}`;
@@ -167,7 +192,7 @@ async function overview() {
       <td>${j.started_at ? duration((j.ended_at || data.now) - j.started_at) : "–"}</td><td class="wrap">${esc(j.state === "pending" ? j.reason || "" : "")}</td></tr>`;
     const services = data.services.map((s) => `<tr data-service="${esc(s.name)}"><td>${esc(s.name)}</td><td>${s.replicas.map((r) => jobLink(r.job_id)).join(", ")}</td><td>${s.in_flight}</td>
       <td class="wrap muted">${esc([...new Set(s.replicas.map((r) => r.version).filter(Boolean))].join(", "))}</td></tr>`).join("");
-    view.innerHTML = `<h1>Overview</h1>
+    paint(me, `<h1>Overview</h1>
       <div class="grid">
         <div class="card"><h2>Nodes and devices</h2><table id="devices"><tr><th>node</th><th>device</th><th>capacity</th><th>reserved</th><th>by jobs</th><th>measured</th></tr>${devRows}</table>
           <p class="muted">storage ${storage}</p></div>
@@ -176,17 +201,18 @@ async function overview() {
       <div class="card" style="margin-top:14px"><h2>Running and pending jobs</h2><table id="jobs"><tr><th>id</th><th>kind</th><th>state</th><th>progress</th><th>time</th><th>waiting for</th></tr>
         ${data.jobs.map(jobRow).join("") || '<tr><td colspan="6" class="muted">nothing running</td></tr>'}</table></div>
       <div class="card" style="margin-top:14px"><h2>Recently ended</h2><table id="recent"><tr><th>id</th><th>kind</th><th>state</th><th>progress</th><th>time</th><th></th></tr>
-        ${data.recent.slice().reverse().map(jobRow).join("")}</table></div>`;
+        ${data.recent.slice().reverse().map(jobRow).join("")}</table></div>`);
   };
   await load();
   const again = debounce(() => load().catch(console.error), 250);
-  follow("", data.last_seq, (e) => { if (!e.topic.endsWith(".log") && !e.topic.endsWith(".metric")) again(); }, () => load().catch(console.error));
+  follow(me, "", data.last_seq, (e) => { if (!e.topic.endsWith(".log") && !e.topic.endsWith(".metric")) again(); }, () => load().catch(console.error));
 }
 
 // ---------------------------------------------------------------- one job
 
-async function jobPage(id) {
+async function jobPage(id, me) {
   const d = await api(`api/jobs/${id}`);
+  if (!current(me)) return;
   const s = { job: d.job, metrics: d.metrics, progress: d.progress, usage: d.usage, logs: d.logs, states: d.states, level: "info", follow: true };
   const LEVELS = ["debug", "info", "warning", "error", "critical"];
   view.innerHTML = `<h1>Job ${id} <span id="job-state"></span></h1>
@@ -200,12 +226,13 @@ async function jobPage(id) {
       <div class="logs" id="logs"></div></div>`;
 
   const info = () => {
+    if (!current(me)) return;
     const j = s.job;
     document.getElementById("job-state").innerHTML = badge(j.state);
-    const place = j.placement ? JSON.stringify(j.placement) : "–";
+    const place = j.placement ? terse(j.placement) : "–";
     const rows = [["kind", esc(j.kind)], ["state", `${badge(j.state)} ${esc(j.reason || "")}`], ["progress", progressCell(j)], ["attempts", esc(j.attempts)],
       ["submitted", clock(j.submitted_at)], ["ran", j.started_at ? duration((j.ended_at || Date.now() / 1000) - j.started_at) : "–"],
-      ["resources", esc(JSON.stringify(j.resources))], ["placement", `<span class="wrap">${esc(place)}</span>`],
+      ["resources", esc(terse(j.resources))], ["placement", `<span class="wrap">${esc(place)}</span>`],
       ["result", j.result ? `<pre>${esc(JSON.stringify(j.result, null, 1)).slice(0, 2000)}</pre>` : "–"]];
     document.getElementById("job-info").innerHTML = rows.map(([k, v]) => `<div>${k}</div><div>${v}</div>`).join("");
     document.getElementById("job-params").textContent = JSON.stringify(j.params, null, 2);
@@ -213,6 +240,7 @@ async function jobPage(id) {
   };
 
   const charts = () => {
+    if (!current(me)) return;
     const m = s.metrics, out = [];
     const loss = ["train_loss", "val_loss"].filter((n) => m[n]);
     const bystep = (pts) => pts.map((p, i) => [p[0] ?? i, p[1]]);
@@ -237,6 +265,7 @@ async function jobPage(id) {
   };
   const shown = (l) => LEVELS.indexOf(l[2]) >= LEVELS.indexOf(s.level);
   const logs = () => {
+    if (!current(me)) return;
     const box = document.getElementById("logs");
     const lines = s.logs.filter(shown);
     box.innerHTML = lines.map(logLine).join("");
@@ -249,7 +278,7 @@ async function jobPage(id) {
   info(); charts(); logs();
   const redraw = debounce(charts, 200);
   const refresh = debounce(async () => { s.job = (await api(`api/jobs/${id}`)).job; info(); }, 300);
-  follow(`job.${id}.`, d.last_seq, (e) => {
+  follow(me, `job.${id}.`, d.last_seq, (e) => {
     const kind = e.topic.split(".").pop();
     if (kind === "metric") { (s.metrics[e.body.name] ||= []).push([e.body.step, e.body.value, e.ts]); redraw(); }
     else if (kind === "progress") { s.progress.push([e.body.step, e.ts, e.body.fields || {}]); s.job.progress = e.body; redraw(); info(); }
@@ -270,7 +299,7 @@ async function jobPage(id) {
 
 // ---------------------------------------------------------------- pipelines
 
-async function pipelinesPage() {
+async function pipelinesPage(me) {
   let data;
   const load = async () => {
     data = await api("api/pipelines");
@@ -280,13 +309,13 @@ async function pipelinesPage() {
       return `<tr data-pipeline="${p.id}"><td><a href="#/pipeline/${p.id}">${p.id}</a></td><td>${esc(p.name)}</td><td>${badge(p.state)}</td>
         <td>${Object.entries(counts).map(([k, v]) => `${v} ${esc(k)}`).join(", ")}</td><td>${clock(p.created_at)}</td></tr>`;
     }).join("");
-    view.innerHTML = `<h1>Pipelines</h1><div class="card"><table id="pipelines"><tr><th>id</th><th>name</th><th>state</th><th>stages</th><th>created</th></tr>
-      ${rows || '<tr><td colspan="5" class="muted">no pipelines yet: llmos pipeline run FILE, or llmos demo</td></tr>'}</table></div>`;
+    paint(me, `<h1>Pipelines</h1><div class="card"><table id="pipelines"><tr><th>id</th><th>name</th><th>state</th><th>stages</th><th>created</th></tr>
+      ${rows || '<tr><td colspan="5" class="muted">no pipelines yet: llmos pipeline run FILE, or llmos demo</td></tr>'}</table></div>`);
   };
+  const status = await api("api/overview");  // the seq before the snapshot: nothing between them is missed
   await load();
-  const status = await api("api/overview");
   const again = debounce(() => load().catch(console.error), 300);
-  follow("pipeline.", status.last_seq, again, again);
+  follow(me, "pipeline.", status.last_seq, again, again);
 }
 
 function graph(stages) {
@@ -326,7 +355,7 @@ function graph(stages) {
     <path d="M0,0 L10,5 L0,10 z" fill="#aab" stroke="none"/></marker></defs>${edges}${boxes}</svg>`;
 }
 
-async function pipelinePage(id) {
+async function pipelinePage(id, me) {
   let data;
   const load = async () => {
     data = await api(`api/pipelines/${id}`);
@@ -337,15 +366,15 @@ async function pipelinePage(id) {
       return `<tr data-stage="${esc(s.name)}"><td>${esc(s.name)}</td><td>${esc(s.kind)}</td><td>${badge(s.state)}</td><td>${jobLink(s.job_id)}</td>
         <td>${j ? progressCell(j) : "–"}</td><td>${j ? clock(j.started_at) : "–"}</td><td>${took}</td><td class="wrap">${esc(s.reason || "")}</td></tr>`;
     }).join("");
-    view.innerHTML = `<h1>Pipeline ${id}: ${esc(p.name)} ${badge(p.state)}</h1><div class="card graph">${graph(p.stages)}</div>
-      <div class="card" style="margin-top:14px"><table id="stages"><tr><th>stage</th><th>kind</th><th>state</th><th>job</th><th>progress</th><th>started</th><th>took</th><th>reason</th></tr>${rows}</table></div>`;
+    paint(me, `<h1>Pipeline ${id}: ${esc(p.name)} ${badge(p.state)}</h1><div class="card graph">${graph(p.stages)}</div>
+      <div class="card" style="margin-top:14px"><table id="stages"><tr><th>stage</th><th>kind</th><th>state</th><th>job</th><th>progress</th><th>started</th><th>took</th><th>reason</th></tr>${rows}</table></div>`);
     return data;
   };
-  await load();
   const status = await api("api/overview");
+  await load();
   const again = debounce(() => load().catch(console.error), 250);
   const mine = () => new Set(data.pipeline.stages.map((s) => s.job_id).filter((x) => x !== null && x !== undefined).map(String));
-  follow("", status.last_seq, (e) => {
+  follow(me, "", status.last_seq, (e) => {
     const parts = e.topic.split(".");
     if ((parts[0] === "pipeline" && parts[1] === String(id)) || (parts[0] === "job" && mine().has(parts[1]) && ["state", "progress"].includes(parts[2]))) again();
   }, again);
@@ -354,39 +383,69 @@ async function pipelinePage(id) {
 // ---------------------------------------------------------------- models
 
 function scatter(key, title, points) {
-  const W = 460, H = 240, L = 56, R = 16, T = 22, B = 30;
+  // Size on a log axis (compression moves a model by factors, and a 2 MiB and a 3 MiB model
+  // must not sit on one dot beside a 50 MiB one); perplexity up; dot area for decode tokens/s.
+  const W = 560, H = 260, L = 56, R = 150, T = 22, B = 30;
   const ok = points.filter((p) => p.figures && p.figures.bytes && p.figures.ppl);
   let body = "";
   if (ok.length) {
-    const xs = ok.map((p) => p.figures.bytes / 1048576), ys = ok.map((p) => p.figures.ppl);
-    let x0 = Math.min(...xs) * 0.9, x1 = Math.max(...xs) * 1.05, y0 = Math.min(...ys) * 0.95, y1 = Math.max(...ys) * 1.05;
+    const xs = ok.map((p) => Math.log(p.figures.bytes / 1048576)), ys = ok.map((p) => p.figures.ppl);
+    let x0 = Math.min(...xs) - 0.15, x1 = Math.max(...xs) + 0.15, y0 = Math.min(...ys), y1 = Math.max(...ys);
+    const pad = (y1 - y0) * 0.15 || Math.abs(y1) * 0.02 || 1;
+    y0 -= pad; y1 += pad;
     if (x1 === x0) x1 = x0 + 1;
-    if (y1 === y0) y1 = y0 + 1;
-    const sx = (x) => L + ((x - x0) / (x1 - x0)) * (W - L - R), sy = (y) => H - B - ((y - y0) / (y1 - y0)) * (H - T - B);
+    const sx = (mib) => L + ((Math.log(mib) - x0) / (x1 - x0)) * (W - L - R), sy = (y) => H - B - ((y - y0) / (y1 - y0)) * (H - T - B);
     const tmax = Math.max(...ok.map((p) => p.figures.tokens_per_s || 0), 1);
     for (let i = 0; i <= 4; i++) {
       const y = y0 + ((y1 - y0) * i) / 4;
       body += `<line class="grid" x1="${L}" x2="${W - R}" y1="${sy(y)}" y2="${sy(y)}"/><text x="${L - 4}" y="${sy(y) + 3}" text-anchor="end">${num(y)}</text>`;
     }
-    body += `<text x="${L}" y="${H - 10}">${num(x0)}</text><text x="${W - R}" y="${H - 10}" text-anchor="end">${num(x1)}</text>`;
-    body += `<text x="${(L + W) / 2}" y="${H - 10}" text-anchor="middle">size (MiB) · perplexity ↑ · dot area: decode tokens/s</text>`;
-    for (const p of ok) {
-      const f = p.figures, color = f.source ? "#2f6fdf" : f.accepted === false || p.rejected ? "#c53030" : "#2e8b57";
-      const r = 4 + 10 * Math.sqrt((f.tokens_per_s || 0) / tmax);
-      body += `<g data-model="${esc(p.id)}"><circle cx="${sx(f.bytes / 1048576)}" cy="${sy(f.ppl)}" r="${r.toFixed(1)}" fill="${color}" fill-opacity="0.6"/>
-        <text x="${sx(f.bytes / 1048576) + r + 2}" y="${sy(f.ppl) + 3}">${esc(p.label)} ${f.tokens_per_s ? num(f.tokens_per_s) + " tok/s" : ""}</text></g>`;
+    const ticks = [0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192].filter((t) => Math.log(t) >= x0 && Math.log(t) <= x1);
+    for (const t of ticks) body += `<line class="grid" x1="${sx(t)}" x2="${sx(t)}" y1="${T}" y2="${H - B}"/><text x="${sx(t)}" y="${H - B + 12}" text-anchor="middle">${t}</text>`;
+    body += `<text x="${(L + W - R) / 2}" y="${H - 4}" text-anchor="middle">weights (MiB, log scale) · perplexity ↑ · dot area: decode tokens/s</text>`;
+    // Each label goes beside its dot where it covers no other label and no dot: right, left,
+    // above, below, else right and pushed down until it is clear (with a leader line).
+    const dots = ok.map((p) => {
+      const f = p.figures;
+      return { p, f, cx: sx(f.bytes / 1048576), cy: sy(f.ppl), r: 3 + 12 * Math.sqrt((f.tokens_per_s || 0) / tmax) };
+    }).sort((a, b) => a.cy - b.cy || a.cx - b.cx);
+    const boxes = dots.map((d) => ({ x: d.cx - d.r, y: d.cy - d.r, w: 2 * d.r, h: 2 * d.r }));
+    const clear = (q) => q.x >= L && q.x + q.w <= W && q.y >= T - 12 && q.y + q.h <= H - B
+      && boxes.every((o) => q.x >= o.x + o.w || o.x >= q.x + q.w || q.y >= o.y + o.h || o.y >= q.y + q.h);
+    let labels = "";
+    for (const d of dots) {
+      const color = d.f.source ? "#2f6fdf" : d.f.accepted === false || d.p.rejected ? "#c53030" : "#2e8b57";
+      body += `<g data-model="${esc(d.p.id)}"><circle cx="${d.cx}" cy="${d.cy}" r="${d.r.toFixed(1)}" fill="${color}" fill-opacity="0.55" stroke="${color}"/></g>`;
+      const text = `${d.p.label}${d.f.tokens_per_s ? " · " + num(d.f.tokens_per_s) + " tok/s" : ""}`;
+      const w = text.length * 6.3 + 2, h = 11;  // 10px sans: about 6 units a character
+      const up = d.cy - d.r - 2 - h, down = d.cy + d.r + 2;
+      const tries = [[d.cx + d.r + 3, d.cy - h / 2], [d.cx - d.r - 3 - w, d.cy - h / 2], [d.cx - w / 2, up], [d.cx - d.r, up], [d.cx + d.r - w, up], [d.cx - w / 2, down], [d.cx - d.r, down], [d.cx + d.r - w, down]]
+        .map(([x, y]) => ({ x, y, w, h }));
+      let spot = tries.find(clear), leader = false;
+      for (let k = 1; !spot && k < 20; k++) {  // else the first of them that is clear once moved up or down
+        spot = tries.flatMap((q) => [{ ...q, y: q.y - k * h }, { ...q, y: q.y + k * h }]).find(clear);
+        leader = Boolean(spot);
+      }
+      spot ||= tries[0];
+      boxes.push(spot);
+      if (leader) {
+        const lx = Math.max(spot.x, Math.min(spot.x + spot.w, d.cx)), ly = spot.y + (spot.y > d.cy ? 0 : h);
+        labels += `<line stroke="#bbb" x1="${d.cx}" y1="${d.cy}" x2="${lx}" y2="${ly}"/>`;
+      }
+      labels += `<text x="${spot.x + 1}" y="${spot.y + h - 2}">${esc(text)}</text>`;
     }
+    body += labels;
   } else body = `<text x="${W / 2}" y="${H / 2}" text-anchor="middle">no compression figures yet</text>`;
   body += `<line class="axis" x1="${L}" x2="${L}" y1="${T}" y2="${H - B}"/><line class="axis" x1="${L}" x2="${W - R}" y1="${H - B}" y2="${H - B}"/>`;
   return `<div class="card chart" data-chart="${esc(key)}" data-points="${ok.length}"><h2>${esc(title)}</h2><svg viewBox="0 0 ${W} ${H}">${body}</svg></div>`;
 }
 
-async function modelsPage() {
+async function modelsPage(me) {
   let data;
   const load = async () => {
     data = await api("api/models");
     const models = data.models, byId = Object.fromEntries(models.map((m) => [m.id, m]));
-    for (const m of models) m.label = `${m.job_kind || m.kind} ${m.id.slice(0, 6)}`;
+    for (const m of models) m.label = `${m.job_kind || m.kind} ${m.variant ? m.variant + " " : ""}${m.id.slice(0, 6)}`;
     const rootOf = (m, seen = new Set()) => {
       const parent = (m.parents || []).find((p) => byId[p]);
       if (!parent || seen.has(m.id)) return m.id;
@@ -399,48 +458,49 @@ async function modelsPage() {
     const rows = models.map((m) => {
       const f = m.figures || {};
       const verdict = m.rejected || f.accepted === false ? badge("rejected") : f.accepted ? badge("accepted") : "";
-      return `<tr data-model="${esc(m.id)}"><td title="${esc(m.id)}">${esc(m.id.slice(0, 12))}</td><td>${esc(m.job_kind || "")}</td><td>${jobLink(m.job_id)}</td><td>${size(m.size)}</td>
+      return `<tr data-model="${esc(m.id)}"><td title="${esc(m.id)}">${esc(m.id.slice(0, 12))}</td><td>${esc(m.job_kind || "")} <span class="muted">${esc(m.variant || "")}</span></td><td>${jobLink(m.job_id)}</td><td>${size(m.size)}</td><td>${f.bytes ? size(f.bytes) : "–"}</td>
         <td>${f.ppl ? num(f.ppl) : "–"}</td><td>${f.tokens_per_s ? num(f.tokens_per_s) : "–"}</td><td>${verdict}</td>
         <td>${(m.parents || []).map((p) => `<span title="${esc(p)}">${esc(p.slice(0, 8))}</span>`).join(", ") || '<span class="muted">trained</span>'}</td>
         <td class="wrap muted">${esc(m.path)}</td></tr>`;
     }).join("");
-    view.innerHTML = `<h1>Models</h1><div class="charts">${charts || '<p class="muted">no compression figures yet: prune or quantize a model (llmos demo does)</p>'}</div>
-      <div class="card" style="margin-top:14px"><table id="models"><tr><th>artifact</th><th>made by</th><th>job</th><th>on disk</th><th>perplexity</th><th>tokens/s</th><th>verdict</th><th>from</th><th>path</th></tr>
-      ${rows || '<tr><td colspan="9" class="muted">no artifacts yet</td></tr>'}</table></div>`;
+    paint(me, `<h1>Models</h1><div class="charts">${charts || '<p class="muted">no compression figures yet: prune or quantize a model (llmos demo does)</p>'}</div>
+      <div class="card" style="margin-top:14px"><table id="models"><tr><th>artifact</th><th>made by</th><th>job</th><th>on disk</th><th>weights</th><th>perplexity</th><th>tokens/s</th><th>verdict</th><th>from</th><th>path</th></tr>
+      ${rows || '<tr><td colspan="10" class="muted">no artifacts yet</td></tr>'}</table></div>`);
   };
-  await load();
   const status = await api("api/overview");
+  await load();
   const again = debounce(() => load().catch(console.error), 400);
-  follow("job.", status.last_seq, (e) => { if (e.topic.endsWith(".artifact") || e.topic.endsWith(".state")) again(); }, again);
+  follow(me, "job.", status.last_seq, (e) => { if (e.topic.endsWith(".artifact") || e.topic.endsWith(".state")) again(); }, again);
 }
 
 // ---------------------------------------------------------------- routing
 
 const ROUTES = [
-  [/^#?\/?$/, "overview", () => overview()],
-  [/^#\/job\/(\d+)$/, "overview", (m) => jobPage(Number(m[1]))],
-  [/^#\/pipelines$/, "pipelines", () => pipelinesPage()],
-  [/^#\/pipeline\/(\d+)$/, "pipelines", (m) => pipelinePage(Number(m[1]))],
-  [/^#\/models$/, "models", () => modelsPage()],
+  [/^#?\/?$/, "overview", (m, me) => overview(me)],
+  [/^#\/job\/(\d+)$/, "overview", (m, me) => jobPage(Number(m[1]), me)],
+  [/^#\/pipelines$/, "pipelines", (m, me) => pipelinesPage(me)],
+  [/^#\/pipeline\/(\d+)$/, "pipelines", (m, me) => pipelinePage(Number(m[1]), me)],
+  [/^#\/models$/, "models", (m, me) => modelsPage(me)],
 ];
 
 async function route() {
   stopFollowing();
+  const me = ++generation;
   const hash = location.hash || "#/";
   for (const [re, nav, show] of ROUTES) {
     const m = hash.match(re);
     if (!m) continue;
     document.querySelectorAll("[data-nav]").forEach((a) => a.classList.toggle("active", a.dataset.nav === nav));
     try {
-      await show(m);
+      await show(m, me);
     } catch (err) {
-      view.innerHTML = `<div class="banner">${esc(err.message)}</div>`;
+      if (!paint(me, `<div class="banner">${esc(err.message)}</div>`)) return;
       setConn("reconnecting", "reconnecting…");
-      setTimeout(route, 2000); // the kernel or the dashboard is away: try again
+      setTimeout(() => { if (current(me)) route(); }, 2000); // the kernel or the dashboard is away: try again
     }
     return;
   }
-  view.innerHTML = `<div class="banner">no such page: ${esc(hash)}</div>`;
+  paint(me, `<div class="banner">no such page: ${esc(hash)}</div>`);
 }
 
 window.addEventListener("hashchange", route);
