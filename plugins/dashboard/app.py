@@ -35,6 +35,7 @@ COOKIE = "llmos_dashboard_token"
 STATIC = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}
 HISTORY_MAX = 50_000  # events of one job read for its page at most (the newest kept)
 LOG_TAIL = 1000
+QUEUE_WAIT = 1.0  # seconds a serve replica has to tell its queue for the overview
 KEEPALIVE = 15.0  # seconds between comments on an idle event stream (a gone page is noticed)
 
 
@@ -136,12 +137,32 @@ class Dashboard:
     async def overview(self, request: Request) -> Response:
         c = self.client
         status, devices, services, jobs = await asyncio.gather(c.status(), c.devices(), c.services(), c.jobs(limit=200))
+        kinds = {j.id: j.kind for j in jobs}
+        await asyncio.gather(*(self._queue(s, kinds) for s in services))
         active = [j.to_dict() for j in jobs if j.state in ("pending", "running")]
         recent = [j.to_dict() for j in jobs if j.state not in ("pending", "running")][-20:]
         return _json({
             "kernel": {k: status.get(k) for k in ("version", "pid", "started_at", "state_dir", "jobs", "workers", "last_seq", "metrics_url", "storage", "cluster")},
             "devices": devices, "services": services, "jobs": active, "recent": recent, "last_seq": status["last_seq"], "now": time.time(),
         })
+
+    async def _queue(self, service: dict[str, Any], kinds: dict[int, str]) -> None:
+        """A ``serve`` service's queue as one of its replicas reports it: sequences decoding and
+        requests waiting for a slot (``service["queue"]``); other services have none."""
+        if not service["replicas"]:
+            return
+        job_id = service["replicas"][0]["job_id"]
+        kind = kinds.get(job_id)
+        if kind is None:
+            with contextlib.suppress(llmos.LlmosError):
+                kind = (await (await self.client.job(job_id)).info()).kind
+        if kind != "serve":
+            return
+        with contextlib.suppress(llmos.LlmosError, TimeoutError):
+            async with asyncio.timeout(QUEUE_WAIT):
+                async for info in self.client.call(service["name"], {"op": "info"}):
+                    service["queue"] = {"running": info.get("running", 0), "waiting": info.get("waiting", 0), "max_seqs": info.get("max_seqs")}
+                    break
 
     async def jobs(self, request: Request) -> Response:
         limit = _int(request.query_params.get("limit"), 200, 1, 10_000)

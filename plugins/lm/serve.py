@@ -30,6 +30,7 @@ from llmos.plugins.lm.runtime import load_for_job, pick_device, set_threads, tok
 from llmos.units import format_size, parse_size
 
 SAMPLING_KEYS = frozenset(f.name for f in dataclasses.fields(Sampling))
+REQUEST_KEYS = frozenset({"prompt", "sampling", "stream", "check_length"})
 
 
 def service_name(model: str, name: str | None) -> str:
@@ -186,6 +187,11 @@ class ServeRunner(llmos.Runner):
         """The prompt, sampling, stream and check_length flags of a request body; ValueError says what is wrong."""
         if not isinstance(body, dict):
             raise ValueError("a generation request is a map with 'prompt' and optional 'sampling' and 'stream'")
+        unknown = set(body) - REQUEST_KEYS
+        if unknown:
+            first = sorted(unknown, key=str)[0]
+            where = " (a sampling option: put it in 'sampling')" if first in SAMPLING_KEYS else ""
+            raise ValueError(f"unknown request field {first!r}{where}; a request has {', '.join(sorted(REQUEST_KEYS))}")
         prompt = body.get("prompt")
         if isinstance(prompt, list):
             vocab = self.engine.model.config.vocab_size

@@ -41,6 +41,20 @@ def _wait(predicate: Any, what: str, timeout: float = 30.0, every: float = 0.1) 
         time.sleep(every)
 
 
+def _nano(path: Path) -> Path:
+    """A nano checkpoint with random weights that never ends a sequence by itself."""
+    from llmos.plugins.lm.checkpoint import save_checkpoint
+    from llmos.plugins.lm.config import config_from_preset
+    from llmos.plugins.lm.model import Llama
+    from llmos.plugins.lm.text import bytes_tokenizer
+
+    tok = bytes_tokenizer()
+    model = Llama(config_from_preset("nano", tok.vocab_size, max_position_embeddings=32768, eos_token_id=tok.vocab_size + 1))
+    model.init_weights(seed=7, std=0.5)
+    save_checkpoint(path, model, tok.to_json(), {})
+    return path
+
+
 def _dashboard(kernel: KernelHandle, *args: str) -> dict[str, Any]:
     return json.loads(kernel.cli("dashboard", "--port", "0", *args, "--json").stdout)
 
@@ -94,6 +108,15 @@ def test_the_api_shows_jobs_their_history_and_streams_events_from_a_seq(kernel: 
                         break
         assert seen[0]["seq"] == first + 1 and all(e["topic"].startswith(f"job.{emit.id}.") for e in seen)
         assert http.get("/api/pipelines").json()["pipelines"] == [] and http.get("/api/models").json()["models"] == []
+        # A serve service shows its queue: one stream decoding, none waiting.
+        serve = c.submit("serve", {"model": str(_nano(kernel.state_dir.parent / "nano")), "name": "tiny"}, resources={"cpus": 1})
+        _wait(lambda: any(s["name"] == "tiny" for s in c.services()), "the serve service", timeout=60)
+        stream = c.call("tiny", {"prompt": "a", "sampling": {"max_new_tokens": 1000, "temperature": 0}, "stream": True})
+        next(stream)
+        queue = {s["name"]: s.get("queue") for s in http.get("/api/overview").json()["services"]}
+        stream.close()
+        assert queue["tiny"] == {"running": 1, "waiting": 0, "max_seqs": 16} and queue["dashboard"] is None
+        serve.cancel()
         assert "dashboard" in kernel.cli("status").stdout and where["page"] in kernel.cli("status").stdout
         sleeper.cancel()
 
@@ -197,7 +220,11 @@ def test_the_overview_lists_a_running_job_and_a_jobs_page_follows_its_loss_and_l
         _wait(lambda: _points(browser, "cpu") > 1 and _points(browser, "rss") > 1, "the CPU and memory charts")
         _shot(browser, tmp_path, "job")
         train.wait(timeout=240)
-        _wait(lambda: _points(browser, "loss") >= 150 // 5 - 1, "every logged step on the chart")
+        _wait(lambda: _points(browser, "loss") == 150 + 3, "every step's train_loss and the three val_loss points on the chart")
+        # The same points over time instead of steps.
+        on_steps = _points(browser, "loss")
+        _js(browser, "const s = document.getElementById('x-axis'); s.value = 'time'; s.dispatchEvent(new Event('change'));")
+        assert _points(browser, "loss") == on_steps and "time" in _js(browser, "return document.querySelector('[data-chart=\"loss\"]').textContent;")
         # The level filter means what it says.
         browser.get(where["page"] + f"#/job/{train.id}")
         _wait(lambda: _js(browser, "return document.querySelectorAll('#logs > div').length;") > 0, "the train log")

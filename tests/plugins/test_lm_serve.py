@@ -104,6 +104,8 @@ def test_bad_requests_fail_alone(kernel: KernelHandle, engine: Engine, serve: Ca
         for body in [{"prompt": "x", "sampling": "greedy"}, {"prompt": "x", "sampling": [["seed", 1]]}, {"prompt": 5}, {"sampling": {}}]:
             with pytest.raises(llmos.ValidationError):
                 list(other.call(name, body))
+        with pytest.raises(llmos.ValidationError, match="unknown request field 'max_new_tokens' \\(a sampling option: put it in 'sampling'\\)"):
+            list(other.call(name, {"prompt": "x", "max_new_tokens": 5}))  # not silently 64 tokens
         pieces.extend(stream)
         assert "".join(pieces) == expected.text
         # One stop string is one string, not its characters (and the service still answers).

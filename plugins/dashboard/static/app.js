@@ -191,12 +191,12 @@ async function overview(me) {
     const jobRow = (j) => `<tr data-job="${j.id}"><td>${jobLink(j.id)}</td><td>${esc(j.kind)}</td><td>${badge(j.state)}</td><td>${progressCell(j)}</td>
       <td>${j.started_at ? duration((j.ended_at || data.now) - j.started_at) : "–"}</td><td class="wrap">${esc(j.state === "pending" ? j.reason || "" : "")}</td></tr>`;
     const services = data.services.map((s) => `<tr data-service="${esc(s.name)}"><td>${esc(s.name)}</td><td>${s.replicas.map((r) => jobLink(r.job_id)).join(", ")}</td><td>${s.in_flight}</td>
-      <td class="wrap muted">${esc([...new Set(s.replicas.map((r) => r.version).filter(Boolean))].join(", "))}</td></tr>`).join("");
+      <td>${s.queue ? `${s.queue.running}${s.queue.max_seqs ? "/" + s.queue.max_seqs : ""} running · ${s.queue.waiting} waiting` : "–"}</td><td class="wrap muted">${esc([...new Set(s.replicas.map((r) => r.version).filter(Boolean))].join(", "))}</td></tr>`).join("");
     paint(me, `<h1>Overview</h1>
       <div class="grid">
         <div class="card"><h2>Nodes and devices</h2><table id="devices"><tr><th>node</th><th>device</th><th>capacity</th><th>reserved</th><th>by jobs</th><th>measured</th></tr>${devRows}</table>
           <p class="muted">storage ${storage}</p></div>
-        <div class="card"><h2>Services</h2><table id="services"><tr><th>name</th><th>replicas (jobs)</th><th>in flight</th><th>serves</th></tr>${services || '<tr><td colspan="4" class="muted">none</td></tr>'}</table></div>
+        <div class="card"><h2>Services</h2><table id="services"><tr><th>name</th><th>replicas (jobs)</th><th>in flight</th><th>queue</th><th>serves</th></tr>${services || '<tr><td colspan="5" class="muted">none</td></tr>'}</table></div>
       </div>
       <div class="card" style="margin-top:14px"><h2>Running and pending jobs</h2><table id="jobs"><tr><th>id</th><th>kind</th><th>state</th><th>progress</th><th>time</th><th>waiting for</th></tr>
         ${data.jobs.map(jobRow).join("") || '<tr><td colspan="6" class="muted">nothing running</td></tr>'}</table></div>
@@ -213,12 +213,13 @@ async function overview(me) {
 async function jobPage(id, me) {
   const d = await api(`api/jobs/${id}`);
   if (!current(me)) return;
-  const s = { job: d.job, metrics: d.metrics, progress: d.progress, usage: d.usage, logs: d.logs, states: d.states, level: "info", follow: true };
+  const s = { job: d.job, metrics: d.metrics, progress: d.progress, usage: d.usage, logs: d.logs, states: d.states, level: "info", follow: true, x: "step" };
   const LEVELS = ["debug", "info", "warning", "error", "critical"];
   view.innerHTML = `<h1>Job ${id} <span id="job-state"></span></h1>
     <div class="grid"><div class="card"><div class="kv" id="job-info"></div></div>
       <div class="card"><details><summary><b>Parameters</b> <span class="muted" id="job-params-count"></span></summary><pre id="job-params"></pre></details></div></div>
-    <h2 style="margin-top:14px">Metrics</h2><div class="charts" id="charts"></div>
+    <div class="toolbar" style="margin-top:14px"><h2 style="margin:0">Metrics</h2><label>over <select id="x-axis"><option value="step" selected>steps</option><option value="time">time</option></select></label></div>
+    <div class="charts" id="charts"></div>
     <h2 style="margin-top:14px">Resource use</h2><div class="charts" id="usage-charts"></div>
     <div class="card" style="margin-top:14px"><div class="toolbar"><h2 style="margin:0">Log</h2>
       <label>level <select id="log-level">${LEVELS.map((l) => `<option${l === "info" ? " selected" : ""}>${l}</option>`).join("")}</select></label>
@@ -243,13 +244,16 @@ async function jobPage(id, me) {
     if (!current(me)) return;
     const m = s.metrics, out = [];
     const loss = ["train_loss", "val_loss"].filter((n) => m[n]);
-    const bystep = (pts) => pts.map((p, i) => [p[0] ?? i, p[1]]);
-    if (loss.length) out.push(lineChart("loss", "loss", loss.map((n) => ({ name: n, points: bystep(m[n]) })), "step"));
-    for (const [name, pts] of Object.entries(m)) if (!loss.includes(name)) out.push(lineChart(name, name, [{ name, points: bystep(pts) }], "step"));
-    const field = (f) => s.progress.filter((p) => typeof p[2][f] === "number").map((p, i) => [p[0] ?? i, p[2][f]]);
+    // Over steps, or over time since the job started (metrics are [step, value, ts]; progress [step, ts, fields]).
+    const byTime = s.x === "time", start = s.job.started_at || Math.min(...Object.values(m).flat().map((p) => p[2]), ...s.progress.map((p) => p[1]));
+    const xl = byTime ? "time" : "step", xo = byTime ? { xfmt: (x) => duration(x) } : {};
+    const bystep = (pts) => pts.map((p, i) => [byTime ? p[2] - start : p[0] ?? i, p[1]]);
+    if (loss.length) out.push(lineChart("loss", "loss", loss.map((n) => ({ name: n, points: bystep(m[n]) })), xl, xo));
+    for (const [name, pts] of Object.entries(m)) if (!loss.includes(name)) out.push(lineChart(name, name, [{ name, points: bystep(pts) }], xl, xo));
+    const field = (f) => s.progress.filter((p) => typeof p[2][f] === "number").map((p, i) => [byTime ? p[1] - start : p[0] ?? i, p[2][f]]);
     const lr = field("lr"), tps = field("tokens_per_s");
-    if (lr.length) out.push(lineChart("lr", "learning rate", [{ name: "lr", points: lr }], "step"));
-    if (tps.length) out.push(lineChart("tokens_per_s", "tokens/s", [{ name: "tokens/s", points: tps }], "step", { zero: true }));
+    if (lr.length) out.push(lineChart("lr", "learning rate", [{ name: "lr", points: lr }], xl, xo));
+    if (tps.length) out.push(lineChart("tokens_per_s", "tokens/s", [{ name: "tokens/s", points: tps }], xl, { zero: true, ...xo }));
     document.getElementById("charts").innerHTML = out.join("") || '<p class="muted">no metrics yet</p>';
     const t0 = s.usage.length ? s.usage[0][0] : 0, xfmt = (x) => duration(x);
     const u = (i, scale) => s.usage.filter((p) => p[i] !== null && p[i] !== undefined).map((p) => [p[0] - t0, p[i] / scale]);
@@ -273,6 +277,7 @@ async function jobPage(id, me) {
     if (s.follow) box.scrollTop = box.scrollHeight;
   };
   document.getElementById("log-level").onchange = (ev) => { s.level = ev.target.value; logs(); };
+  document.getElementById("x-axis").onchange = (ev) => { s.x = ev.target.value; charts(); };
   document.getElementById("log-follow").onchange = (ev) => { s.follow = ev.target.checked; logs(); };
 
   info(); charts(); logs();
