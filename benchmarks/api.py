@@ -1,6 +1,6 @@
 """The OpenAI-compatible gateway against the SDK it stands in front of, one run.
 
-Run ``python benchmarks/api.py`` (about 4 minutes on 2 cores; ``--quick`` about 1.5). A kernel is
+Run ``python benchmarks/api.py`` (about 6 minutes on 2 cores; ``--quick`` about 1.5). A kernel is
 booted with ``llmos boot --detach`` in a temporary state dir; the model (preset ``micro``, random
 weights, a byte vocabulary, an end-of-text id outside it so every request runs to its length:
 speed does not depend on the weights) is served with ``llmos serve`` and default options (every
@@ -11,7 +11,10 @@ alternate phase by phase, so they share whatever load the machine has:
 
 1. **Streams.** One stream of ``NEW`` greedy tokens at a time, then 16 at once: tokens over the
    wall time of the load (time to first token included), HTTP against the SDK (target >= 0.95x),
-   in rounds whose first side alternates; the ratio is the median of the rounds' ratios.
+   in rounds whose first side alternates; the ratio is the median of the rounds' ratios. The CPU
+   seconds per token of the kernel, the replica, the gateway and this client over the 16-stream
+   loads are reported too: on a machine whose speed drifts from round to round they show what the
+   gateway costs without the drift.
 2. **Time to first token added by the gateway.** Short streamed requests one at a time,
    alternating SDK and HTTP: the medians' difference (target <= 5 ms).
 3. **Short completions under 64 concurrent clients.** ``max_tokens=4``, not streamed, 64 threads
@@ -26,6 +29,7 @@ change the exit code.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import os
@@ -40,6 +44,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import psutil
 from _benchkernel import Kernel, llmos_cmd
 from _report import cpu_model, pct, say, verdict, write_doc
 
@@ -132,6 +137,31 @@ def load(fn: Any, count: int, threads: int, new: int | None) -> tuple[float, lis
     return time.perf_counter() - t0, results
 
 
+class Cpu:
+    """CPU seconds the processes of one side's load used: the kernel, the replica, the gateway
+    and this client (all threads, children included for the kernel's zygote-less workers)."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.procs = {name: psutil.Process(pid) for name, pid in pids.items()}
+        self.used: dict[str, dict[str, float]] = {}
+
+    def _now(self) -> dict[str, float]:
+        out = {}
+        for name, proc in self.procs.items():
+            t = proc.cpu_times()
+            out[name] = t.user + t.system
+        return out
+
+    @contextlib.contextmanager
+    def measure(self, side: str) -> Any:
+        before = self._now()
+        yield
+        after = self._now()
+        mine = self.used.setdefault(side, {})
+        for name in after:
+            mine[name] = mine.get(name, 0.0) + after[name] - before[name]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer rounds (about 1 minute)")
@@ -139,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-write", action="store_true", help="do not write docs/benchmarks.md")
     args = ap.parse_args(argv)
     q = args.quick
-    rounds, new, pings = (2, 64, 20) if q else (5, 128, 60)
+    rounds, new, pings = (2, 64, 20) if q else (8, 96, 60)
     requests = args.requests or (192 if q else 640)
     started = time.time()
     t_start = time.perf_counter()
@@ -154,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
         api = cli(kernel.dir, "api", "--port", "0")
         cores = kernel.client.job(served["replicas"][0]["job_id"]).info().resources["cpus"]
         sides = Sides(kernel.client, api["url"])
+        pid_of = lambda job_id: kernel.client.job(job_id).info().worker_pid  # noqa: E731
+        cpu = Cpu({"kernel": kernel.pid, "replica": pid_of(served["replicas"][0]["job_id"]), "gateway": pid_of(api["job_id"]), "client": os.getpid()})
+        tokens16: dict[str, int] = {"sdk": 0, "http": 0}
         say(f"serving on {cores:g} core(s); gateway at {api['url']}")
         sides.sdk_stream(prompt(0), 8)
         sides.http_stream(prompt(0), 8)  # warm both paths
@@ -164,7 +197,9 @@ def main(argv: list[str] | None = None) -> int:
                 fn = sides.sdk_stream if side == "sdk" else sides.http_stream
                 wall, results = load(fn, 2, 1, new)
                 rates[f"{side}1"].append(sum(x[1] for x in results) / wall)
-                wall, results = load(fn, STREAMS, STREAMS, new)
+                with cpu.measure(side):
+                    wall, results = load(fn, STREAMS, STREAMS, new)
+                tokens16[side] += sum(x[1] for x in results)
                 rates[f"{side}16"].append(sum(x[1] for x in results) / wall)
                 say(f"round {r + 1} {side}: 1 stream {rates[side + '1'][-1]:.1f} tokens/s, {STREAMS} streams {rates[side + '16'][-1]:.1f} tokens/s")
         med = {k: statistics.median(v) for k, v in rates.items()}
@@ -172,6 +207,10 @@ def main(argv: list[str] | None = None) -> int:
             ratio = statistics.median(h / s for h, s in zip(rates[f"http{n}"], rates[f"sdk{n}"]))  # of each round's pair
             rows.append((f"tokens/s through HTTP, {label} ({new} greedy tokens each, median of {rounds} rounds)", f"{med[f'http{n}']:.1f} tokens/s",
                          f"{med[f'sdk{n}']:.1f} tokens/s SDK", f"{ratio:.3f}x, median of the rounds' ratios (target >= 0.95x)", verdict(ratio >= 0.95)))
+        per_token = {side: {name: 1e3 * secs / max(tokens16[side], 1) for name, secs in used.items()} for side, used in cpu.used.items()}
+        notes.append(f"CPU per token over the {STREAMS}-stream loads, in ms (SDK / HTTP): "
+                     + ", ".join(f"{name} {per_token['sdk'][name]:.2f} / {per_token['http'][name]:.2f}" for name in ("replica", "kernel", "gateway", "client"))
+                     + ". The gateway's own cost is its figure on the HTTP side; the client's difference is the `openai` client's parsing against the SDK's.")
         notes.append("Streams, tokens/s per round (SDK / HTTP): 1 stream " + ", ".join(f"{a:.1f} / {b:.1f}" for a, b in zip(rates["sdk1"], rates["http1"]))
                      + f"; {STREAMS} streams " + ", ".join(f"{a:.1f} / {b:.1f}" for a, b in zip(rates["sdk16"], rates["http16"])) + ".")
 
