@@ -138,8 +138,8 @@ def load(fn: Any, count: int, threads: int, new: int | None) -> tuple[float, lis
 
 
 class Cpu:
-    """CPU seconds the processes of one side's load used: the kernel, the replica, the gateway
-    and this client (all threads, children included for the kernel's zygote-less workers)."""
+    """CPU seconds (user + system, all threads) the kernel, the replica, the gateway and this
+    client used over one side's loads."""
 
     def __init__(self, pids: dict[str, int]) -> None:
         self.procs = {name: psutil.Process(pid) for name, pid in pids.items()}
@@ -184,8 +184,8 @@ def main(argv: list[str] | None = None) -> int:
         api = cli(kernel.dir, "api", "--port", "0")
         cores = kernel.client.job(served["replicas"][0]["job_id"]).info().resources["cpus"]
         sides = Sides(kernel.client, api["url"])
-        pid_of = lambda job_id: kernel.client.job(job_id).info().worker_pid  # noqa: E731
-        cpu = Cpu({"kernel": kernel.pid, "replica": pid_of(served["replicas"][0]["job_id"]), "gateway": pid_of(api["job_id"]), "client": os.getpid()})
+        replica, gateway = (kernel.client.job(j).info().worker_pid for j in (served["replicas"][0]["job_id"], api["job_id"]))
+        cpu = Cpu({"kernel": kernel.pid, "replica": replica, "gateway": gateway, "client": os.getpid()})
         tokens16: dict[str, int] = {"sdk": 0, "http": 0}
         say(f"serving on {cores:g} core(s); gateway at {api['url']}")
         sides.sdk_stream(prompt(0), 8)

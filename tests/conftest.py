@@ -72,6 +72,21 @@ def write_word_corpus(root: Path, docs: int) -> Path:
     return root
 
 
+def write_endless_nano(path: Path) -> Path:
+    """A nano checkpoint with random weights whose end-of-sequence id is outside the vocabulary
+    (it never ends a sequence by itself) and a long context: requests run as long as they ask."""
+    from llmos.plugins.lm.checkpoint import save_checkpoint
+    from llmos.plugins.lm.config import config_from_preset
+    from llmos.plugins.lm.model import Llama
+    from llmos.plugins.lm.text import bytes_tokenizer
+
+    tok = bytes_tokenizer()
+    model = Llama(config_from_preset("nano", tok.vocab_size, max_position_embeddings=32768, eos_token_id=tok.vocab_size + 1))
+    model.init_weights(seed=7, std=0.5)
+    save_checkpoint(path, model, tok.to_json(), {})
+    return path
+
+
 def _wait_gone(pid: int, timeout: float = 15) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

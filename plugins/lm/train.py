@@ -530,6 +530,16 @@ class TrainRunner(llmos.Runner):
         # Rank 0 reports, evaluates and saves; under fsdp the others take part in evaluating and
         # saving (the weights are sharded over them) but still report nothing.
         leader, helps = self.rank == 0, self.rank == 0 or self.sharded
+
+        def evaluated(at: int) -> float:
+            """The validation loss now; the leader records it as a point on the validation curve."""
+            loss = evaluate(model, self.val_tokens, p.seq_len, p.eval_batches, p.batch_size, self.device, self.amp)
+            if leader:
+                ctx.metric("val_loss", loss, step=at)
+                ctx.metric("val_perplexity", math.exp(min(loss, 50)), step=at)
+                ctx.log.info("evaluated", step=at, val_loss=round(loss, 4), val_perplexity=round(math.exp(min(loss, 50)), 2))
+            return loss
+
         t0 = time.perf_counter()
         window_t, window_tokens = time.perf_counter(), 0
         ctx.progress(step, p.steps, message="starting", parameters=self.model.config.num_parameters())
@@ -580,21 +590,14 @@ class TrainRunner(llmos.Runner):
                 eta = (p.steps - step) * tokens_per_step / max(tps, 1e-9)
                 ctx.progress(step, p.steps, loss=round(total, 4), lr=lr, tokens_per_s=round(tps, 1), eta_s=round(eta, 1))
             if helps and p.eval_every and (step % p.eval_every == 0 or step == p.steps):
-                val_loss = evaluate(model, self.val_tokens, p.seq_len, p.eval_batches, p.batch_size, self.device, self.amp)
-                if leader:
-                    ctx.metric("val_loss", val_loss, step=step)
-                    ctx.metric("val_perplexity", math.exp(min(val_loss, 50)), step=step)
-                    ctx.log.info("evaluated", step=step, val_loss=round(val_loss, 4), val_perplexity=round(math.exp(min(val_loss, 50)), 2))
+                val_loss = evaluated(step)
             if helps and p.checkpoint_every and step % p.checkpoint_every == 0 and step != p.steps:
                 # Periodic checkpoints sit beside the final one: <output>-step<N>.
                 self._save(ctx, step, {"train_loss": total, "val_loss": val_loss}, self.out_dir.with_name(f"{self.out_dir.name}-step{step}"))
         if not helps:
             return {"steps": step}
         if val_loss is None or not p.eval_every:
-            val_loss = evaluate(model, self.val_tokens, p.seq_len, p.eval_batches, p.batch_size, self.device, self.amp)
-            if leader:  # the final evaluation is a point on the validation curve too
-                ctx.metric("val_loss", val_loss, step=step)
-                ctx.metric("val_perplexity", math.exp(min(val_loss, 50)), step=step)
+            val_loss = evaluated(step)  # the final evaluation is a point on the curve too
         elapsed = time.perf_counter() - t0
         trained = (step - self.start_step) * tokens_per_step
         metrics = {"train_loss": last_loss, "val_loss": val_loss, "val_perplexity": math.exp(min(val_loss, 50)), "tokens": trained, "tokens_per_s": trained / max(elapsed, 1e-9)}

@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 import llmos
-from tests.conftest import KernelHandle, write_word_corpus
+from tests.conftest import KernelHandle, write_endless_nano, write_word_corpus
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "dashboard"
 
@@ -39,20 +39,6 @@ def _wait(predicate: Any, what: str, timeout: float = 30.0, every: float = 0.1) 
             return value
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(every)
-
-
-def _nano(path: Path) -> Path:
-    """A nano checkpoint with random weights that never ends a sequence by itself."""
-    from llmos.plugins.lm.checkpoint import save_checkpoint
-    from llmos.plugins.lm.config import config_from_preset
-    from llmos.plugins.lm.model import Llama
-    from llmos.plugins.lm.text import bytes_tokenizer
-
-    tok = bytes_tokenizer()
-    model = Llama(config_from_preset("nano", tok.vocab_size, max_position_embeddings=32768, eos_token_id=tok.vocab_size + 1))
-    model.init_weights(seed=7, std=0.5)
-    save_checkpoint(path, model, tok.to_json(), {})
-    return path
 
 
 def _dashboard(kernel: KernelHandle, *args: str) -> dict[str, Any]:
@@ -109,7 +95,7 @@ def test_the_api_shows_jobs_their_history_and_streams_events_from_a_seq(kernel: 
         assert seen[0]["seq"] == first + 1 and all(e["topic"].startswith(f"job.{emit.id}.") for e in seen)
         assert http.get("/api/pipelines").json()["pipelines"] == [] and http.get("/api/models").json()["models"] == []
         # A serve service shows its queue: one stream decoding, none waiting.
-        serve = c.submit("serve", {"model": str(_nano(kernel.state_dir.parent / "nano")), "name": "tiny"}, resources={"cpus": 1})
+        serve = c.submit("serve", {"model": str(write_endless_nano(kernel.state_dir.parent / "nano")), "name": "tiny"}, resources={"cpus": 1})
         _wait(lambda: any(s["name"] == "tiny" for s in c.services()), "the serve service", timeout=60)
         stream = c.call("tiny", {"prompt": "a", "sampling": {"max_new_tokens": 1000, "temperature": 0}, "stream": True})
         next(stream)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import llmos
-from tests.conftest import KernelHandle
+from tests.conftest import KernelHandle, write_endless_nano
 
 torch = pytest.importorskip("torch")
 
@@ -29,14 +29,7 @@ GREEDY = {"temperature": 0}
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A nano model that never ends a sequence by itself (its end-of-sequence id is outside the
-    vocabulary) with a long context: requests run as long as max_new_tokens says."""
-    tok = bytes_tokenizer()
-    model = Llama(config_from_preset("nano", tok.vocab_size, max_position_embeddings=32768, eos_token_id=tok.vocab_size + 1))
-    model.init_weights(seed=7, std=0.5)
-    path = tmp_path_factory.mktemp("serve") / "long"
-    save_checkpoint(path, model, tok.to_json(), {})
-    return path
+    return write_endless_nano(tmp_path_factory.mktemp("serve") / "long")
 
 
 @pytest.fixture(scope="module")

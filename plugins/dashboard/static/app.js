@@ -245,7 +245,8 @@ async function jobPage(id, me) {
     const m = s.metrics, out = [];
     const loss = ["train_loss", "val_loss"].filter((n) => m[n]);
     // Over steps, or over time since the job started (metrics are [step, value, ts]; progress [step, ts, fields]).
-    const byTime = s.x === "time", start = s.job.started_at || Math.min(...Object.values(m).flat().map((p) => p[2]), ...s.progress.map((p) => p[1]));
+    const byTime = s.x === "time";
+    const start = byTime ? s.job.started_at || Math.min(...Object.values(m).flat().map((p) => p[2]), ...s.progress.map((p) => p[1])) : 0;
     const xl = byTime ? "time" : "step", xo = byTime ? { xfmt: (x) => duration(x) } : {};
     const bystep = (pts) => pts.map((p, i) => [byTime ? p[2] - start : p[0] ?? i, p[1]]);
     if (loss.length) out.push(lineChart("loss", "loss", loss.map((n) => ({ name: n, points: bystep(m[n]) })), xl, xo));
@@ -395,10 +396,10 @@ function scatter(key, title, points) {
   let body = "";
   if (ok.length) {
     const xs = ok.map((p) => Math.log(p.figures.bytes / 1048576)), ys = ok.map((p) => p.figures.ppl);
-    let x0 = Math.min(...xs) - 0.15, x1 = Math.max(...xs) + 0.15, y0 = Math.min(...ys), y1 = Math.max(...ys);
+    const x0 = Math.min(...xs) - 0.15, x1 = Math.max(...xs) + 0.15;
+    let y0 = Math.min(...ys), y1 = Math.max(...ys);
     const pad = (y1 - y0) * 0.15 || Math.abs(y1) * 0.02 || 1;
     y0 -= pad; y1 += pad;
-    if (x1 === x0) x1 = x0 + 1;
     const sx = (mib) => L + ((Math.log(mib) - x0) / (x1 - x0)) * (W - L - R), sy = (y) => H - B - ((y - y0) / (y1 - y0)) * (H - T - B);
     const tmax = Math.max(...ok.map((p) => p.figures.tokens_per_s || 0), 1);
     for (let i = 0; i <= 4; i++) {
@@ -409,7 +410,7 @@ function scatter(key, title, points) {
     for (const t of ticks) body += `<line class="grid" x1="${sx(t)}" x2="${sx(t)}" y1="${T}" y2="${H - B}"/><text x="${sx(t)}" y="${H - B + 12}" text-anchor="middle">${t}</text>`;
     body += `<text x="${(L + W - R) / 2}" y="${H - 4}" text-anchor="middle">weights (MiB, log scale) · perplexity ↑ · dot area: decode tokens/s</text>`;
     // Each label goes beside its dot where it covers no other label and no dot: right, left,
-    // above, below, else right and pushed down until it is clear (with a leader line).
+    // above or below; else the first of those that is clear once moved up or down (with a leader line).
     const dots = ok.map((p) => {
       const f = p.figures;
       return { p, f, cx: sx(f.bytes / 1048576), cy: sy(f.ppl), r: 3 + 12 * Math.sqrt((f.tokens_per_s || 0) / tmax) };
@@ -427,7 +428,7 @@ function scatter(key, title, points) {
       const tries = [[d.cx + d.r + 3, d.cy - h / 2], [d.cx - d.r - 3 - w, d.cy - h / 2], [d.cx - w / 2, up], [d.cx - d.r, up], [d.cx + d.r - w, up], [d.cx - w / 2, down], [d.cx - d.r, down], [d.cx + d.r - w, down]]
         .map(([x, y]) => ({ x, y, w, h }));
       let spot = tries.find(clear), leader = false;
-      for (let k = 1; !spot && k < 20; k++) {  // else the first of them that is clear once moved up or down
+      for (let k = 1; !spot && k < 20; k++) {
         spot = tries.flatMap((q) => [{ ...q, y: q.y - k * h }, { ...q, y: q.y + k * h }]).find(clear);
         leader = Boolean(spot);
       }
