@@ -186,7 +186,8 @@ class AsyncClient:
                 conn._check_alive()
                 raise TimeoutError(f"{what} did not answer within {timeout}s")
             try:
-                await asyncio.wait_for(wake.wait(), wait)
+                async with asyncio.timeout(wait):  # no task per wait, as wait_for makes one: this runs once per reply
+                    await wake.wait()
             except TimeoutError:
                 conn._check_alive()
 
