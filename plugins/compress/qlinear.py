@@ -365,13 +365,9 @@ def _cpu_model() -> str:
 
 
 def _cache_file() -> Path:
-    explicit = os.environ.get("LLMOS_KERNEL_CACHE")
-    if explicit:
-        base = Path(explicit)
-    else:
-        state = os.environ.get("LLMOS_STATE_DIR")
-        base = (Path(state) if state else Path.home() / ".cache" / "llmos") / "cache" / "compress"
-    return base / f"choices-{cache_key()}.json"
+    from llmos.plugins.lm.kernels import machine_cache
+
+    return machine_cache("compress") / f"choices-{cache_key()}.json"
 
 
 def _load_cache() -> dict[str, dict[str, Any]]:

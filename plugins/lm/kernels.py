@@ -9,8 +9,9 @@ loaded weight vector for up to 4 input rows. Results equal float32 math on bf16-
 to summation order.
 
 The kernel is compiled on first use with the system C compiler (about a second; no torch headers,
-so no torch ABI to match), cached under ``<state dir or ~/.cache/llmos>/cache/kernels`` (override:
-``LLMOS_KERNEL_CACHE``) by a hash of its source, flags and compiler, and loaded with ctypes. It
+so no torch ABI to match), cached machine-wide under ``~/.cache/llmos/cache/kernels`` (see
+:func:`machine_cache`; override: ``LLMOS_KERNEL_CACHE``) by a hash of its source, flags and
+compiler, and loaded with ctypes. It
 uses OpenMP with torch's thread count, and resolves to the libgomp torch already loaded, so both
 share one thread pool. Without a compiler, or on a CPU without AVX2+FMA, a pure-torch path
 (weights upcast tile by tile) gives the same numbers, slower; :func:`kernel_status` says which path
@@ -149,12 +150,29 @@ _status: KernelStatus | None = None
 _native: _Native | None = None
 
 
-def _cache_dir() -> Path:
+def machine_cache(kind: str) -> Path:
+    """Where what is built or measured for this machine is kept (``kind``: ``kernels``, or a
+    plugin's own folder): ``LLMOS_KERNEL_CACHE`` when set, else ``$XDG_CACHE_HOME/llmos/cache/KIND``
+    (``~/.cache/llmos/cache/KIND``), shared by every state dir on the machine, as torch's inductor
+    and triton caches are: what is kept is named by a hash of what it depends on, so state dirs
+    never disagree, and a second state dir (every test's kernel, a benchmark's) does not compile
+    again. Where that folder cannot be made, the state dir's ``cache/KIND``."""
     explicit = os.environ.get("LLMOS_KERNEL_CACHE")
     if explicit:
         return Path(explicit)
+    home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llmos" / "cache" / kind
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+        if os.access(home, os.W_OK):
+            return home
+    except OSError:
+        pass
     state = os.environ.get("LLMOS_STATE_DIR")
-    return (Path(state) if state else Path.home() / ".cache" / "llmos") / "cache" / "kernels"
+    return (Path(state) / "cache" / kind) if state else home
+
+
+def _cache_dir() -> Path:
+    return machine_cache("kernels")
 
 
 def _compiler() -> str | None:
