@@ -29,14 +29,17 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import sqlite3
+import struct
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import structlog
 
 from llmos.errors import LlmosError
@@ -792,18 +795,64 @@ def _copy_table(src: sqlite3.Connection | None, out: sqlite3.Connection, name: s
     insert = f"INSERT OR IGNORE INTO {_q(name)} ({names}) VALUES ({', '.join('?' * (len(copied) + 1))})"
     reader = Salvage(src, name, ", ".join(map(_q, copied)) or "NULL")
     batch: list[tuple[Any, ...]] = []
+    torn = 0
     try:
         for row in reader:
+            if copied and not _whole(name, copied, row[1:]):
+                torn += 1
+                continue
             batch.append(row if copied else row[:1])
             if len(batch) >= 500:
                 out.executemany(insert, batch)
                 batch = []
     except sqlite3.DatabaseError as exc:  # not even a seek works (say, the table is not there)
-        return {"rows": reader.read, "gaps": [asdict(g) for g in reader.gaps], "error": _first_line(exc)}
+        return {"rows": reader.read - torn, "torn": torn, "gaps": [asdict(g) for g in reader.gaps], "error": _first_line(exc)}
     finally:
         if batch:
             out.executemany(insert, batch)
-    return {"rows": reader.read, "gaps": [asdict(g) for g in reader.gaps], "error": None}
+    return {"rows": reader.read - torn, "torn": torn, "gaps": [asdict(g) for g in reader.gaps], "error": None}
+
+
+#: The columns the kernel keeps JSON in, by table: a salvaged row must parse there.
+_JSON_COLUMNS = {"jobs": _store._JSON_COLUMNS, "artifacts": ("provenance", "rejected"), "pipelines": ("spec",), "pipeline_stages": ("result",)}
+
+
+def _whole(table: str, columns: list[str], values: tuple[Any, ...]) -> bool:
+    """Whether a salvaged row reads whole. SQLite reads the pages of a cut file that lie past its
+    end as zeros, so a value whose overflow pages were there comes back with its tail zeroed:
+    text with NUL characters (the kernel writes none), JSON that does not parse, journal items
+    that do not decode. Such a row is left out (counted as ``torn``) rather than handed to the
+    kernel, whose reads of it would fail."""
+    row = dict(zip(columns, values))
+    for value in values:
+        if isinstance(value, str) and "\x00" in value:
+            return False
+    for column in _JSON_COLUMNS.get(table, ()):
+        value = row.get(column)
+        if value is not None:
+            try:
+                json.loads(value)
+            except (TypeError, ValueError):
+                return False
+    if table == "journal":
+        return _journal_row_whole(row)
+    return True
+
+
+def _journal_row_whole(row: dict[str, Any]) -> bool:
+    items, ends, n = row.get("items"), row.get("ends"), row.get("n")
+    if not isinstance(items, bytes) or not isinstance(ends, bytes) or type(n) is not int or len(ends) != 4 * n:
+        return False
+    start = 0
+    for end in struct.unpack(f"<{n}I", ends):  # little-endian, as the store writes them
+        if end <= start or end > len(items):
+            return False
+        try:
+            msgpack.unpackb(items[start:end], raw=False)
+        except Exception:  # any way an item fails to decode
+            return False
+        start = end
+    return start == len(items)
 
 
 def _copy_without_rowid(src: sqlite3.Connection, out: sqlite3.Connection, name: str, columns: list[str]) -> dict[str, Any]:

@@ -142,4 +142,6 @@ def _table_line(name: str, table: dict[str, Any]) -> str:
         line += f"; unreadable ({gaps[0]['error']})"
     elif gaps:
         line += f"; rowids {describe_gaps(gaps)} unreadable"
+    if table.get("torn"):
+        line += f"; {table['torn']:,} torn (read past the end of the file) left out"
     return line
