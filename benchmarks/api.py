@@ -1,6 +1,6 @@
 """The OpenAI-compatible gateway against the SDK it stands in front of, one run.
 
-Run ``python benchmarks/api.py`` (about 8 minutes on 2 cores; ``--quick`` about 2). A kernel is
+Run ``python benchmarks/api.py`` (about 6 minutes on 2 cores; ``--quick`` about 1.5). A kernel is
 booted with ``llmos boot --detach`` in a temporary state dir; the model (preset ``small``, random
 weights, a byte vocabulary, an end-of-text id outside it so every request runs to its length:
 speed does not depend on the weights) is served with ``llmos serve`` and default options (every
@@ -227,7 +227,7 @@ class Cpu:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="fewer rounds (about 2 minutes)")
+    ap.add_argument("--quick", action="store_true", help="fewer rounds (about 1.5 minutes)")
     ap.add_argument("--requests", type=int, default=None, help="short completions per side in phase 3 (default 640; 192 with --quick)")
     ap.add_argument("--no-write", action="store_true", help="do not write docs/benchmarks.md")
     args = ap.parse_args(argv)

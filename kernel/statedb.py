@@ -32,7 +32,6 @@ import fcntl
 import json
 import os
 import sqlite3
-import struct
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -840,19 +839,19 @@ def _whole(table: str, columns: list[str], values: tuple[Any, ...]) -> bool:
 
 
 def _journal_row_whole(row: dict[str, Any]) -> bool:
+    """Whether a journal batch's ends fit its items and every item decodes (read as the store
+    reads it, :func:`llmos.kernel.store._split`)."""
     items, ends, n = row.get("items"), row.get("ends"), row.get("n")
-    if not isinstance(items, bytes) or not isinstance(ends, bytes) or type(n) is not int or len(ends) != 4 * n:
+    if not isinstance(items, bytes) or not isinstance(ends, bytes) or not isinstance(n, int) or len(ends) != 4 * n:
         return False
-    start = 0
-    for end in struct.unpack(f"<{n}I", ends):  # little-endian, as the store writes them
-        if end <= start or end > len(items):
-            return False
+    total = 0
+    for item in _store._split(items, ends):
         try:
-            msgpack.unpackb(items[start:end], raw=False)
-        except Exception:  # any way an item fails to decode
+            msgpack.unpackb(item, raw=False)
+        except Exception:  # any way an item fails to decode (an empty slice of ends out of order too)
             return False
-        start = end
-    return start == len(items)
+        total += len(item)
+    return total == len(items)
 
 
 def _copy_without_rowid(src: sqlite3.Connection, out: sqlite3.Connection, name: str, columns: list[str]) -> dict[str, Any]:
